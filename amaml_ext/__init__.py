@@ -1,0 +1,13 @@
+"""amaml_ext: Adjoint MAML (Li et al., AISTATS 2023) as a PyTorch C++/CUDA extension.
+
+Layers (see docs/design.md): the compiled core ``amaml_ext._C`` (fused ops registered as
+``torch.ops.amaml_ext.*`` and the C++ solver drivers), the generic ODE API
+:mod:`amaml_ext.ode`, and the meta-learning layers built on it.
+"""
+
+from . import _C  # noqa: F401  (loads and registers torch.ops.amaml_ext.*)
+from . import ops, ode
+from ._build import build_info
+
+__all__ = ["build_info", "ode", "ops"]
+__version__ = "0.1.0"

@@ -1,0 +1,88 @@
+"""Thin typed wrappers of the fused ops ``torch.ops.amaml_ext.*`` and their fake (meta)
+implementations, so the ops work under ``torch.compile`` and pass ``torch.library.opcheck``.
+
+Every op writes into preallocated outputs; the wrappers allocate them when not given.
+States are ``[d]`` (one task) or ``[B, d]`` (B tasks), float32 or float64. The same math in
+plain PyTorch is in :mod:`amaml_ext.reference`.
+"""
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from . import _C  # noqa: F401  (registers the ops)
+
+_ops = torch.ops.amaml_ext
+
+
+def stage_combine(y: torch.Tensor, stages: Sequence[torch.Tensor], coeffs: Sequence[float],
+                  h: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out = y + h * sum_j coeffs[j] * stages[j]`` in one pass (1 to 7 stages).
+
+    Example::
+
+        >>> y, k = torch.ones(3), torch.arange(3.0)
+        >>> stage_combine(y, [k], [0.5], 2.0)
+        tensor([1., 2., 3.])
+    """
+    if out is None:
+        out = torch.empty_like(y, memory_format=torch.contiguous_format)
+    _ops.stage_combine(y, list(stages), [float(c) for c in coeffs], float(h), out)
+    return out
+
+
+def dopri5_finish(y0: torch.Tensor, stages: Sequence[torch.Tensor], h: float, rtol: float,
+                  atol: float, y1: Optional[torch.Tensor] = None,
+                  err: Optional[torch.Tensor] = None,
+                  err_norm: Optional[torch.Tensor] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """5th-order solution ``y1``, embedded error ``err`` and per-task RMS error norm
+    ``err_norm`` (shape ``[]`` or ``[B]``) of a DOPRI5 step from its seven stages."""
+    if y1 is None:
+        y1 = torch.empty_like(y0, memory_format=torch.contiguous_format)
+    if err is None:
+        err = torch.empty_like(y0, memory_format=torch.contiguous_format)
+    if err_norm is None:
+        err_norm = y0.new_empty(y0.shape[:-1])
+    _ops.dopri5_finish(y0, list(stages), float(h), float(rtol), float(atol), y1, err, err_norm)
+    return y1, err, err_norm
+
+
+def dopri5_dense(y0: torch.Tensor, y1: torch.Tensor, stages: Sequence[torch.Tensor], h: float,
+                 thetas: Sequence[float], trajectory: torch.Tensor, first_row: int) -> torch.Tensor:
+    """Write ``y(t0 + theta_i h)`` (Hairer's continuous extension of an accepted DOPRI5 step)
+    into ``trajectory[first_row + i]`` for each ``theta_i`` in ``[0, 1]``. Returns trajectory."""
+    _ops.dopri5_dense(y0, y1, list(stages), float(h), [float(t) for t in thetas],
+                      int(first_row), trajectory)
+    return trajectory
+
+
+def heun_update(lam: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor], h: float,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Heun adjoint update: ``lam + h/2 (a + b)``, or ``lam + h a`` when ``b`` is None."""
+    if out is None:
+        out = torch.empty_like(lam, memory_format=torch.contiguous_format)
+    _ops.heun_update(lam, a, b, float(h), out)
+    return out
+
+
+# ---- fake implementations: the ops only mutate their outputs and return nothing ----------
+
+@torch.library.register_fake("amaml_ext::stage_combine")
+def _stage_combine_fake(y, stages, coeffs, h, out):
+    return None
+
+
+@torch.library.register_fake("amaml_ext::dopri5_finish")
+def _dopri5_finish_fake(y0, stages, h, rtol, atol, y1, err, err_norm):
+    return None
+
+
+@torch.library.register_fake("amaml_ext::dopri5_dense")
+def _dopri5_dense_fake(y0, y1, stages, h, thetas, first_row, trajectory):
+    return None
+
+
+@torch.library.register_fake("amaml_ext::heun_update")
+def _heun_update_fake(lam, a, b, h, out):
+    return None

@@ -1,0 +1,40 @@
+// Dormand-Prince 5(4) tableau (Hairer, Norsett & Wanner, "Solving ODEs I", Table 5.2)
+// and the dense-output coefficients of Hairer's DOPRI5 code (contd5).
+// Pure data: shared by the CPU kernels, the CUDA kernels and the C++ driver.
+#pragma once
+
+namespace amaml {
+namespace dopri5 {
+
+constexpr int kStages = 7;
+
+// Nodes c_i.
+constexpr double c[kStages] = {0.0, 1.0 / 5.0, 3.0 / 10.0, 4.0 / 5.0, 8.0 / 9.0, 1.0, 1.0};
+
+// Rows a_{i,j} (j < i) of the Runge-Kutta matrix for stages 2..7; row 7 equals b (FSAL).
+constexpr double a2[1] = {1.0 / 5.0};
+constexpr double a3[2] = {3.0 / 40.0, 9.0 / 40.0};
+constexpr double a4[3] = {44.0 / 45.0, -56.0 / 15.0, 32.0 / 9.0};
+constexpr double a5[4] = {19372.0 / 6561.0, -25360.0 / 2187.0, 64448.0 / 6561.0, -212.0 / 729.0};
+constexpr double a6[5] = {9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0,
+                          -5103.0 / 18656.0};
+
+// 5th-order weights b_i (b_7 = 0). Only the first six enter the solution.
+constexpr double b[6] = {35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0,
+                         11.0 / 84.0};
+
+// Embedded error weights e_i = b_i - bhat_i, bhat the 4th-order weights.
+constexpr double e[kStages] = {71.0 / 57600.0,  0.0,           -71.0 / 16695.0, 71.0 / 1920.0,
+                               -17253.0 / 339200.0, 22.0 / 525.0, -1.0 / 40.0};
+
+// Dense output (Hairer's contd5): with ydiff = y1 - y0, bspl = h k1 - ydiff,
+//   r1 = y0, r2 = ydiff, r3 = bspl, r4 = ydiff - h k7 - bspl,
+//   r5 = h (d1 k1 + d3 k3 + d4 k4 + d5 k5 + d6 k6 + d7 k7),
+//   y(t0 + theta h) = r1 + theta (r2 + (1-theta) (r3 + theta (r4 + (1-theta) r5))).
+constexpr double d[kStages] = {-12715105075.0 / 11282082432.0, 0.0,
+                               87487479700.0 / 32700410799.0,  -10690763975.0 / 1880347072.0,
+                               701980252875.0 / 199316789632.0, -1453857185.0 / 822651844.0,
+                               69997945.0 / 29380423.0};
+
+}  // namespace dopri5
+}  // namespace amaml

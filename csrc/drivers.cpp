@@ -1,0 +1,427 @@
+// Solver drivers: the whole forward and adjoint loops run here, in C++, calling back into
+// Python only for f(t, y) and vjp(t, y, v). Every state buffer, the trajectory included, is
+// allocated once before the loop; the per-step arithmetic goes through the fused ops
+// (torch.ops.amaml_ext.*), so it runs on the state's device.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/extension.h>
+#include <torch/version.h>
+
+#include <cmath>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "dopri5_tableau.h"
+#include "ops.h"
+#include "amaml_build_config.h"
+
+namespace py = pybind11;
+
+namespace amaml {
+namespace {
+
+// ---- the fused ops through the dispatcher (CPU or CUDA by the tensors' device) ----------
+
+void stage_combine(const at::Tensor& y, at::TensorList stages, at::ArrayRef<double> coeffs,
+                   double h, const at::Tensor& out) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("amaml_ext::stage_combine", "")
+                       .typed<void(const at::Tensor&, at::TensorList, at::ArrayRef<double>,
+                                   double, const at::Tensor&)>();
+  op.call(y, stages, coeffs, h, out);
+}
+
+void dopri5_finish(const at::Tensor& y0, at::TensorList stages, double h, double rtol,
+                   double atol, const at::Tensor& y1, const at::Tensor& err,
+                   const at::Tensor& err_norm) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("amaml_ext::dopri5_finish", "")
+                       .typed<void(const at::Tensor&, at::TensorList, double, double, double,
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  op.call(y0, stages, h, rtol, atol, y1, err, err_norm);
+}
+
+void dopri5_dense(const at::Tensor& y0, const at::Tensor& y1, at::TensorList stages, double h,
+                  at::ArrayRef<double> thetas, int64_t first_row, const at::Tensor& trajectory) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("amaml_ext::dopri5_dense", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&, at::TensorList, double,
+                                   at::ArrayRef<double>, int64_t, const at::Tensor&)>();
+  op.call(y0, y1, stages, h, thetas, first_row, trajectory);
+}
+
+void heun_update(const at::Tensor& lam, const at::Tensor& a, const c10::optional<at::Tensor>& b,
+                 double h, const at::Tensor& out) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("amaml_ext::heun_update", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&,
+                                   const c10::optional<at::Tensor>&, double, const at::Tensor&)>();
+  op.call(lam, a, b, h, out);
+}
+
+// ---- callbacks ---------------------------------------------------------------------------
+
+// Calls a user callback and checks what it returned. `state` is the [B, d] workspace view
+// handed to the user in `shape`; the result is returned as a contiguous [B, d] tensor that
+// shares no memory with the solver's workspace (`workspace`), so that later in-place writes
+// of the solver cannot change it behind the user's back.
+class Callback {
+ public:
+  Callback(py::function fn, std::string name, std::string signature, std::vector<int64_t> shape,
+           std::vector<at::Tensor> workspace)
+      : fn_(std::move(fn)),
+        name_(std::move(name)),
+        signature_(std::move(signature)),
+        shape_(std::move(shape)),
+        workspace_(std::move(workspace)) {}
+
+  void add_workspace(const at::Tensor& t) { workspace_.push_back(t); }
+
+  template <class... Tensors>
+  at::Tensor operator()(double t, const at::Tensor& ref, const Tensors&... args) {
+    ++calls_;
+    py::object r = fn_(t, args.view(shape_)...);
+    if (!THPVariable_Check(r.ptr())) {
+      throw py::type_error(name_ + signature_ + " must return a torch.Tensor, got " +
+                           std::string(py::str(py::type::of(r).attr("__name__"))) +
+                           " (at t=" + fmt(t) + ")");
+    }
+    at::Tensor out = r.cast<at::Tensor>();
+    const at::Tensor expect = ref.view(shape_);
+    if (out.sizes() != expect.sizes() || out.scalar_type() != ref.scalar_type() ||
+        out.device() != ref.device()) {
+      std::ostringstream msg;
+      msg << name_ << signature_ << " must return a tensor of shape " << expect.sizes()
+          << ", dtype " << ref.scalar_type() << " on " << ref.device() << " (like the state); got shape "
+          << out.sizes() << ", dtype " << out.scalar_type() << " on " << out.device()
+          << " at t=" << fmt(t);
+      throw py::value_error(msg.str());
+    }
+    out = out.detach();
+    bool alias = false;
+    for (const auto& w : workspace_) alias = alias || out.is_alias_of(w);
+    if (alias || !out.is_contiguous()) out = out.contiguous().clone();
+    return out.view(ref.sizes());
+  }
+
+  int64_t calls() const { return calls_; }
+  static std::string fmt(double t) {
+    std::ostringstream s;
+    s.precision(10);
+    s << t;
+    return s.str();
+  }
+
+ private:
+  py::function fn_;
+  std::string name_, signature_;
+  std::vector<int64_t> shape_;
+  std::vector<at::Tensor> workspace_;
+  int64_t calls_ = 0;
+};
+
+double max_over_tasks(const at::Tensor& per_task) { return per_task.max().item<double>(); }
+
+// Raises if the trajectory holds a non-finite value, naming the first such grid row.
+void check_trajectory_finite(const at::Tensor& traj, const at::Tensor& times, const char* method) {
+  if (at::isfinite(traj).all().item<bool>()) return;
+  const at::Tensor bad = at::logical_not(at::isfinite(traj.reshape({traj.size(0), -1}))).any(1);
+  const int64_t row = bad.nonzero().min().item<int64_t>();
+  std::ostringstream msg;
+  msg << "amaml_ext.ode.solve_forward(method='" << method
+      << "'): the solution became non-finite at step " << row << " (t=" << Callback::fmt(times[row].item<double>())
+      << "); f returned non-finite values or the state overflowed. Reduce h or check f.";
+  throw py::value_error(msg.str());
+}
+
+// ---- forward solvers -------------------------------------------------------------------
+
+py::dict make_forward_stats(int64_t nfe, int64_t accepted, int64_t rejected, double h_initial) {
+  py::dict s;
+  s["function_evals"] = nfe;
+  s["accepted_steps"] = accepted;
+  s["rejected_steps"] = rejected;
+  s["initial_step"] = h_initial;
+  return s;
+}
+
+// Fixed-step forward solve on t_j = times[j]: "euler" or "rk4".
+py::tuple fixed_forward(py::function f, const at::Tensor& y0, std::vector<int64_t> shape,
+                        const at::Tensor& times, const std::string& method) {
+  const int64_t n = times.size(0) - 1;
+  at::Tensor traj = at::empty({n + 1, y0.size(0), y0.size(1)}, y0.options());
+  traj[0].copy_(y0);
+  at::Tensor tmp = at::empty_like(y0);
+  Callback call(std::move(f), "f", "(t, y)", std::move(shape), {traj, tmp});
+  const auto tv = times.accessor<double, 1>();
+  const bool rk4 = method == "rk4";
+  for (int64_t j = 0; j < n; ++j) {
+    const double t = tv[j], h = tv[j + 1] - tv[j];
+    const at::Tensor yj = traj[j];
+    const at::Tensor next = traj[j + 1];
+    const at::Tensor k1 = call(t, yj, yj);
+    if (!rk4) {
+      stage_combine(yj, {k1}, {1.0}, h, next);
+      continue;
+    }
+    stage_combine(yj, {k1}, {0.5}, h, tmp);
+    const at::Tensor k2 = call(t + 0.5 * h, yj, tmp);
+    stage_combine(yj, {k2}, {0.5}, h, tmp);
+    const at::Tensor k3 = call(t + 0.5 * h, yj, tmp);
+    stage_combine(yj, {k3}, {1.0}, h, tmp);
+    const at::Tensor k4 = call(t + h, yj, tmp);
+    stage_combine(yj, {k1, k2, k3, k4}, {1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0}, h, next);
+  }
+  check_trajectory_finite(traj, times, method.c_str());
+  return py::make_tuple(traj, make_forward_stats(call.calls(), n, 0, n > 0 ? tv[1] - tv[0] : 0.0));
+}
+
+// Weighted RMS norm per task (Hairer's ||.||), used only by the initial step selection.
+at::Tensor rms(const at::Tensor& x, const at::Tensor& scale) {
+  return (x / scale).square().mean(-1).sqrt();
+}
+
+// Adaptive Dormand-Prince 5(4) with Hairer's PI step control and initial step selection
+// (Hairer, Norsett & Wanner, "Solving ODEs I", II.4 and the code DOPRI5), dense output of
+// every grid time t_j = times[j] straight into the trajectory. One step size is shared by the
+// B tasks of a [B, d] state; a step is accepted when every task's error norm is <= 1.
+py::tuple dopri5_forward(py::function f, const at::Tensor& y0, std::vector<int64_t> shape,
+                         const at::Tensor& times, double rtol, double atol, int64_t max_steps,
+                         double h_initial) {
+  namespace dp = dopri5;
+  const int64_t n = times.size(0) - 1;
+  const auto tv = times.accessor<double, 1>();
+  const double T = tv[n];
+  at::Tensor traj = at::empty({n + 1, y0.size(0), y0.size(1)}, y0.options());
+  traj[0].copy_(y0);
+  at::Tensor y = y0.clone();
+  at::Tensor y_new = at::empty_like(y0);
+  at::Tensor y_stage = at::empty_like(y0);
+  at::Tensor err = at::empty_like(y0);
+  at::Tensor err_norm = at::empty({y0.size(0)}, y0.options());
+  Callback call(std::move(f), "f", "(t, y)", std::move(shape), {traj, y, y_new, y_stage, err});
+
+  std::vector<at::Tensor> k(dp::kStages);
+  k[0] = call(0.0, y, y);
+  if (!at::isfinite(k[0]).all().item<bool>())
+    throw py::value_error("amaml_ext.ode.solve_forward: f(0, y0) returned non-finite values");
+
+  double h = h_initial;
+  if (!(h > 0.0)) {  // Hairer's hinit
+    const at::Tensor scale = atol + rtol * y0.abs();
+    const at::Tensor d0 = rms(y0, scale), d1 = rms(k[0], scale);
+    const at::Tensor h0v = at::where(at::logical_or(d0 < 1e-5, d1 < 1e-5), at::full_like(d0, 1e-6),
+                                     0.01 * d0 / d1);
+    double h0 = std::min(h0v.min().item<double>(), T);
+    stage_combine(y, {k[0]}, {1.0}, h0, y_stage);
+    const at::Tensor f1 = call(h0, y, y_stage);
+    const double d2 = max_over_tasks(rms(f1 - k[0], scale)) / h0;
+    const double dm = std::max(max_over_tasks(d1), d2);
+    const double h1 = (dm <= 1e-15 || !std::isfinite(dm)) ? std::max(1e-6, h0 * 1e-3)
+                                                           : std::pow(0.01 / dm, 1.0 / 5.0);
+    h = std::min(100.0 * h0, h1);
+  }
+  h = std::min(h, T);
+  const double h_first = h;
+
+  // Hairer's step-size controller constants.
+  const double safe = 0.9, fac_min = 0.2, fac_max = 10.0, beta = 0.04;
+  const double expo1 = 0.2 - beta * 0.75;
+  double fac_old = 1e-4;
+  bool rejected_last = false;
+  int64_t accepted = 0, rejected = 0, next_row = 1;
+  double t = 0.0;
+  const double eps = std::numeric_limits<double>::epsilon();
+  std::vector<double> thetas;
+
+  const double* a_rows[5] = {dp::a2, dp::a3, dp::a4, dp::a5, dp::a6};
+  while (next_row <= n) {
+    if (accepted + rejected >= max_steps) {
+      std::ostringstream msg;
+      msg << "amaml_ext.ode.solve_forward(method='dopri5'): reached max_steps=" << max_steps
+          << " at t=" << Callback::fmt(t) << " of T=" << Callback::fmt(T) << " (" << accepted
+          << " accepted, " << rejected << " rejected steps); the problem may be stiff: raise "
+          << "max_steps, loosen rtol/atol, or use method='rk4' with a small h";
+      throw py::value_error(msg.str());
+    }
+    if (h <= 10.0 * eps * std::max(std::abs(t), 1.0)) {
+      std::ostringstream msg;
+      msg << "amaml_ext.ode.solve_forward(method='dopri5'): step size underflow (h=" << h
+          << ") at t=" << Callback::fmt(t);
+      throw py::value_error(msg.str());
+    }
+    bool last = false;
+    if (t + 1.01 * h >= T) {
+      h = T - t;
+      last = true;
+    }
+    for (int s = 1; s < 6; ++s) {
+      stage_combine(y, at::TensorList(k.data(), s), at::ArrayRef<double>(a_rows[s - 1], s), h, y_stage);
+      k[s] = call(t + dp::c[s] * h, y, y_stage);
+    }
+    // 7th stage point = 5th-order solution (FSAL); finish re-forms it bit-identically.
+    stage_combine(y, at::TensorList(k.data(), 6), at::ArrayRef<double>(dp::b, 6), h, y_new);
+    k[6] = call(t + h, y, y_new);
+    dopri5_finish(y, k, h, rtol, atol, y_new, err, err_norm);
+    const double e = max_over_tasks(err_norm);
+    if (!std::isfinite(e)) {
+      std::ostringstream msg;
+      msg << "amaml_ext.ode.solve_forward(method='dopri5'): non-finite values in the step from t="
+          << Callback::fmt(t) << " with h=" << h << " (after " << accepted
+          << " accepted steps): f returned non-finite values or the state overflowed";
+      throw py::value_error(msg.str());
+    }
+    const double fac11 = std::pow(std::max(e, 1e-300), expo1);
+    if (e <= 1.0) {
+      ++accepted;
+      const double t_new = last ? T : t + h;
+      thetas.clear();
+      const int64_t first = next_row;
+      while (next_row <= n) {
+        const double tj = tv[next_row];
+        const bool at_end = std::abs(tj - t_new) <= 1e-12 * std::max(1.0, std::abs(T));
+        if (!(tj <= t_new || at_end || (last && next_row == n))) break;
+        double theta = (at_end || (last && next_row == n)) ? 1.0 : (tj - t) / h;
+        thetas.push_back(std::min(1.0, std::max(0.0, theta)));
+        ++next_row;
+      }
+      if (!thetas.empty()) dopri5_dense(y, y_new, k, h, thetas, first, traj);
+      std::swap(y, y_new);
+      k[0] = k[6];
+      t = t_new;
+      double fac = std::max(1.0 / fac_max, std::min(1.0 / fac_min, fac11 / std::pow(fac_old, beta) / safe));
+      double h_new = h / fac;
+      fac_old = std::max(e, 1e-4);
+      if (rejected_last) h_new = std::min(h_new, h);
+      rejected_last = false;
+      h = std::min(h_new, T);
+    } else {
+      ++rejected;
+      rejected_last = true;
+      h = h / std::min(1.0 / fac_min, fac11 / safe);
+    }
+  }
+  return py::make_tuple(traj, make_forward_stats(call.calls(), accepted, rejected, h_first));
+}
+
+// ---- adjoint solvers ---------------------------------------------------------------------
+
+py::dict make_adjoint_stats(int64_t vjps, int64_t steps) {
+  py::dict s;
+  s["vjp_evals"] = vjps;
+  s["steps"] = steps;
+  return s;
+}
+
+void check_lambda_finite(const at::Tensor& lam, double t, int64_t row, const char* method) {
+  if (at::isfinite(lam).all().item<bool>()) return;
+  std::ostringstream msg;
+  msg << "amaml_ext.ode.solve_adjoint(method='" << method
+      << "'): the adjoint became non-finite at grid row " << row << " (t=" << Callback::fmt(t)
+      << "); vjp returned non-finite values";
+  throw py::value_error(msg.str());
+}
+
+// Backward Heun (the paper's modified Euler): two VJPs per interval.
+//   a = vjp(t_{j+1}, y_{j+1}, lam), lt = lam + h a, b = vjp(t_j, y_j, lt),
+//   lam <- lam + h/2 (a + b).
+// Backward RK4 over pairs of intervals (the midpoint of [t_{j-2}, t_j] is the stored
+// t_{j-1}): order 4 for the same two VJPs per interval as Heun. An odd N first takes one
+// RK4 step of size h whose midpoint state is the cubic interpolant of y_{N-3..N}.
+// Discrete: the exact reverse of forward Euler, lam <- lam + h vjp(t_j, y_j, lam).
+py::tuple adjoint_solve(py::function vjp, const at::Tensor& traj, std::vector<int64_t> shape,
+                        const at::Tensor& times, const at::Tensor& lam_T,
+                        const std::string& method) {
+  const int64_t n = times.size(0) - 1;
+  const auto tv = times.accessor<double, 1>();
+  at::Tensor lam = lam_T.contiguous().clone();
+  at::Tensor tmp = at::empty_like(lam);
+  at::Tensor mid = at::empty_like(lam);
+  Callback call(std::move(vjp), "vjp", "(t, y, v)", std::move(shape), {traj, lam, tmp, mid});
+  int64_t steps = 0;
+  const char* m = method.c_str();
+
+  auto heun_interval = [&](int64_t j) {  // lam_{j+1} -> lam_j
+    const double h = tv[j + 1] - tv[j];
+    const at::Tensor a = call(tv[j + 1], lam, traj[j + 1], lam);
+    heun_update(lam, a, c10::nullopt, h, tmp);
+    const at::Tensor b = call(tv[j], lam, traj[j], tmp);
+    heun_update(lam, a, b, h, lam);
+    ++steps;
+  };
+  // One classical RK4 step of the adjoint from t_hi down to t_lo, midpoint state y_mid.
+  auto rk4_step = [&](double t_hi, const at::Tensor& y_hi, double t_mid, const at::Tensor& y_mid,
+                      double t_lo, const at::Tensor& y_lo) {
+    const double H = t_hi - t_lo;
+    const at::Tensor k1 = call(t_hi, lam, y_hi, lam);
+    stage_combine(lam, {k1}, {0.5}, H, tmp);
+    const at::Tensor k2 = call(t_mid, lam, y_mid, tmp);
+    stage_combine(lam, {k2}, {0.5}, H, tmp);
+    const at::Tensor k3 = call(t_mid, lam, y_mid, tmp);
+    stage_combine(lam, {k3}, {1.0}, H, tmp);
+    const at::Tensor k4 = call(t_lo, lam, y_lo, tmp);
+    stage_combine(lam, {k1, k2, k3, k4}, {1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0}, H, lam);
+    ++steps;
+  };
+
+  if (method == "heun") {
+    for (int64_t j = n - 1; j >= 0; --j) heun_interval(j);
+  } else if (method == "discrete") {
+    for (int64_t j = n - 1; j >= 0; --j) {
+      const at::Tensor a = call(tv[j], lam, traj[j], lam);
+      heun_update(lam, a, c10::nullopt, tv[j + 1] - tv[j], lam);
+      ++steps;
+    }
+  } else if (method == "rk4") {
+    int64_t j = n;
+    if (n == 1) {
+      heun_interval(0);
+      j = 0;
+    } else if (n % 2 == 1) {
+      // Lagrange weights of nodes -2, -1, 0, 1 (in units of h from t_{N-1}) at +1/2, written as
+      // y_{N-1} + sum w_i y_i so that stage_combine forms it in one pass.
+      stage_combine(traj[n - 1], {traj[n - 3], traj[n - 2], traj[n - 1], traj[n]},
+                    {0.0625, -0.3125, -0.0625, 0.3125}, 1.0, mid);
+      rk4_step(tv[n], traj[n], 0.5 * (tv[n - 1] + tv[n]), mid, tv[n - 1], traj[n - 1]);
+      j = n - 1;
+    }
+    for (; j >= 2; j -= 2) rk4_step(tv[j], traj[j], tv[j - 1], traj[j - 1], tv[j - 2], traj[j - 2]);
+  } else {
+    throw py::value_error("amaml_ext.ode.solve_adjoint: unknown method '" + method + "'");
+  }
+  check_lambda_finite(lam, tv[0], 0, m);
+  return py::make_tuple(lam, make_adjoint_stats(call.calls(), steps));
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                          std::to_string(TORCH_VERSION_MINOR) + "." +
+                          std::to_string(TORCH_VERSION_PATCH);
+#ifdef AMAML_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = std::string(AMAML_CUDA_ARCHS);
+  info["cuda_version"] = std::string(AMAML_CUDA_VERSION);
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = std::string("");
+  info["cuda_version"] = std::string("");
+#endif
+  return info;
+}
+
+}  // namespace
+}  // namespace amaml
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "amaml_ext compiled core: fused ODE ops (torch.ops.amaml_ext) and solver drivers";
+  m.def("dopri5_forward", &amaml::dopri5_forward, py::arg("f"), py::arg("y0"), py::arg("shape"),
+        py::arg("times"), py::arg("rtol"), py::arg("atol"), py::arg("max_steps"),
+        py::arg("h_initial"));
+  m.def("fixed_forward", &amaml::fixed_forward, py::arg("f"), py::arg("y0"), py::arg("shape"),
+        py::arg("times"), py::arg("method"));
+  m.def("adjoint_solve", &amaml::adjoint_solve, py::arg("vjp"), py::arg("trajectory"),
+        py::arg("shape"), py::arg("times"), py::arg("lam_T"), py::arg("method"));
+  m.def("build_info", &amaml::build_info);
+}
