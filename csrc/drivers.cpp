@@ -130,7 +130,8 @@ void check_trajectory_finite(const at::Tensor& traj, const at::Tensor& times, co
   const int64_t row = bad.nonzero().min().item<int64_t>();
   std::ostringstream msg;
   msg << "amaml_ext.ode.solve_forward(method='" << method
-      << "'): the solution became non-finite at step " << row << " (t=" << Callback::fmt(times[row].item<double>())
+      << "'): the solution became non-finite in step " << row << " (from t="
+      << Callback::fmt(times[row - 1].item<double>()) << " to t=" << Callback::fmt(times[row].item<double>())
       << "); f returned non-finite values or the state overflowed. Reduce h or check f.";
   throw py::value_error(msg.str());
 }

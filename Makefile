@@ -1,0 +1,52 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up (venv, torch, build) and run the main job
+#   make test   set up and run the tests (pytest + the C++ kernel tests under ctest)
+# Override TORCH_SPEC to pick another torch, e.g. TORCH_SPEC=torch==2.13.0 (CPU build).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.14.1
+export MAX_JOBS ?= 2
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+
+SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py pyproject.toml
+
+.PHONY: setup build test pytest ctest demo bench clean
+
+setup: $(VENV)/.deps
+build: $(VENV)/.built
+
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/python -c "import amaml_ext, json; print(json.dumps(amaml_ext.build_info()))"
+	touch $@
+
+test: pytest ctest
+
+pytest: build
+	$(BIN)/python -m pytest python_tests -q
+
+ctest: setup
+	cmake -S . -B build-ctest -DPython_EXECUTABLE=$(abspath $(BIN)/python) -DCMAKE_BUILD_TYPE=Release
+	cmake --build build-ctest -j $(MAX_JOBS)
+	ctest --test-dir build-ctest --output-on-failure
+
+demo: build
+	$(BIN)/python examples/adjoint_accuracy.py
+
+bench: build
+	$(BIN)/python -m pytest benchmarks -q --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+clean:
+	rm -rf build build-ctest *.egg-info amaml_ext/_C*.so

@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests marked `cuda` need a GPU: on a machine without one they are reported as skipped
+    # (they run, and must pass, on the GPU machine: see docs/benchmarks.md).
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none visible)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def gen():
+    """A fresh generator per test, seeded from the test's own randomness for new inputs."""
+    g = torch.Generator()
+    g.manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+    return g

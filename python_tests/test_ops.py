@@ -1,0 +1,266 @@
+"""The fused ops against their plain-PyTorch mirrors (amaml_ext.reference), opcheck, and
+argument checking."""
+
+import pytest
+import torch
+
+import amaml_ext
+from amaml_ext import ops, reference
+
+from conftest import DEVICES
+
+SHAPES = [(1000,), (3, 4099), (2, 70001)]  # [d] and [B, d]; odd sizes leave vector tails
+DTYPES = [torch.float32, torch.float64]
+
+
+def tol(dtype):
+    return dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+
+
+def rand(shape, dtype, device, noncontig=False):
+    if noncontig:
+        # A strided view: every other column of a wider tensor.
+        big = torch.randn(*shape[:-1], 2 * shape[-1], dtype=dtype, device=device)
+        x = big[..., ::2]
+        assert not x.is_contiguous()
+        return x
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+def stages(n, shape, dtype, device, noncontig=False):
+    return [rand(shape, dtype, device, noncontig) for _ in range(n)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("noncontig", [False, True])
+@pytest.mark.parametrize("count", [1, 4, 7])
+def test_stage_combine_matches_reference(device, dtype, shape, noncontig, count):
+    y = rand(shape, dtype, device, noncontig)
+    ks = stages(count, shape, dtype, device, noncontig)
+    coeffs = torch.randn(count, dtype=torch.float64).tolist()
+    h = 0.37
+    out = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if noncontig:
+        out = torch.full((*shape[:-1], 2 * shape[-1]), float("nan"), dtype=dtype, device=device)[..., ::2]
+    ops.stage_combine(y, ks, coeffs, h, out)
+    torch.testing.assert_close(out, reference.stage_combine(y, ks, coeffs, h), **tol(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stage_combine_in_place(device, dtype):
+    y = torch.randn(5, 333, dtype=dtype, device=device)
+    ks = stages(3, y.shape, dtype, device)
+    expect = reference.stage_combine(y, ks, [0.5, -1.0, 2.0], 0.1)
+    ops.stage_combine(y, ks, [0.5, -1.0, 2.0], 0.1, y)
+    torch.testing.assert_close(y, expect, **tol(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("noncontig", [False, True])
+def test_dopri5_finish_matches_reference(device, dtype, shape, noncontig):
+    y0 = rand(shape, dtype, device, noncontig)
+    ks = stages(7, shape, dtype, device, noncontig)
+    h, rtol, atol = 0.013, 1e-3, 1e-4
+    y1, err, norm = ops.dopri5_finish(y0, ks, h, rtol, atol)
+    ry1, rerr, rnorm = reference.dopri5_finish(y0, ks, h, rtol, atol)
+    torch.testing.assert_close(y1, ry1, **tol(dtype))
+    torch.testing.assert_close(err, rerr, **tol(dtype))
+    torch.testing.assert_close(norm, rnorm, **tol(dtype))
+    assert norm.shape == y0.shape[:-1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dopri5_finish_y1_is_bitwise_the_seventh_stage_point(device, dtype):
+    # The driver forms the 7th stage point with stage_combine (b weights) and evaluates f
+    # there (FSAL); finish must reproduce exactly that point.
+    y0 = torch.randn(4, 10007, dtype=dtype, device=device)
+    ks = stages(7, y0.shape, dtype, device)
+    point = ops.stage_combine(y0, ks[:6], reference.DOPRI5_B, 0.02)
+    y1, _, _ = ops.dopri5_finish(y0, ks, 0.02, 1e-6, 1e-8)
+    assert torch.equal(point, y1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("noncontig", [False, True])
+def test_dopri5_dense_matches_reference(device, dtype, shape, noncontig):
+    y0 = rand(shape, dtype, device, noncontig)
+    y1 = rand(shape, dtype, device, noncontig)
+    ks = stages(7, shape, dtype, device, noncontig)
+    thetas = torch.rand(3, dtype=torch.float64).tolist() + [1.0]
+    traj = torch.full((len(thetas) + 3, *shape), float("nan"), dtype=dtype, device=device)
+    if noncontig:
+        traj = traj.transpose(0, -1).contiguous().transpose(0, -1)  # same values, strided
+        assert not traj.is_contiguous()
+    ops.dopri5_dense(y0, y1, ks, 0.05, thetas, traj, first_row=2)
+    expect = reference.dopri5_dense(y0, y1, ks, 0.05, thetas)
+    torch.testing.assert_close(traj[2:2 + len(thetas)], expect, **tol(dtype))
+    assert torch.equal(traj[2 + len(thetas) - 1], y1)  # theta = 1 is y1 exactly
+    assert torch.isnan(traj[:2]).all() and torch.isnan(traj[-1]).all()  # other rows untouched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dopri5_dense_many_rows(device):
+    # More rows than one CUDA launch carries (32): exercises the chunking.
+    y0, y1 = torch.randn(2, 513, device=device), torch.randn(2, 513, device=device)
+    ks = stages(7, y0.shape, torch.float32, device)
+    thetas = torch.linspace(0.01, 1.0, 70, dtype=torch.float64).tolist()
+    traj = torch.empty(71, 2, 513, device=device)
+    ops.dopri5_dense(y0, y1, ks, 0.5, thetas, traj, first_row=1)
+    torch.testing.assert_close(traj[1:], reference.dopri5_dense(y0, y1, ks, 0.5, thetas), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("noncontig", [False, True])
+@pytest.mark.parametrize("corrector", [False, True])
+def test_heun_update_matches_reference(device, dtype, shape, noncontig, corrector):
+    lam, a, b = (rand(shape, dtype, device, noncontig) for _ in range(3))
+    b = b if corrector else None
+    out = ops.heun_update(lam, a, b, 0.01)
+    torch.testing.assert_close(out, reference.heun_update(lam, a, b, 0.01), **tol(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_heun_update_in_place(device):
+    lam, a, b = (torch.randn(3, 1001, dtype=torch.float64, device=device) for _ in range(3))
+    expect = reference.heun_update(lam, a, b, 0.3)
+    ops.heun_update(lam, a, b, 0.3, lam)
+    torch.testing.assert_close(lam, expect, rtol=1e-13, atol=1e-13)
+
+
+# ---- opcheck: schema, fake implementations, autograd registration, aot dispatch ----------
+
+def _opcheck_samples(device):
+    y = torch.randn(3, 257, device=device, dtype=torch.float64)
+    ks = [torch.randn_like(y) for _ in range(7)]
+    yield "stage_combine", (y, ks[:3], [0.1, 0.2, 0.3], 0.5, torch.empty_like(y))
+    yield "dopri5_finish", (y, ks, 0.1, 1e-6, 1e-8, torch.empty_like(y), torch.empty_like(y), y.new_empty(3))
+    yield "dopri5_dense", (y, torch.randn_like(y), ks, 0.1, [0.5, 1.0], 1, torch.empty(4, *y.shape, dtype=y.dtype, device=device))
+    yield "heun_update", (y, ks[0], ks[1], 0.1, torch.empty_like(y))
+    yield "heun_update", (y[0], ks[0][0], None, 0.1, torch.empty_like(y[0]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for name, args in _opcheck_samples(device):
+        torch.library.opcheck(getattr(torch.ops.amaml_ext, name).default, args)
+
+
+def test_ops_work_under_torch_compile():
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(y, k1, k2, out):
+        torch.ops.amaml_ext.stage_combine(y, [k1, k2], [0.5, 0.5], 0.2, out)
+        return out * 2
+
+    y, k1, k2 = (torch.randn(4, 100) for _ in range(3))
+    got = step(y, k1, k2, torch.empty_like(y))
+    torch.testing.assert_close(got, 2 * reference.stage_combine(y, [k1, k2], [0.5, 0.5], 0.2))
+
+
+# ---- argument checking -----------------------------------------------------------------
+
+def test_wrong_dtype_is_named():
+    y = torch.zeros(10, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"argument 'y' must be float32 or float64, got Int"):
+        torch.ops.amaml_ext.stage_combine(y, [y], [1.0], 0.1, y)
+
+
+def test_mixed_dtype_is_named():
+    y = torch.zeros(10)
+    k = torch.zeros(10, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"'stages\[0\]' must have the dtype of 'y'"):
+        ops.stage_combine(y, [k], [1.0], 0.1)
+
+
+def test_wrong_shape_is_named():
+    y = torch.zeros(2, 10)
+    with pytest.raises(RuntimeError, match=r"'stages\[1\]' must have the shape of 'y' \[2, 10\], got \[2, 9\]"):
+        ops.stage_combine(y, [torch.zeros(2, 10), torch.zeros(2, 9)], [1.0, 1.0], 0.1)
+    with pytest.raises(RuntimeError, match=r"argument 'y' must have shape \[d\] or \[B, d\], got \[2, 2, 2\]"):
+        ops.stage_combine(torch.zeros(2, 2, 2), [torch.zeros(2, 2, 2)], [1.0], 0.1)
+
+
+def test_stage_and_coeff_counts_are_checked():
+    y = torch.zeros(8)
+    with pytest.raises(RuntimeError, match=r"'coeffs' must have one entry per stage \(2\), got 1"):
+        ops.stage_combine(y, [y, y], [1.0], 0.1)
+    with pytest.raises(RuntimeError, match=r"'stages' must hold between 7 and 7 tensors, got 6"):
+        ops.dopri5_finish(y, [y] * 6, 0.1, 1e-6, 1e-8)
+    with pytest.raises(RuntimeError, match=r"'stages' must hold between 1 and 7 tensors, got 8"):
+        ops.stage_combine(y, [y] * 8, [1.0] * 8, 0.1)
+
+
+def test_bad_scalars_are_named():
+    y = torch.zeros(8)
+    with pytest.raises(RuntimeError, match=r"'h' must be finite, got nan"):
+        ops.stage_combine(y, [y], [1.0], float("nan"))
+    with pytest.raises(RuntimeError, match=r"'rtol' and 'atol' must be finite"):
+        ops.dopri5_finish(y, [y] * 7, 0.1, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"every entry of 'thetas' must lie in \[0, 1\], got 1.5"):
+        ops.dopri5_dense(y, y, [y] * 7, 0.1, [1.5], torch.zeros(2, 8), 0)
+    with pytest.raises(RuntimeError, match=r"rows \[1, 3\) do not fit in 'trajectory' with 2 rows"):
+        ops.dopri5_dense(y, y, [y] * 7, 0.1, [0.5, 1.0], torch.zeros(2, 8), 1)
+    with pytest.raises(RuntimeError, match=r"'err_norm' must have shape \[B\] = \[2\], got \[3\]"):
+        z = torch.zeros(2, 4)
+        ops.dopri5_finish(z, [z] * 7, 0.1, 1e-6, 1e-8, err_norm=torch.zeros(3))
+
+
+@pytest.mark.cuda
+def test_device_mismatch_is_named():
+    y = torch.zeros(8, device="cuda")
+    with pytest.raises(RuntimeError, match=r"'stages\[0\]' must be on the same device as 'y'"):
+        ops.stage_combine(y, [torch.zeros(8)], [1.0], 0.1)
+
+
+# ---- CPU and CUDA kernels agree ------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("noncontig", [False, True])
+def test_cpu_and_cuda_kernels_agree(dtype, shape, noncontig):
+    y0 = rand(shape, dtype, "cpu", noncontig)
+    ks = stages(7, shape, dtype, "cpu", noncontig)
+    on = lambda t: t.cuda()  # noqa: E731
+    t = tol(dtype)
+    torch.testing.assert_close(ops.stage_combine(on(y0), [on(k) for k in ks], [0.3] * 7, 0.1).cpu(),
+                               ops.stage_combine(y0, ks, [0.3] * 7, 0.1), **t)
+    for a, b in zip(ops.dopri5_finish(on(y0), [on(k) for k in ks], 0.1, 1e-4, 1e-5),
+                    ops.dopri5_finish(y0, ks, 0.1, 1e-4, 1e-5)):
+        torch.testing.assert_close(a.cpu(), b, **t)
+    y1 = rand(shape, dtype, "cpu", noncontig)
+    tr_c = torch.empty(3, *shape, dtype=dtype, device="cuda")
+    tr = torch.empty(3, *shape, dtype=dtype)
+    ops.dopri5_dense(on(y0), on(y1), [on(k) for k in ks], 0.1, [0.2, 0.7, 1.0], tr_c, 0)
+    ops.dopri5_dense(y0, y1, ks, 0.1, [0.2, 0.7, 1.0], tr, 0)
+    torch.testing.assert_close(tr_c.cpu(), tr, **t)
+    torch.testing.assert_close(ops.heun_update(on(y0), on(ks[0]), on(ks[1]), 0.1).cpu(),
+                               ops.heun_update(y0, ks[0], ks[1], 0.1), **t)
+
+
+@pytest.mark.cuda
+def test_cuda_misaligned_views_take_the_scalar_path():
+    base = torch.randn(10001, device="cuda")
+    y = base[1:]  # 4-byte offset: not 16-byte aligned
+    ks = [torch.randn(10001, device="cuda")[1:] for _ in range(7)]
+    torch.testing.assert_close(ops.stage_combine(y, ks, [0.1] * 7, 0.3),
+                               reference.stage_combine(y, ks, [0.1] * 7, 0.3), rtol=2e-5, atol=2e-5)
+
+
+def test_build_info_reports_the_build():
+    info = amaml_ext.build_info()
+    assert info["torch_version"] == torch.__version__.split("+")[0]
+    assert isinstance(info["cuda"], bool)
+    if info["cuda"]:
+        assert info["cuda_archs"] and all(a[0].isdigit() for a in info["cuda_archs"])
+    else:
+        assert info["cuda_archs"] == []
