@@ -216,7 +216,9 @@ at::TensorOptions opts(at::ScalarType dt) { return at::TensorOptions().dtype(dt)
 at::Tensor rand_in(const std::vector<int64_t>& shape, at::ScalarType dt, Layout l) {
   at::Tensor base = at::randn(base_shape(shape, l), g_gen, opts(dt));
   at::Tensor v = view_of(base, l, shape.size());
-  if (l != Layout::Contig && v.numel() > 1 && v.is_contiguous())
+  bool all_gt1 = true;  // with a size-1 dimension a view may legitimately be contiguous
+  for (int64_t s : shape) all_gt1 = all_gt1 && s > 1;
+  if (l != Layout::Contig && all_gt1 && v.is_contiguous())
     fail("test setup: a " + std::string(layout_str(l)) + " view is contiguous");
   return v;
 }
@@ -623,13 +625,15 @@ void expect_error(const std::string& what, const std::string& needle, const std:
   fail(what + ": no error raised");
 }
 
+constexpr int64_t kBadB = 3, kBadD = 10;  // shape [B, d] of the bad-input tests
+
 void test_bad_input() {
-  const int64_t B = 3, d = 10;
+  constexpr int64_t B = kBadB, d = kBadD;
   auto F = [&](std::vector<int64_t> s) { return at::randn(s, g_gen, opts(at::kFloat)); };
   auto D = [&](std::vector<int64_t> s) { return at::randn(s, g_gen, opts(at::kDouble)); };
   auto I = [&](std::vector<int64_t> s) { return at::zeros(s, opts(at::kInt)); };
   const at::Tensor y = F({B, d});
-  auto stages = [&](int n, std::vector<int64_t> s = {B, d}) {
+  auto stages = [&](int n, std::vector<int64_t> s = {kBadB, kBadD}) {
     std::vector<at::Tensor> k;
     for (int j = 0; j < n; ++j) k.push_back(F(s));
     return k;
@@ -817,7 +821,7 @@ void test_convergence() {
   const at::Tensor y0 = at::linspace(-1.0, 0.5, d, opts(at::kDouble));
   const double* a[6] = {nullptr, tab::a2, tab::a3, tab::a4, tab::a5, tab::a6};
   const std::vector<double> thetas = {0.25, 0.5, 0.75};
-  const std::vector<double> hs = {0.2, 0.1, 0.05};
+  const std::vector<double> hs = {0.1, 0.05, 0.025};
   std::vector<double> e_y1, e_hat, e_est, e_dense;
   auto exact = [&](double t) { return y0 / (1.0 - y0 * t); };
   auto maxabs = [](const at::Tensor& t) { return t.abs().max().item<double>(); };
@@ -854,9 +858,10 @@ void test_convergence() {
     const double re = e_est[i - 1] / e_est[i], rd = e_dense[i - 1] / e_dense[i];
     std::printf("  ratios%s: y1 %.1f  4th-order %.1f  estimate %.1f  dense %.1f\n", step.c_str(), ry, rh, re, rd);
     expect(ry > 45.0, "y1 error is not O(h^6): ratio " + fmt(ry) + step);
-    expect(rh > 24.0 && rh < 45.0, "embedded solution error is not O(h^5): ratio " + fmt(rh) + step);
-    expect(re > 24.0 && re < 45.0, "error estimate is not O(h^5): ratio " + fmt(re) + step);
-    expect(rd > 24.0, "dense output error is not O(h^5): ratio " + fmt(rd) + step);
+    // O(h^5) gives 32; a wrong weight drops the ratio to about 16 (order 3) or 2.
+    expect(rh > 20.0 && rh < 48.0, "embedded solution error is not O(h^5): ratio " + fmt(rh) + step);
+    expect(re > 20.0 && re < 48.0, "error estimate is not O(h^5): ratio " + fmt(re) + step);
+    expect(rd > 20.0 && rd < 48.0, "dense output error is not O(h^5): ratio " + fmt(rd) + step);
     expect(e_y1[i] < e_hat[i], "y1 is not more accurate than the embedded solution" + step);
   }
 }
