@@ -1,0 +1,384 @@
+#!/usr/bin/env python
+"""Memory bandwidth of the fused kernels on a GPU, against the device's copy bandwidth and the
+same math in plain PyTorch (``amaml_ext.reference``).
+
+    python benchmarks/bench_gpu_bandwidth.py --out gpu_bandwidth.json
+    python benchmarks/bench_gpu_bandwidth.py --sizes 1e6,1e7 --ops stage_combine,heun_update
+
+What it measures, per fused op and state size d (float32 by default):
+
+* ``copy``: device-to-device ``dst.copy_(src)`` of a large buffer; its bandwidth counts the
+  bytes read plus the bytes written, like the kernels' figures below.
+* ``fused_us``: median time of one op call. Calls are captured into a CUDA graph (``calls``
+  calls per replay, rotating among ``sets`` independent input/output sets so that small sizes
+  do not run out of a warm L2 cache), the graph is replayed ``--repeats`` times after
+  ``--warmup`` replays, each replay timed with CUDA events; time per call = replay / calls.
+  The graph takes the Python and launch overhead out: this is the kernels' own time.
+* ``fused_eager_us``: the same calls launched one by one from Python (what a Python loop pays;
+  launch-bound at small d).
+* ``bytes``: what a single pass must move, each input read once and each output written once:
+  ``stage_combine`` (S = 6 stages) reads y and S stages, writes out: (S + 2) d;
+  ``dopri5_finish`` reads y0 and the 7 stages (the kernel loads k2 although its weights are 0),
+  writes y1 and err: 10 d (+ the per-block partial sums and the norm, negligible);
+  ``dopri5_dense`` reads y0, y1 and all 7 stages (k2 with weight 0 is loaded too; k1 and k7
+  are read a second time for bspl and r4, but from the same addresses, so counted once), writes
+  4 trajectory rows: 13 d; ``heun_update`` corrector reads lam, a, b, writes out: 4 d.
+  Times the element size.
+* ``GB/s`` = bytes / fused time, ``% copy`` = that over the measured copy bandwidth.
+* ``ref_us`` / ``ref_eager_us``: the plain-PyTorch reference (which allocates its results and
+  makes several passes), graph-replayed and eager; ``speedup`` = ref / fused for each.
+
+Sizes that do not fit in free GPU memory are skipped (and listed). Results are printed as a
+markdown table and written to ``--out`` as JSON. On a machine without CUDA it prints
+"no CUDA device" and exits 0 (``--device cpu`` runs the same code path on the CPU with
+wall-clock timing, to check the script itself).
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+H, RTOL, ATOL = 0.01, 1e-6, 1e-8
+THETAS = (0.25, 0.5, 0.75, 1.0)
+OPS = ("stage_combine", "dopri5_finish", "dopri5_dense", "heun_update")
+DEFAULT_SIZES = "1e5,1e6,1e7,1e8"
+
+# Vectors of d elements read / written once by each fused op (see the module docstring).
+READS = {"stage_combine": 7, "dopri5_finish": 8, "dopri5_dense": 9, "heun_update": 3}
+WRITES = {"stage_combine": 1, "dopri5_finish": 2, "dopri5_dense": len(THETAS), "heun_update": 1}
+# Allocated per set beyond the reads and writes (the dense trajectory's untouched row 0).
+EXTRA = {"stage_combine": 0, "dopri5_finish": 0, "dopri5_dense": 1, "heun_update": 0}
+# Upper bound on the reference's transient memory, in vectors of d (results + temporaries).
+REF_TRANSIENT = {"stage_combine": 4, "dopri5_finish": 10, "dopri5_dense": 16, "heun_update": 3}
+
+
+def parse_sizes(text: str) -> List[int]:
+    sizes = []
+    for part in text.split(","):
+        part = part.strip()
+        if part:
+            value = float(part)
+            if value < 1 or value != int(value):
+                raise argparse.ArgumentTypeError(f"size must be a positive integer, got {part!r}")
+            sizes.append(int(value))
+    if not sizes:
+        raise argparse.ArgumentTypeError("no sizes given")
+    return sizes
+
+
+def parse_ops(text: str) -> List[str]:
+    ops = [o.strip() for o in text.split(",") if o.strip()]
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown op(s) {bad}; choose from {list(OPS)}")
+    return ops
+
+
+# ---- timing ------------------------------------------------------------------------------
+
+class Timer:
+    """Median time of ``fn`` over ``repeats`` runs after ``warmup`` runs, in seconds: CUDA events
+    on a GPU, ``time.perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def median(self, fn: Callable[[], None], repeats: int, warmup: int) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+            for s, e in zip(starts, ends):
+                s.record()
+                fn()
+                e.record()
+            torch.cuda.synchronize()
+            times = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
+        else:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, timer: Timer, repeats: int) -> Dict:
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = timer.median(lambda: dst.copy_(src), repeats=repeats, warmup=3)
+    moved = 2 * n * 4
+    del src, dst
+    return {"bytes": moved, "median_s": t, "GBps": moved / t / 1e9}
+
+
+# ---- op set-up ---------------------------------------------------------------------------
+
+def make_set(op: str, d: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+    def rnd():
+        return torch.randn(d, generator=gen, dtype=dtype, device="cpu").to(device)
+
+    if op == "stage_combine":
+        return {"y": rnd(), "k": [rnd() for _ in range(6)], "out": torch.empty(d, dtype=dtype, device=device)}
+    if op == "dopri5_finish":
+        y0 = rnd()
+        return {"y0": y0, "k": [rnd() for _ in range(7)], "y1": torch.empty_like(y0),
+                "err": torch.empty_like(y0), "norm": y0.new_empty(())}
+    if op == "dopri5_dense":
+        return {"y0": rnd(), "y1": rnd(), "k": [rnd() for _ in range(7)],
+                "traj": torch.zeros(len(THETAS) + 1, d, dtype=dtype, device=device)}
+    if op == "heun_update":
+        return {"lam": rnd(), "a": rnd(), "b": rnd(), "out": torch.empty(d, dtype=dtype, device=device)}
+    raise ValueError(op)
+
+
+def fused_call(op: str, x) -> Callable[[], None]:
+    from amaml_ext import ops
+    from amaml_ext.reference import DOPRI5_B
+    if op == "stage_combine":
+        return lambda: ops.stage_combine(x["y"], x["k"], DOPRI5_B, H, out=x["out"])
+    if op == "dopri5_finish":
+        return lambda: ops.dopri5_finish(x["y0"], x["k"], H, RTOL, ATOL, y1=x["y1"], err=x["err"], err_norm=x["norm"])
+    if op == "dopri5_dense":
+        return lambda: ops.dopri5_dense(x["y0"], x["y1"], x["k"], H, THETAS, x["traj"], 1)
+    if op == "heun_update":
+        return lambda: ops.heun_update(x["lam"], x["a"], x["b"], H, out=x["out"])
+    raise ValueError(op)
+
+
+def reference_call(op: str, x) -> Callable[[], object]:
+    from amaml_ext import reference
+    from amaml_ext.reference import DOPRI5_B
+    if op == "stage_combine":
+        return lambda: reference.stage_combine(x["y"], x["k"], DOPRI5_B, H)
+    if op == "dopri5_finish":
+        return lambda: reference.dopri5_finish(x["y0"], x["k"], H, RTOL, ATOL)
+    if op == "dopri5_dense":
+        return lambda: reference.dopri5_dense(x["y0"], x["y1"], x["k"], H, THETAS)
+    if op == "heun_update":
+        return lambda: reference.heun_update(x["lam"], x["a"], x["b"], H)
+    raise ValueError(op)
+
+
+def check_agree(op: str, x) -> None:
+    want = reference_call(op, x)()
+    fused_call(op, x)()
+    if op == "dopri5_finish":
+        got, want = [x["y1"], x["err"], x["norm"]], list(want)
+    elif op == "dopri5_dense":
+        got, want = [x["traj"][1:]], [want]
+    else:
+        got, want = [x["out"]], [want]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def batch(calls: List[Callable[[], object]], count: int) -> Callable[[], None]:
+    """``count`` calls, cycling through ``calls`` (one per input set)."""
+    seq = [calls[i % len(calls)] for i in range(count)]
+
+    def run():
+        for c in seq:
+            c()
+    return run
+
+
+def graphed(fn: Callable[[], None], device: torch.device) -> Optional[Callable[[], None]]:
+    """``fn`` captured in a CUDA graph (returns its replay), or None where capture fails."""
+    if device.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        torch.cuda.synchronize()
+        return g.replay
+    except Exception as exc:  # pragma: no cover - depends on the device
+        print(f"  (CUDA graph capture failed: {type(exc).__name__}: {exc}; eager timing only)",
+              file=sys.stderr)
+        return None
+
+
+# ---- the measurement ---------------------------------------------------------------------
+
+def measure(op: str, d: int, dtype: torch.dtype, device: torch.device, timer: Timer,
+            args, l2_bytes: int, free_bytes: int) -> Dict:
+    esize = torch.empty((), dtype=dtype).element_size()
+    bytes_moved = (READS[op] + WRITES[op]) * d * esize
+    per_set = (READS[op] + WRITES[op] + EXTRA[op]) * d * esize
+    # enough sets that one pass over all of them is several times the L2 cache
+    sets = max(1, min(args.max_sets, math.ceil(4 * l2_bytes / per_set)))
+    need = sets * per_set + REF_TRANSIENT[op] * d * esize
+    row = {"op": op, "d": d, "dtype": str(dtype).replace("torch.", ""), "bytes": bytes_moved,
+           "reads": READS[op], "writes": WRITES[op], "sets": sets}
+    if need > args.mem_fraction * free_bytes:
+        row["skipped"] = f"needs ~{need / 2**30:.1f} GiB, {free_bytes / 2**30:.1f} GiB free"
+        return row
+
+    gen = torch.Generator(device="cpu").manual_seed(d)
+    xs = [make_set(op, d, dtype, device, gen) for _ in range(sets)]
+    check_agree(op, xs[0])
+    fused = [fused_call(op, x) for x in xs]
+    refs = [reference_call(op, x) for x in xs]
+    # calls per timed batch: a whole number of rotations, at least --min-calls
+    calls = sets * max(1, math.ceil(args.min_calls / sets)) if d <= args.batch_below else sets
+    repeats = args.repeats if d < 10 ** 8 else max(5, args.repeats // 4)
+    row.update(calls=calls, repeats=repeats)
+
+    for name, fns in (("fused", fused), ("ref", refs)):
+        run = batch(fns, calls)
+        eager = timer.median(run, repeats=repeats, warmup=args.warmup) / calls
+        row[f"{name}_eager_us"] = eager * 1e6
+        replay = graphed(run, device) if not args.no_graph else None
+        if replay is not None:
+            t = timer.median(replay, repeats=repeats, warmup=args.warmup) / calls
+            row[f"{name}_graph"] = True
+        else:
+            t = eager
+            row[f"{name}_graph"] = False
+        row[f"{name}_us"] = t * 1e6
+        del replay
+    row["GBps"] = bytes_moved / (row["fused_us"] * 1e-6) / 1e9
+    row["speedup"] = row["ref_us"] / row["fused_us"]
+    row["speedup_eager"] = row["ref_eager_us"] / row["fused_eager_us"]
+    del xs, fused, refs
+    return row
+
+
+def markdown(result: Dict) -> str:
+    copy = result["copy"]["GBps"]
+    lines = [
+        f"Device: {result['device_name']}; copy bandwidth (read + write): {copy:.0f} GB/s; "
+        f"dtype {result['dtype']}; torch {result['torch']}",
+        "",
+        "| op | d | sets | MB moved | fused µs | GB/s | % copy | ref µs | speed-up "
+        "| fused eager µs | ref eager µs | eager speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["results"]:
+        d = f"1e{round(math.log10(r['d']))}" if 10 ** round(math.log10(r["d"])) == r["d"] else str(r["d"])
+        if "skipped" in r:
+            lines.append(f"| {r['op']} | {d} | – | {r['bytes'] / 1e6:.1f} | skipped: {r['skipped']} "
+                         "| | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['op']} | {d} | {r['sets']} | {r['bytes'] / 1e6:.1f} | {r['fused_us']:.2f} "
+            f"| {r['GBps']:.0f} | {100 * r['GBps'] / copy:.0f}% | {r['ref_us']:.2f} "
+            f"| {r['speedup']:.2f}× | {r['fused_eager_us']:.2f} | {r['ref_eager_us']:.2f} "
+            f"| {r['speedup_eager']:.2f}× |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", metavar="PATH.json", help="write the results as JSON here")
+    p.add_argument("--sizes", type=parse_sizes, default=parse_sizes(DEFAULT_SIZES),
+                   help=f"comma-separated state sizes d (default {DEFAULT_SIZES})")
+    p.add_argument("--ops", type=parse_ops, default=list(OPS), help="comma-separated ops (default: all)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (to test the script)")
+    p.add_argument("--repeats", type=int, default=50, help="timed runs per measurement (default 50)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    p.add_argument("--min-calls", type=int, default=20,
+                   help="op calls per timed run for d <= --batch-below (default 20)")
+    p.add_argument("--batch-below", type=float, default=1e6,
+                   help="batch several calls per timed run up to this d (default 1e6)")
+    p.add_argument("--max-sets", type=int, default=64, help="most input sets to rotate among (default 64)")
+    p.add_argument("--copy-mb", type=float, default=1024, help="copy-bandwidth buffer in MB (default 1024)")
+    p.add_argument("--mem-fraction", type=float, default=0.8, help="use at most this share of free memory")
+    p.add_argument("--no-graph", action="store_true", help="time eager calls only (no CUDA graphs)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: torch.cuda.is_available() is False; nothing to measure "
+              "(use --device cpu to exercise the script on the CPU)")
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump({"cuda_available": False, "torch": torch.__version__, "results": []}, fh, indent=2)
+        return 0
+
+    try:  # after the CUDA check; registers torch.ops.amaml_ext.*
+        import amaml_ext
+    except ModuleNotFoundError:  # run from a checkout with an in-place build, not installed
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        import amaml_ext
+
+    dtype = getattr(torch, args.dtype)
+    timer = Timer(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        props = torch.cuda.get_device_properties(device)
+        name = props.name
+        l2 = int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
+        free, total = torch.cuda.mem_get_info(device)
+        copy_bytes = int(min(args.copy_mb * 1e6, free / 4))
+    else:
+        name = platform.processor() or platform.machine() or "cpu"
+        l2 = 32 * 2**20  # a rough stand-in for the last-level cache
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            free = 4 * 2**30
+        total = free
+        copy_bytes = int(min(args.copy_mb * 1e6, free / 4))
+
+    result = {"cuda_available": torch.cuda.is_available(), "device": str(device),
+              "device_name": name, "torch": torch.__version__, "dtype": args.dtype,
+              "l2_bytes": l2, "memory_total_bytes": total, "args": {
+                  k: v for k, v in vars(args).items() if k not in ("out",)}}
+    try:
+        result["amaml_ext"] = amaml_ext.build_info()
+    except Exception as exc:  # pragma: no cover
+        result["amaml_ext"] = f"unavailable: {exc}"
+    print(f"{name}: measuring copy bandwidth ({copy_bytes / 1e6:.0f} MB buffer)...", flush=True)
+    result["copy"] = copy_bandwidth(device, copy_bytes, timer, repeats=20)
+    print(f"  copy: {result['copy']['GBps']:.0f} GB/s (read + write)", flush=True)
+
+    rows = []
+    for op in args.ops:
+        for d in args.sizes:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                free, _ = torch.cuda.mem_get_info(device)
+            row = measure(op, d, dtype, device, timer, args, l2, free)
+            rows.append(row)
+            if "skipped" in row:
+                print(f"  {op:14s} d={d:>10d}: skipped ({row['skipped']})", flush=True)
+            else:
+                print(f"  {op:14s} d={d:>10d}: fused {row['fused_us']:10.2f} us "
+                      f"({row['GBps']:7.1f} GB/s), ref {row['ref_us']:10.2f} us, "
+                      f"speed-up {row['speedup']:.2f}x", flush=True)
+    result["results"] = rows
+
+    print()
+    print(markdown(result))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=2)
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
