@@ -85,10 +85,13 @@ def extension():
     archs = cuda_arch_list() if with_cuda else ""
     include_dirs = [str(ROOT / "csrc"), str(write_build_config(with_cuda, archs))]
     sources = ["csrc/ops.cpp", "csrc/cpu/kernels_cpu.cpp", "csrc/drivers.cpp"]
-    cxx = ["-O3"]
+    # at::parallel_for is a header template: without -fopenmp it runs single-threaded. At run
+    # time libgomp.so.1 resolves to the copy torch has already loaded.
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     if not with_cuda:
         return cpp_extension.CppExtension("amaml_ext._C", sources, include_dirs=include_dirs,
-                                          extra_compile_args={"cxx": cxx})
+                                          extra_compile_args={"cxx": cxx}, extra_link_args=link)
     # Searched after CUDA_HOME's own headers (-isystem comes after -I), so a full toolkit wins.
     system = [arg for inc in wheel_cuda_include_dirs() for arg in ("-isystem", inc)]
     return cpp_extension.CUDAExtension(
@@ -96,6 +99,7 @@ def extension():
         sources + ["csrc/cuda/kernels_cuda.cu"],
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx + system, "nvcc": ["-O3", "-lineinfo"] + system},
+        extra_link_args=link,
     )
 
 

@@ -36,5 +36,14 @@ constexpr double d[kStages] = {-12715105075.0 / 11282082432.0, 0.0,
                                701980252875.0 / 199316789632.0, -1453857185.0 / 822651844.0,
                                69997945.0 / 29380423.0};
 
+// b_2 = e_2 = d_2 = 0: the solution, the error estimate and the dense output never read k2.
+// The kernels therefore take the stages without k2 (kernel order k1, k3, k4, k5, k6, k7) and
+// these weights, which saves one of the 8-9 vectors each pass would otherwise read.
+constexpr int kSolStages = 5;    // k1, k3, k4, k5, k6
+constexpr int kErrStages = 6;    // k1, k3, k4, k5, k6, k7
+constexpr double b_nz[kSolStages] = {b[0], b[2], b[3], b[4], b[5]};
+constexpr double e_nz[kErrStages] = {e[0], e[2], e[3], e[4], e[5], e[6]};
+constexpr double d_nz[kErrStages] = {d[0], d[2], d[3], d[4], d[5], d[6]};
+
 }  // namespace dopri5
 }  // namespace amaml

@@ -101,7 +101,11 @@ class Callback {
     out = out.detach();
     bool alias = false;
     for (const auto& w : workspace_) alias = alias || out.is_alias_of(w);
-    if (alias || !out.is_contiguous()) out = out.contiguous().clone();
+    if (alias) {
+      out = out.clone(at::MemoryFormat::Contiguous);
+    } else {
+      out = out.contiguous();  // a copy only when `out` is strided
+    }
     return out.view(ref.sizes());
   }
 
@@ -261,8 +265,9 @@ py::tuple dopri5_forward(py::function f, const at::Tensor& y0, std::vector<int64
       stage_combine(y, at::TensorList(k.data(), s), at::ArrayRef<double>(a_rows[s - 1], s), h, y_stage);
       k[s] = call(t + dp::c[s] * h, y, y_stage);
     }
-    // 7th stage point = 5th-order solution (FSAL); finish re-forms it bit-identically.
-    stage_combine(y, at::TensorList(k.data(), 6), at::ArrayRef<double>(dp::b, 6), h, y_new);
+    // 7th stage point = 5th-order solution (FSAL); finish re-forms it bit-identically from
+    // the same five stages (k2 has weight 0) in the same order.
+    stage_combine(y, {k[0], k[2], k[3], k[4], k[5]}, at::ArrayRef<double>(dp::b_nz, dp::kSolStages), h, y_new);
     k[6] = call(t + h, y, y_new);
     dopri5_finish(y, k, h, rtol, atol, y_new, err, err_norm);
     const double e = max_over_tasks(err_norm);

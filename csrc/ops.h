@@ -99,6 +99,18 @@ StageRefs<T> make_refs(const std::vector<at::Tensor>& k, const double* coeff, si
   return r;
 }
 
+// The DOPRI5 stages without k2 (whose weights are all zero): k1, k3, k4, k5, k6 (, k7).
+template <typename T>
+StageRefs<T> make_dopri5_refs(const std::vector<at::Tensor>& k, const double* coeff, size_t n) {
+  StageRefs<T> r{};
+  r.count = static_cast<int>(n);
+  for (size_t j = 0; j < n; ++j) {
+    r.k[j] = k[j == 0 ? 0 : j + 1].data_ptr<T>();
+    r.coeff[j] = static_cast<T>(coeff[j]);
+  }
+  return r;
+}
+
 }  // namespace detail
 
 // Backend kernel entry points take contiguous tensors that have passed the checks.
@@ -135,7 +147,8 @@ void stage_combine_op(const at::Tensor& y, at::TensorList stages, c10::ArrayRef<
 
 // From y0 and the seven DOPRI5 stages of a step of size h: y1 (5th order), err (embedded
 // error estimate) and err_norm (per-task RMS of err / (atol + rtol max(|y0|, |y1|)), shape
-// [] for a [d] state, [B] for [B, d]), in one pass over memory.
+// [] for a [d] state, [B] for [B, d]), in one pass over memory. stages[1] (k2) is checked but
+// not read: its weights are zero.
 template <class B>
 void dopri5_finish_op(const at::Tensor& y0, at::TensorList stages, double h, double rtol,
                       double atol, const at::Tensor& y1, const at::Tensor& err,

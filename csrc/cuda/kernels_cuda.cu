@@ -147,12 +147,13 @@ __global__ void dopri5_finish_kernel(const T* y0, StageRefs<T> sol, StageRefs<T>
           e.v[v] = est.coeff[0] * k0.v[v];
         }
       }
+      // sol.k[j] == est.k[j] for j < kSolStages: each stage is loaded once for both sums.
 #pragma unroll
-      for (int j = 1; j < 7; ++j) {
+      for (int j = 1; j < dopri5::kErrStages; ++j) {
         const Pack<T, V> kj = load<T, V>(est.k[j], pbase + p);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-          if (j < 6) s.v[v] += sol.coeff[j] * kj.v[v];
+          if (j < dopri5::kSolStages) s.v[v] += sol.coeff[j] * kj.v[v];
           e.v[v] += est.coeff[j] * kj.v[v];
         }
       }
@@ -283,8 +284,8 @@ struct CudaBackend {
     AT_DISPATCH_FLOATING_TYPES(y0.scalar_type(), "amaml_dopri5_finish_cuda", [&] {
       using T = scalar_t;
       constexpr int V = vec_width<T>();
-      const auto sol = detail::make_refs<T>(k, dopri5::b, 6);
-      const auto est = detail::make_refs<T>(k, dopri5::e, 7);
+      const auto sol = detail::make_dopri5_refs<T>(k, dopri5::b_nz, dopri5::kSolStages);
+      const auto est = detail::make_dopri5_refs<T>(k, dopri5::e_nz, dopri5::kErrStages);
       const T* y0p = y0.data_ptr<T>();
       T* y1p = y1.data_ptr<T>();
       T* errp = err.data_ptr<T>();
@@ -317,7 +318,7 @@ struct CudaBackend {
     AT_DISPATCH_FLOATING_TYPES(y0.scalar_type(), "amaml_dopri5_dense_cuda", [&] {
       using T = scalar_t;
       constexpr int V = vec_width<T>();
-      const auto dense = detail::make_refs<T>(k, dopri5::d, 7);
+      const auto dense = detail::make_dopri5_refs<T>(k, dopri5::d_nz, dopri5::kErrStages);
       const T* y0p = y0.data_ptr<T>();
       const T* y1p = y1.data_ptr<T>();
       const T* k1 = k[0].data_ptr<T>();
