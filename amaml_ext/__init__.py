@@ -5,6 +5,8 @@ Layers (see docs/design.md): the compiled core ``amaml_ext._C`` (fused ops regis
 :mod:`amaml_ext.ode`, and the meta-learning layers built on it.
 """
 
+import torch  # noqa: F401  (first: loads libc10/libtorch that _C links against)
+
 from . import _C  # noqa: F401  (loads and registers torch.ops.amaml_ext.*)
 from . import ops, ode
 from ._build import build_info

@@ -8,11 +8,11 @@
 
 #include <cmath>
 #include <limits>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "dopri5_tableau.h"
+#include "format.h"
 #include "ops.h"
 #include "amaml_build_config.h"
 
@@ -83,20 +83,17 @@ class Callback {
     ++calls_;
     py::object r = fn_(t, args.view(shape_)...);
     if (!THPVariable_Check(r.ptr())) {
-      throw py::type_error(name_ + signature_ + " must return a torch.Tensor, got " +
-                           std::string(py::str(py::type::of(r).attr("__name__"))) +
-                           " (at t=" + fmt(t) + ")");
+      throw py::type_error(cat(name_, signature_, " must return a torch.Tensor, got ",
+                               std::string(py::str(py::type::of(r).attr("__name__"))), " (at t=", t, ")"));
     }
     at::Tensor out = r.cast<at::Tensor>();
     const at::Tensor expect = ref.view(shape_);
     if (out.sizes() != expect.sizes() || out.scalar_type() != ref.scalar_type() ||
         out.device() != ref.device()) {
-      std::ostringstream msg;
-      msg << name_ << signature_ << " must return a tensor of shape " << expect.sizes()
-          << ", dtype " << ref.scalar_type() << " on " << ref.device() << " (like the state); got shape "
-          << out.sizes() << ", dtype " << out.scalar_type() << " on " << out.device()
-          << " at t=" << fmt(t);
-      throw py::value_error(msg.str());
+      throw py::value_error(cat(name_, signature_, " must return a tensor of shape ", expect.sizes(),
+                                ", dtype ", ref.scalar_type(), " on ", ref.device(),
+                                " (like the state); got shape ", out.sizes(), ", dtype ",
+                                out.scalar_type(), " on ", out.device(), " at t=", t));
     }
     out = out.detach();
     bool alias = false;
@@ -110,12 +107,6 @@ class Callback {
   }
 
   int64_t calls() const { return calls_; }
-  static std::string fmt(double t) {
-    std::ostringstream s;
-    s.precision(10);
-    s << t;
-    return s.str();
-  }
 
  private:
   py::function fn_;
@@ -132,12 +123,10 @@ void check_trajectory_finite(const at::Tensor& traj, const at::Tensor& times, co
   if (at::isfinite(traj).all().item<bool>()) return;
   const at::Tensor bad = at::logical_not(at::isfinite(traj.reshape({traj.size(0), -1}))).any(1);
   const int64_t row = bad.nonzero().min().item<int64_t>();
-  std::ostringstream msg;
-  msg << "amaml_ext.ode.solve_forward(method='" << method
-      << "'): the solution became non-finite in step " << row << " (from t="
-      << Callback::fmt(times[row - 1].item<double>()) << " to t=" << Callback::fmt(times[row].item<double>())
-      << "); f returned non-finite values or the state overflowed. Reduce h or check f.";
-  throw py::value_error(msg.str());
+  throw py::value_error(cat("amaml_ext.ode.solve_forward(method='", method,
+                            "'): the solution became non-finite in step ", row, " (from t=",
+                            times[row - 1].item<double>(), " to t=", times[row].item<double>(),
+                            "); f returned non-finite values or the state overflowed. Reduce h or check f."));
 }
 
 // ---- forward solvers -------------------------------------------------------------------
@@ -243,18 +232,14 @@ py::tuple dopri5_forward(py::function f, const at::Tensor& y0, std::vector<int64
   const double* a_rows[5] = {dp::a2, dp::a3, dp::a4, dp::a5, dp::a6};
   while (next_row <= n) {
     if (accepted + rejected >= max_steps) {
-      std::ostringstream msg;
-      msg << "amaml_ext.ode.solve_forward(method='dopri5'): reached max_steps=" << max_steps
-          << " at t=" << Callback::fmt(t) << " of T=" << Callback::fmt(T) << " (" << accepted
-          << " accepted, " << rejected << " rejected steps); the problem may be stiff: raise "
-          << "max_steps, loosen rtol/atol, or use method='rk4' with a small h";
-      throw py::value_error(msg.str());
+      throw py::value_error(cat("amaml_ext.ode.solve_forward(method='dopri5'): reached max_steps=",
+                                max_steps, " at t=", t, " of T=", T, " (", accepted, " accepted, ",
+                                rejected, " rejected steps); the problem may be stiff: raise ",
+                                "max_steps, loosen rtol/atol, or use method='rk4' with a small h"));
     }
     if (h <= 10.0 * eps * std::max(std::abs(t), 1.0)) {
-      std::ostringstream msg;
-      msg << "amaml_ext.ode.solve_forward(method='dopri5'): step size underflow (h=" << h
-          << ") at t=" << Callback::fmt(t);
-      throw py::value_error(msg.str());
+      throw py::value_error(cat("amaml_ext.ode.solve_forward(method='dopri5'): step size underflow (h=",
+                                h, ") at t=", t));
     }
     bool last = false;
     if (t + 1.01 * h >= T) {
@@ -272,11 +257,9 @@ py::tuple dopri5_forward(py::function f, const at::Tensor& y0, std::vector<int64
     dopri5_finish(y, k, h, rtol, atol, y_new, err, err_norm);
     const double e = max_over_tasks(err_norm);
     if (!std::isfinite(e)) {
-      std::ostringstream msg;
-      msg << "amaml_ext.ode.solve_forward(method='dopri5'): non-finite values in the step from t="
-          << Callback::fmt(t) << " with h=" << h << " (after " << accepted
-          << " accepted steps): f returned non-finite values or the state overflowed";
-      throw py::value_error(msg.str());
+      throw py::value_error(cat("amaml_ext.ode.solve_forward(method='dopri5'): non-finite values in the step from t=",
+                                t, " with h=", h, " (after ", accepted,
+                                " accepted steps): f returned non-finite values or the state overflowed"));
     }
     const double fac11 = std::pow(std::max(e, 1e-300), expo1);
     if (e <= 1.0) {
@@ -322,11 +305,9 @@ py::dict make_adjoint_stats(int64_t vjps, int64_t steps) {
 
 void check_lambda_finite(const at::Tensor& lam, double t, int64_t row, const char* method) {
   if (at::isfinite(lam).all().item<bool>()) return;
-  std::ostringstream msg;
-  msg << "amaml_ext.ode.solve_adjoint(method='" << method
-      << "'): the adjoint became non-finite at grid row " << row << " (t=" << Callback::fmt(t)
-      << "); vjp returned non-finite values";
-  throw py::value_error(msg.str());
+  throw py::value_error(cat("amaml_ext.ode.solve_adjoint(method='", method,
+                            "'): the adjoint became non-finite at grid row ", row, " (t=", t,
+                            "); vjp returned non-finite values"));
 }
 
 // Backward Heun (the paper's modified Euler): two VJPs per interval.
@@ -430,4 +411,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adjoint_solve", &amaml::adjoint_solve, py::arg("vjp"), py::arg("trajectory"),
         py::arg("shape"), py::arg("times"), py::arg("lam_T"), py::arg("method"));
   m.def("build_info", &amaml::build_info);
+
 }

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "format.h"
 #include "kernel_math.h"
 
 namespace amaml {
@@ -21,46 +22,39 @@ struct Backend;  // documentation only: see CpuBackend / CudaBackend
 
 namespace detail {
 
-inline std::string shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(t.size(i));
-  }
-  return s + "]";
-}
+inline std::string shape_str(const at::Tensor& t) { return fmt::piece(t.sizes()); }
 
 inline void check_state(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.defined(), "amaml_ext.", op, ": argument '", name, "' must be a tensor, got None");
-  TORCH_CHECK(t.dim() == 1 || t.dim() == 2, "amaml_ext.", op, ": argument '", name,
-              "' must have shape [d] or [B, d], got ", shape_str(t));
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "amaml_ext.", op,
-              ": argument '", name, "' must be float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.numel() > 0, "amaml_ext.", op, ": argument '", name,
-              "' must not be empty, got shape ", shape_str(t));
+  TORCH_CHECK(t.defined(), cat("amaml_ext.", op, ": argument '", name, "' must be a tensor, got None"));
+  TORCH_CHECK(t.dim() == 1 || t.dim() == 2, cat("amaml_ext.", op, ": argument '", name,
+              "' must have shape [d] or [B, d], got ", shape_str(t)));
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, cat("amaml_ext.", op,
+              ": argument '", name, "' must be float32 or float64, got ", t.scalar_type()));
+  TORCH_CHECK(t.numel() > 0, cat("amaml_ext.", op, ": argument '", name,
+              "' must not be empty, got shape ", shape_str(t)));
 }
 
 // `t` must match `ref` (named ref_name) in shape, dtype and device.
 inline void check_like(const char* op, const std::string& name, const at::Tensor& t,
                        const char* ref_name, const at::Tensor& ref) {
-  TORCH_CHECK(t.defined(), "amaml_ext.", op, ": argument '", name, "' must be a tensor");
-  TORCH_CHECK(t.device() == ref.device(), "amaml_ext.", op, ": argument '", name,
+  TORCH_CHECK(t.defined(), cat("amaml_ext.", op, ": argument '", name, "' must be a tensor"));
+  TORCH_CHECK(t.device() == ref.device(), cat("amaml_ext.", op, ": argument '", name,
               "' must be on the same device as '", ref_name, "' (", ref.device(), "), got ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "amaml_ext.", op, ": argument '", name,
+              t.device()));
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), cat("amaml_ext.", op, ": argument '", name,
               "' must have the dtype of '", ref_name, "' (", ref.scalar_type(), "), got ",
-              t.scalar_type());
-  TORCH_CHECK(t.sizes() == ref.sizes(), "amaml_ext.", op, ": argument '", name,
+              t.scalar_type()));
+  TORCH_CHECK(t.sizes() == ref.sizes(), cat("amaml_ext.", op, ": argument '", name,
               "' must have the shape of '", ref_name, "' ", shape_str(ref), ", got ",
-              shape_str(t));
+              shape_str(t)));
 }
 
 inline std::vector<at::Tensor> checked_stages(const char* op, at::TensorList stages,
                                               size_t min_count, size_t max_count,
                                               const at::Tensor& ref) {
-  TORCH_CHECK(stages.size() >= min_count && stages.size() <= max_count, "amaml_ext.", op,
+  TORCH_CHECK(stages.size() >= min_count && stages.size() <= max_count, cat("amaml_ext.", op,
               ": argument 'stages' must hold between ", min_count, " and ", max_count,
-              " tensors, got ", stages.size());
+              " tensors, got ", stages.size()));
   std::vector<at::Tensor> out;
   out.reserve(stages.size());
   for (size_t j = 0; j < stages.size(); ++j) {
@@ -71,8 +65,8 @@ inline std::vector<at::Tensor> checked_stages(const char* op, at::TensorList sta
 }
 
 inline void check_finite_scalar(const char* op, const char* name, double v) {
-  TORCH_CHECK(std::isfinite(v), "amaml_ext.", op, ": argument '", name,
-              "' must be finite, got ", v);
+  TORCH_CHECK(std::isfinite(v), cat("amaml_ext.", op, ": argument '", name,
+              "' must be finite, got ", v));
 }
 
 // Runs fn(o) with a contiguous o and copies back into `out` if `out` was not contiguous.
@@ -137,8 +131,8 @@ void stage_combine_op(const at::Tensor& y, at::TensorList stages, c10::ArrayRef<
   detail::check_state(op, "y", y);
   detail::check_like(op, "out", out, "y", y);
   auto k = detail::checked_stages(op, stages, 1, kMaxStages, y);
-  TORCH_CHECK(coeffs.size() == k.size(), "amaml_ext.stage_combine: argument 'coeffs' must have ",
-              "one entry per stage (", k.size(), "), got ", coeffs.size());
+  TORCH_CHECK(coeffs.size() == k.size(), cat("amaml_ext.stage_combine: argument 'coeffs' must have ",
+              "one entry per stage (", k.size(), "), got ", coeffs.size()));
   detail::check_finite_scalar(op, "h", h);
   for (double c : coeffs) detail::check_finite_scalar(op, "coeffs", c);
   const at::Tensor yc = y.contiguous();
@@ -160,18 +154,16 @@ void dopri5_finish_op(const at::Tensor& y0, at::TensorList stages, double h, dou
   detail::check_like(op, "err", err, "y0", y0);
   detail::check_finite_scalar(op, "h", h);
   TORCH_CHECK(rtol >= 0 && atol >= 0 && rtol + atol > 0 && std::isfinite(rtol) &&
-                  std::isfinite(atol),
-              "amaml_ext.dopri5_finish: arguments 'rtol' and 'atol' must be finite, >= 0 and not ",
-              "both 0, got rtol=", rtol, ", atol=", atol);
+                  std::isfinite(atol), cat("amaml_ext.dopri5_finish: arguments 'rtol' and 'atol' must be finite, >= 0 and not ",
+              "both 0, got rtol=", rtol, ", atol=", atol));
   TORCH_CHECK(err_norm.defined() && err_norm.device() == y0.device() &&
-                  err_norm.scalar_type() == y0.scalar_type(),
-              "amaml_ext.dopri5_finish: argument 'err_norm' must be a ", y0.scalar_type(),
-              " tensor on ", y0.device());
+                  err_norm.scalar_type() == y0.scalar_type(), cat("amaml_ext.dopri5_finish: argument 'err_norm' must be a ", y0.scalar_type(),
+              " tensor on ", y0.device()));
   const bool norm_ok = y0.dim() == 1 ? err_norm.numel() == 1 && err_norm.dim() <= 1
                                      : err_norm.dim() == 1 && err_norm.size(0) == y0.size(0);
-  TORCH_CHECK(norm_ok, "amaml_ext.dopri5_finish: argument 'err_norm' must have shape ",
+  TORCH_CHECK(norm_ok, cat("amaml_ext.dopri5_finish: argument 'err_norm' must have shape ",
               y0.dim() == 1 ? "[] (one task)" : "[B] = [" + std::to_string(y0.size(0)) + "]",
-              ", got ", detail::shape_str(err_norm));
+              ", got ", detail::shape_str(err_norm)));
   const at::Tensor y0c = y0.contiguous();
   detail::with_contiguous_out(y1, [&](at::Tensor& y1o) {
     detail::with_contiguous_out(err, [&](at::Tensor& erro) {
@@ -194,19 +186,16 @@ void dopri5_dense_op(const at::Tensor& y0, const at::Tensor& y1, at::TensorList 
   auto k = detail::checked_stages(op, stages, dopri5::kStages, dopri5::kStages, y0);
   detail::check_finite_scalar(op, "h", h);
   TORCH_CHECK(trajectory.defined() && trajectory.device() == y0.device() &&
-                  trajectory.scalar_type() == y0.scalar_type(),
-              "amaml_ext.dopri5_dense: argument 'trajectory' must be a ", y0.scalar_type(),
-              " tensor on ", y0.device());
-  TORCH_CHECK(trajectory.dim() == y0.dim() + 1 && trajectory.sizes().slice(1) == y0.sizes(),
-              "amaml_ext.dopri5_dense: argument 'trajectory' must have shape [N+1, ",
-              detail::shape_str(y0).substr(1), ", got ", detail::shape_str(trajectory));
+                  trajectory.scalar_type() == y0.scalar_type(), cat("amaml_ext.dopri5_dense: argument 'trajectory' must be a ", y0.scalar_type(),
+              " tensor on ", y0.device()));
+  TORCH_CHECK(trajectory.dim() == y0.dim() + 1 && trajectory.sizes().slice(1) == y0.sizes(), cat("amaml_ext.dopri5_dense: argument 'trajectory' must have shape [N+1, ",
+              detail::shape_str(y0).substr(1), ", got ", detail::shape_str(trajectory)));
   const int64_t n = static_cast<int64_t>(thetas.size());
-  TORCH_CHECK(first_row >= 0 && first_row + n <= trajectory.size(0),
-              "amaml_ext.dopri5_dense: rows [", first_row, ", ", first_row + n,
-              ") do not fit in 'trajectory' with ", trajectory.size(0), " rows");
+  TORCH_CHECK(first_row >= 0 && first_row + n <= trajectory.size(0), cat("amaml_ext.dopri5_dense: rows [", first_row, ", ", first_row + n,
+              ") do not fit in 'trajectory' with ", trajectory.size(0), " rows"));
   for (double th : thetas) {
-    TORCH_CHECK(th >= 0.0 && th <= 1.0, "amaml_ext.dopri5_dense: every entry of 'thetas' must ",
-                "lie in [0, 1], got ", th);
+    TORCH_CHECK(th >= 0.0 && th <= 1.0, cat("amaml_ext.dopri5_dense: every entry of 'thetas' must ",
+                "lie in [0, 1], got ", th));
   }
   if (n == 0) return;
   const at::Tensor y0c = y0.contiguous();
