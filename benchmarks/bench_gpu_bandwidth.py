@@ -18,11 +18,11 @@ What it measures, per fused op and state size d (float32 by default):
   launch-bound at small d).
 * ``bytes``: what a single pass must move, each input read once and each output written once:
   ``stage_combine`` (S = 6 stages) reads y and S stages, writes out: (S + 2) d;
-  ``dopri5_finish`` reads y0 and the 7 stages (the kernel loads k2 although its weights are 0),
-  writes y1 and err: 10 d (+ the per-block partial sums and the norm, negligible);
-  ``dopri5_dense`` reads y0, y1 and all 7 stages (k2 with weight 0 is loaded too; k1 and k7
+  ``dopri5_finish`` reads y0 and 6 stages (k2 has weight 0 and is not loaded),
+  writes y1 and err: 9 d (+ the per-block partial sums and the norm, negligible);
+  ``dopri5_dense`` reads y0, y1 and 6 stages (not k2, whose weight is 0; k1 and k7
   are read a second time for bspl and r4, but from the same addresses, so counted once), writes
-  4 trajectory rows: 13 d; ``heun_update`` corrector reads lam, a, b, writes out: 4 d.
+  4 trajectory rows: 12 d; ``heun_update`` corrector reads lam, a, b, writes out: 4 d.
   Times the element size.
 * ``GB/s`` = bytes / fused time, ``% copy`` = that over the measured copy bandwidth.
 * ``ref_us`` / ``ref_eager_us``: the plain-PyTorch reference (which allocates its results and
@@ -52,7 +52,7 @@ OPS = ("stage_combine", "dopri5_finish", "dopri5_dense", "heun_update")
 DEFAULT_SIZES = "1e5,1e6,1e7,1e8"
 
 # Vectors of d elements read / written once by each fused op (see the module docstring).
-READS = {"stage_combine": 7, "dopri5_finish": 8, "dopri5_dense": 9, "heun_update": 3}
+READS = {"stage_combine": 7, "dopri5_finish": 7, "dopri5_dense": 8, "heun_update": 3}
 WRITES = {"stage_combine": 1, "dopri5_finish": 2, "dopri5_dense": len(THETAS), "heun_update": 1}
 # Allocated per set beyond the reads and writes (the dense trajectory's untouched row 0).
 EXTRA = {"stage_combine": 0, "dopri5_finish": 0, "dopri5_dense": 1, "heun_update": 0}
