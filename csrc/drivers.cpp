@@ -13,6 +13,7 @@
 
 #include "dopri5_tableau.h"
 #include "format.h"
+#include "op_calls.h"
 #include "ops.h"
 #include "amaml_build_config.h"
 
@@ -21,44 +22,10 @@ namespace py = pybind11;
 namespace amaml {
 namespace {
 
-// ---- the fused ops through the dispatcher (CPU or CUDA by the tensors' device) ----------
-
-void stage_combine(const at::Tensor& y, at::TensorList stages, at::ArrayRef<double> coeffs,
-                   double h, const at::Tensor& out) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("amaml_ext::stage_combine", "")
-                       .typed<void(const at::Tensor&, at::TensorList, at::ArrayRef<double>,
-                                   double, const at::Tensor&)>();
-  op.call(y, stages, coeffs, h, out);
-}
-
-void dopri5_finish(const at::Tensor& y0, at::TensorList stages, double h, double rtol,
-                   double atol, const at::Tensor& y1, const at::Tensor& err,
-                   const at::Tensor& err_norm) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("amaml_ext::dopri5_finish", "")
-                       .typed<void(const at::Tensor&, at::TensorList, double, double, double,
-                                   const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  op.call(y0, stages, h, rtol, atol, y1, err, err_norm);
-}
-
-void dopri5_dense(const at::Tensor& y0, const at::Tensor& y1, at::TensorList stages, double h,
-                  at::ArrayRef<double> thetas, int64_t first_row, const at::Tensor& trajectory) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("amaml_ext::dopri5_dense", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&, at::TensorList, double,
-                                   at::ArrayRef<double>, int64_t, const at::Tensor&)>();
-  op.call(y0, y1, stages, h, thetas, first_row, trajectory);
-}
-
-void heun_update(const at::Tensor& lam, const at::Tensor& a, const c10::optional<at::Tensor>& b,
-                 double h, const at::Tensor& out) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("amaml_ext::heun_update", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&,
-                                   const c10::optional<at::Tensor>&, double, const at::Tensor&)>();
-  op.call(lam, a, b, h, out);
-}
+using dispatch::dopri5_dense;
+using dispatch::dopri5_finish;
+using dispatch::heun_update;
+using dispatch::stage_combine;
 
 // ---- callbacks ---------------------------------------------------------------------------
 
@@ -332,7 +299,7 @@ py::tuple adjoint_solve(py::function vjp, const at::Tensor& traj, std::vector<in
   auto heun_interval = [&](int64_t j) {  // lam_{j+1} -> lam_j
     const double h = tv[j + 1] - tv[j];
     const at::Tensor a = call(tv[j + 1], lam, traj[j + 1], lam);
-    heun_update(lam, a, c10::nullopt, h, tmp);
+    heun_update(lam, a, std::nullopt, h, tmp);
     const at::Tensor b = call(tv[j], lam, traj[j], tmp);
     heun_update(lam, a, b, h, lam);
     ++steps;
@@ -357,7 +324,7 @@ py::tuple adjoint_solve(py::function vjp, const at::Tensor& traj, std::vector<in
   } else if (method == "discrete") {
     for (int64_t j = n - 1; j >= 0; --j) {
       const at::Tensor a = call(tv[j], lam, traj[j], lam);
-      heun_update(lam, a, c10::nullopt, tv[j + 1] - tv[j], lam);
+      heun_update(lam, a, std::nullopt, tv[j + 1] - tv[j], lam);
       ++steps;
     }
   } else if (method == "rk4") {
