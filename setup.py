@@ -14,12 +14,40 @@ import os
 import sys
 from pathlib import Path
 
+import glob
+import shutil
+
 from setuptools import setup
 
-import torch
-from torch.utils import cpp_extension
-
 ROOT = Path(__file__).resolve().parent
+
+
+def _locate_cuda_home() -> None:
+    """Point CUDA_HOME at a full toolkit (bin/nvcc and lib64/libcudart.so) when it is unset.
+
+    torch's own guess follows `which nvcc`; a wrapper script such as /usr/local/bin/nvcc
+    (exec'ing /usr/local/cuda-13.0/bin/nvcc) makes it guess /usr/local, where there is no
+    libcudart, and the link fails. Must run before torch.utils.cpp_extension is imported.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(nvcc).resolve().parent.parent)
+    candidates += [Path("/usr/local/cuda")] + [Path(p) for p in sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for home in candidates:
+        has_lib = any((home / lib / "libcudart.so").exists() for lib in ("lib64", "lib"))
+        if (home / "bin" / "nvcc").exists() and has_lib:
+            os.environ["CUDA_HOME"] = str(home)
+            return
+
+
+_locate_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
