@@ -10,6 +10,9 @@ import torch  # noqa: F401  (first: loads libc10/libtorch that _C links against)
 from . import _C  # noqa: F401  (loads and registers torch.ops.amaml_ext.*)
 from . import ops, ode
 from ._build import build_info
+from .functional import flatten_params, unflatten_params
+from .meta_grad import MetaGradResult, adjoint_meta_grad
 
-__all__ = ["build_info", "ode", "ops"]
+__all__ = ["MetaGradResult", "adjoint_meta_grad", "build_info", "flatten_params", "ode", "ops",
+           "unflatten_params"]
 __version__ = "0.1.0"

@@ -90,8 +90,11 @@ void check_trajectory_finite(const at::Tensor& traj, const at::Tensor& times, co
   if (at::isfinite(traj).all().item<bool>()) return;
   const at::Tensor bad = at::logical_not(at::isfinite(traj.reshape({traj.size(0), -1}))).any(1);
   const int64_t row = bad.nonzero().min().item<int64_t>();
+  // Global step number on the grid (the times may be a segment starting after 0).
+  const double h = times[1].item<double>() - times[0].item<double>();
+  const int64_t step = row + static_cast<int64_t>(std::llround(times[0].item<double>() / h));
   throw py::value_error(cat("amaml_ext.ode.solve_forward(method='", method,
-                            "'): the solution became non-finite in step ", row, " (from t=",
+                            "'): the solution became non-finite in step ", step, " (from t=",
                             times[row - 1].item<double>(), " to t=", times[row].item<double>(),
                             "); f returned non-finite values or the state overflowed. Reduce h or check f."));
 }
@@ -153,7 +156,7 @@ py::tuple dopri5_forward(py::function f, const at::Tensor& y0, std::vector<int64
   namespace dp = dopri5;
   const int64_t n = times.size(0) - 1;
   const auto tv = times.accessor<double, 1>();
-  const double T = tv[n];
+  const double t0 = tv[0], T = tv[n], span = T - t0;
   at::Tensor traj = at::empty({n + 1, y0.size(0), y0.size(1)}, y0.options());
   traj[0].copy_(y0);
   at::Tensor y = y0.clone();
@@ -164,9 +167,9 @@ py::tuple dopri5_forward(py::function f, const at::Tensor& y0, std::vector<int64
   Callback call(std::move(f), "f", "(t, y)", std::move(shape), {traj, y, y_new, y_stage, err});
 
   std::vector<at::Tensor> k(dp::kStages);
-  k[0] = call(0.0, y, y);
+  k[0] = call(t0, y, y);
   if (!at::isfinite(k[0]).all().item<bool>())
-    throw py::value_error("amaml_ext.ode.solve_forward: f(0, y0) returned non-finite values");
+    throw py::value_error(cat("amaml_ext.ode.solve_forward: f(", t0, ", y0) returned non-finite values"));
 
   double h = h_initial;
   if (!(h > 0.0)) {  // Hairer's hinit
@@ -174,16 +177,16 @@ py::tuple dopri5_forward(py::function f, const at::Tensor& y0, std::vector<int64
     const at::Tensor d0 = rms(y0, scale), d1 = rms(k[0], scale);
     const at::Tensor h0v = at::where(at::logical_or(d0 < 1e-5, d1 < 1e-5), at::full_like(d0, 1e-6),
                                      0.01 * d0 / d1);
-    double h0 = std::min(h0v.min().item<double>(), T);
+    double h0 = std::min(h0v.min().item<double>(), span);
     stage_combine(y, {k[0]}, {1.0}, h0, y_stage);
-    const at::Tensor f1 = call(h0, y, y_stage);
+    const at::Tensor f1 = call(t0 + h0, y, y_stage);
     const double d2 = max_over_tasks(rms(f1 - k[0], scale)) / h0;
     const double dm = std::max(max_over_tasks(d1), d2);
     const double h1 = (dm <= 1e-15 || !std::isfinite(dm)) ? std::max(1e-6, h0 * 1e-3)
                                                            : std::pow(0.01 / dm, 1.0 / 5.0);
     h = std::min(100.0 * h0, h1);
   }
-  h = std::min(h, T);
+  h = std::min(h, span);
   const double h_first = h;
 
   // Hairer's step-size controller constants.
@@ -192,7 +195,7 @@ py::tuple dopri5_forward(py::function f, const at::Tensor& y0, std::vector<int64
   double fac_old = 1e-4;
   bool rejected_last = false;
   int64_t accepted = 0, rejected = 0, next_row = 1;
-  double t = 0.0;
+  double t = t0;
   const double eps = std::numeric_limits<double>::epsilon();
   std::vector<double> thetas;
 
@@ -251,7 +254,7 @@ py::tuple dopri5_forward(py::function f, const at::Tensor& y0, std::vector<int64
       fac_old = std::max(e, 1e-4);
       if (rejected_last) h_new = std::min(h_new, h);
       rejected_last = false;
-      h = std::min(h_new, T);
+      h = std::min(h_new, span);
     } else {
       ++rejected;
       rejected_last = true;

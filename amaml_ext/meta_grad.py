@@ -1,0 +1,320 @@
+"""adjoint_meta_grad: the A-MAML meta-gradient of a long inner training run.
+
+Inner training is the gradient flow ``du/dt = -grad L(u)``, ``u(0) = theta``; the meta-loss
+is the validation loss ``V(u(T))``. Forward: :func:`amaml_ext.ode.solve_forward` stores
+``u`` on the grid ``t_j = j h``. Backward: the adjoint ``dlam/dt = Hess L(u(t)) lam``,
+``lam(T) = grad V(u(T))``, solved by :func:`amaml_ext.ode.solve_adjoint` with
+Hessian-vector products; ``dJ/dtheta = lam(0)``. No autograd graph spans the run.
+
+``solver="euler", adjoint="discrete"`` is the exact gradient of ``K = T / h`` plain
+gradient-descent steps with step size h, which is what MAML computes by unrolling.
+"""
+
+import math
+import numbers
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import _C, ode
+from .functional import TaskFunctions, param_shapes
+
+MEMORY_MODES = ("store", "checkpoint", "auto")
+
+
+@dataclass
+class MetaGradResult:
+    """Result of :func:`adjoint_meta_grad`.
+
+    Attributes:
+        grad: meta-gradient ``dV(u(T))/dtheta``: ``[d]``, or ``[B, d]`` (per task) when batched.
+        loss: validation loss at ``u(T)``: ``[]``, or ``[B]`` when batched.
+        params: adapted parameters ``u(T)``: ``[d]`` or ``[B, d]``.
+        stats: ``grad_evals``, ``hvps``, ``linearisations``, ``accepted_steps``,
+            ``rejected_steps``, ``grid_steps`` (N), ``trajectory_bytes`` (stored states at the
+            peak), ``memory`` (mode used), ``solver``, ``adjoint``.
+    """
+
+    grad: torch.Tensor
+    loss: torch.Tensor
+    params: torch.Tensor
+    stats: Dict[str, Any] = field(default_factory=dict)
+
+
+def _check_pair(name: str, pair, batched: bool):
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
+        raise TypeError(f"argument '{name}' must be a pair (x, y) of tensors, got {type(pair).__name__}")
+    x, y = pair
+    if batched:
+        if x.dim() < 2 or y.dim() < 1:
+            raise ValueError(f"argument '{name}' must have a leading task dimension with batched=True, "
+                             f"got x {tuple(x.shape)}, y {tuple(y.shape)}")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"argument '{name}': x and y must have the same number of tasks, "
+                             f"got {x.shape[0]} and {y.shape[0]}")
+    sample_dim = 1 if batched else 0
+    if x.dim() <= sample_dim or y.dim() <= sample_dim:
+        raise ValueError(f"argument '{name}': x and y need a sample dimension, got x {tuple(x.shape)}, y {tuple(y.shape)}")
+    if x.shape[sample_dim] != y.shape[sample_dim]:
+        raise ValueError(f"argument '{name}': x and y must have the same number of samples, "
+                         f"got {x.shape[sample_dim]} and {y.shape[sample_dim]}")
+    return x, y
+
+
+def _horizons(T, h: float, batched: bool, batch: int, device) -> Tuple[float, Optional[torch.Tensor]]:
+    """T_max and, for per-task horizons, a [B] float64 tensor of T_b (validated)."""
+    if isinstance(T, torch.Tensor) and T.numel() > 1:
+        if not batched:
+            raise ValueError(f"argument 'T' must be a number unless batched=True, got a tensor of shape {tuple(T.shape)}")
+        if T.shape != (batch,):
+            raise ValueError(f"argument 'T' must be a number or a tensor of shape [B] = [{batch}], got {tuple(T.shape)}")
+        Tv = T.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(Tv).all()) or bool((Tv <= 0).any()):
+            raise ValueError(f"argument 'T' must be finite and > 0 for every task, got {Tv.tolist()}")
+        for b, tb in enumerate(Tv.tolist()):
+            try:
+                ode.grid_size(tb, h)
+            except ValueError as e:
+                raise ValueError(f"argument 'T' (task {b}): {e}") from None
+        T_max = float(Tv.max())
+        return T_max, (Tv if bool((Tv < T_max).any()) else None)
+    if isinstance(T, torch.Tensor):
+        T = T.item()
+    if isinstance(T, bool) or not isinstance(T, numbers.Real):
+        raise TypeError(f"argument 'T' must be a number or a tensor [B], got {type(T).__name__}")
+    return float(T), None
+
+
+def _default_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.5 * free)
+    try:
+        return int(0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                      theta: torch.Tensor, T: Union[float, torch.Tensor], *, support, query,
+                      h: float = 0.01, solver: str = "dopri5", adjoint: str = "heun",
+                      rtol: float = 1e-6, atol: float = 1e-8, memory: str = "store",
+                      batched: bool = False, memory_budget: Optional[int] = None,
+                      max_steps: Optional[int] = None) -> MetaGradResult:
+    """The A-MAML meta-gradient ``d V(u(T)) / d theta`` of inner training by gradient flow.
+
+    Args:
+        model: any ``nn.Module``; its parameters are replaced by ``theta`` (never mutated).
+        loss: ``loss(pred, target) -> scalar``, e.g. ``torch.nn.functional.mse_loss``.
+        theta: flat parameters ``[d]`` in ``model.named_parameters()`` order
+            (:func:`amaml_ext.flatten_params`).
+        T: inner horizon (``T = K h`` is K GD steps of size h), or with ``batched=True`` a
+            tensor ``[B]`` of per-task horizons (a task stays fixed after its own T).
+        support, query: ``(x, y)`` of one task; with ``batched=True`` B tasks, every tensor with
+            a leading task dimension.
+        h: grid spacing (the GD step size for ``solver="euler"``); ``T / h`` must be whole.
+        solver: ``"dopri5"``, ``"rk4"`` or ``"euler"`` (:data:`amaml_ext.ode.FORWARD_METHODS`).
+        adjoint: ``"heun"``, ``"rk4"`` or ``"discrete"`` (:data:`amaml_ext.ode.ADJOINT_METHODS`).
+        rtol, atol: dopri5 tolerances.
+        memory: ``"store"`` keeps all N+1 grid states; ``"checkpoint"`` keeps about
+            ``2 sqrt(N)`` and recomputes segments (same gradient, bit for bit on the CPU);
+            ``"auto"`` stores when the trajectory fits ``memory_budget`` bytes (default: half
+            the free GPU memory, or a quarter of the RAM) and checkpoints otherwise.
+
+    Returns:
+        :class:`MetaGradResult`.
+
+    Example::
+
+        >>> net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> theta = amaml_ext.flatten_params(net)
+        >>> xs, ys = torch.randn(10, 1), torch.randn(10, 1)
+        >>> r = amaml_ext.adjoint_meta_grad(net, torch.nn.functional.mse_loss, theta, 1.0,
+        ...                                 support=(xs, ys), query=(xs, ys))
+        >>> r.grad.shape
+        torch.Size([...])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss):
+        raise TypeError(f"argument 'loss' must be callable loss(pred, target), got {type(loss).__name__}")
+    if not isinstance(theta, torch.Tensor):
+        raise TypeError(f"argument 'theta' must be a torch.Tensor, got {type(theta).__name__}")
+    d = sum(math.prod(s) for _, s in param_shapes(model))
+    if theta.dim() != 1 or theta.numel() != d:
+        raise ValueError(f"argument 'theta' must have shape [{d}] (the model's parameter count), got {tuple(theta.shape)}")
+    if theta.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"argument 'theta' must be float32 or float64, got {theta.dtype}")
+    if solver not in ode.FORWARD_METHODS:
+        raise ValueError(f"argument 'solver' must be one of {ode.FORWARD_METHODS}, got {solver!r}")
+    if adjoint not in ode.ADJOINT_METHODS:
+        raise ValueError(f"argument 'adjoint' must be one of {ode.ADJOINT_METHODS}, got {adjoint!r}")
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"argument 'memory' must be one of {MEMORY_MODES}, got {memory!r}")
+    xs, ys = _check_pair("support", support, batched)
+    xq, yq = _check_pair("query", query, batched)
+    for name, t in (("support x", xs), ("support y", ys), ("query x", xq), ("query y", yq)):
+        if t.device != theta.device:
+            raise ValueError(f"argument '{name.split()[0]}' ({name}) must be on theta's device {theta.device}, got {t.device}")
+        if t.is_floating_point() and t.dtype != theta.dtype:
+            raise ValueError(f"argument '{name.split()[0]}' ({name}) must have theta's dtype {theta.dtype}, got {t.dtype}")
+    for p in list(model.parameters()) + list(model.buffers()):
+        if p.device != theta.device:
+            raise ValueError(f"argument 'model' must be on theta's device {theta.device}, has a tensor on {p.device}")
+    batch = xs.shape[0] if batched else 1
+    if batched and xq.shape[0] != batch:
+        raise ValueError(f"arguments 'support' and 'query' must hold the same number of tasks, got {batch} and {xq.shape[0]}")
+
+    h = ode._check_positive_real("h", h)
+    T_max, per_task_T = _horizons(T, h, batched, batch, theta.device)
+    n = ode.grid_size(T_max, h)
+
+    fns = TaskFunctions(model, loss, support, query, batched)
+    u0 = theta.detach().expand(batch, d).contiguous() if batched else theta.detach().clone()
+
+    # Phases: grid ranges [a, b] in which the set of active tasks is constant. Without
+    # per-task horizons there is one phase [0, N]. A task with horizon T_b is active in the
+    # phases before row T_b / h and frozen (f = 0, vjp = 0) after it; splitting the run there
+    # keeps the right-hand side smooth inside every solve (an RK step never straddles T_b).
+    if per_task_T is not None:
+        stops = sorted({ode.grid_size(tb, h) for tb in per_task_T.tolist()} | {n})
+        horizon_rows = torch.tensor([ode.grid_size(tb, h) for tb in per_task_T.tolist()])
+        phases, a = [], 0
+        for b in stops:
+            mask = (horizon_rows > a).to(device=theta.device, dtype=theta.dtype).unsqueeze(1)
+            phases.append((a, b, mask))
+            a = b
+    else:
+        phases = [(0, n, None)]
+
+    def make_f(mask):
+        def f(t: float, u: torch.Tensor) -> torch.Tensor:
+            g = fns.grad(u).neg_()
+            return g if mask is None else g.mul_(mask)
+        return f
+
+    def make_vjp(mask):
+        def vjp(t: float, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            hv = fns.hvp(u, v, key=t).neg_()
+            return hv if mask is None else hv.mul_(mask)
+        return vjp
+
+    state_bytes = u0.numel() * u0.element_size()
+    if memory == "auto":
+        budget = _default_budget(theta.device) if memory_budget is None else int(memory_budget)
+        memory = "store" if (n + 1) * state_bytes <= budget else "checkpoint"
+    if memory == "checkpoint" and solver == "dopri5":
+        raise NotImplementedError("memory='checkpoint' with solver='dopri5' is not implemented yet; "
+                                  "use solver='rk4' or 'euler', or memory='store'")
+    times = ode._grid_times(T_max, n)
+    shape = list(u0.shape)
+    rows = batch if batched else 1
+    if max_steps is None:
+        max_steps = max(10000, 100 * n)
+
+    def forward(mask, y_start, a, b):
+        """States on rows a..b from y_start ([rows, d]) by the chosen solver: [b-a+1, rows, d]."""
+        if solver == "dopri5":
+            seg, st = _C.dopri5_forward(make_f(mask), y_start, shape, times[a:b + 1], float(rtol),
+                                        float(atol), int(max_steps), 0.0)
+        else:
+            seg, st = _C.fixed_forward(make_f(mask), y_start, shape, times[a:b + 1], solver)
+        return seg, st
+
+    m = _segment_length(n)
+    fstats = {"function_evals": 0, "accepted_steps": 0, "rejected_steps": 0}
+    kept = {}  # store: (a, b) -> segment states; checkpoint: row -> state
+    y = u0.reshape(rows, -1)
+    peak_rows = 0
+    try:
+        with torch.no_grad():
+            for a, b, mask in phases:
+                pieces = [(a, b)] if memory == "store" else list(reversed(_segments(a, b, m)))
+                for c, e in pieces:
+                    seg, st = forward(mask, y, c, e)
+                    for k in fstats:
+                        fstats[k] += st[k]
+                    if memory == "store":
+                        kept[(c, e)] = seg
+                        peak_rows += e - c + 1
+                    else:
+                        kept[c] = y.clone() if c == 0 else kept[c]
+                        kept[e] = seg[-1].clone()
+                    y = seg[-1] if memory == "store" else kept[e]
+                    del seg
+    except ValueError as e:
+        if "non-finite" in str(e):
+            raise ValueError(f"adjoint_meta_grad: the inner training loss or its gradient became "
+                             f"non-finite: {e}") from None
+        raise
+    if memory == "checkpoint":
+        peak_rows = len(kept) + m + 1
+    u_T = y.reshape(shape).clone()
+
+    val_loss, lam_T = fns.value_and_grad_val(u_T)
+    if not bool(torch.isfinite(val_loss).all()) or not bool(torch.isfinite(lam_T).all()):
+        raise ValueError(f"adjoint_meta_grad: the validation loss at u(T) (t={T_max}, step {n}) is "
+                         f"non-finite: {val_loss.tolist()}")
+    lam = lam_T.reshape(rows, -1).contiguous()
+    adjoint_steps = 0
+    try:
+        with torch.no_grad():
+            for a, b, mask in reversed(phases):
+                pieces = [(a, b)] if memory == "store" else _segments(a, b, m)
+                for c, e in pieces:
+                    if memory == "store":
+                        seg = kept.pop((c, e))
+                    else:
+                        seg, _ = forward(mask, kept[c], c, e)
+                    lam, st = _C.adjoint_solve(make_vjp(mask), seg, shape, times[c:e + 1], lam, adjoint)
+                    adjoint_steps += st["steps"]
+                    del seg
+    finally:
+        fns.release()
+    grad = lam.view(shape)
+
+    stats = {
+        "grad_evals": fns.grad_evals + 1,  # + the validation gradient
+        "hvps": fns.hvp_evals,
+        "linearisations": fns.linearisations,
+        "accepted_steps": fstats["accepted_steps"],
+        "rejected_steps": fstats["rejected_steps"],
+        "grid_steps": n,
+        "adjoint_steps": adjoint_steps,
+        "trajectory_bytes": peak_rows * state_bytes,
+        "memory": memory,
+        "solver": solver,
+        "adjoint": adjoint,
+    }
+    return MetaGradResult(grad=grad, loss=val_loss, params=u_T, stats=stats)
+
+
+# ---- checkpoint segments --------------------------------------------------------------------
+
+def _segment_length(n: int) -> int:
+    """Grid intervals per checkpoint segment: about sqrt(N), even (RK4 adjoint pairs)."""
+    m = max(2, int(math.ceil(math.sqrt(n))))
+    return m + (m % 2)
+
+
+def _segments(a: int, b: int, m: int):
+    """Segments [(c, e)] covering rows a..b, top first, m intervals each except the top one,
+    which absorbs the remainder. The RK4 adjoint pairs intervals from the top of each solve and
+    takes its odd-N step (which needs >= 3 intervals) at the top, so with this layout a
+    checkpointed adjoint makes exactly the steps of the stored one."""
+    n = b - a
+    top = n % m or m
+    if top < 3 and n - top >= m:
+        top += m
+    bounds, e = [], b
+    c = max(a, e - top)
+    bounds.append((c, e))
+    e = c
+    while e > a:
+        c = max(a, e - m)
+        bounds.append((c, e))
+        e = c
+    return bounds

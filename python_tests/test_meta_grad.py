@@ -1,0 +1,253 @@
+"""adjoint_meta_grad against autograd unrolling, fine-grid references and itself."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import amaml_ext
+from amaml_ext import adjoint_meta_grad, flatten_params, unflatten_params
+
+from conftest import DEVICES
+
+F64 = torch.float64
+
+
+def mlp(seed=0, width=16):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                         nn.Linear(width, 1)).double()
+
+
+class Conv4(nn.Module):
+    """The few-shot conv net (4 x conv3x3-BN-ReLU-maxpool), narrow for tests."""
+
+    def __init__(self, channels=4, ways=3):
+        super().__init__()
+        layers, c_in = [], 1
+        for _ in range(4):
+            layers += [nn.Conv2d(c_in, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = channels
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, ways)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def regression_task(seed, n=20, dtype=F64, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 2, generator=g, dtype=dtype) * 2 - 1
+    y = torch.cos(3 * x[:, :1]) + 0.5 * x[:, 1:] ** 2
+    return x.to(device), y.to(device)
+
+
+def unrolled_maml_grad(model, loss, theta, support, query, steps, lr):
+    """Autograd through `steps` GD steps (create_graph): MAML's meta-gradient."""
+    th = theta.clone().requires_grad_(True)
+    u = th
+    for _ in range(steps):
+        train = loss(torch.func.functional_call(model, unflatten_params(model, u), (support[0],)), support[1])
+        (g,) = torch.autograd.grad(train, u, create_graph=True)
+        u = u - lr * g
+    val = loss(torch.func.functional_call(model, unflatten_params(model, u), (query[0],)), query[1])
+    (grad,) = torch.autograd.grad(val, th)
+    return grad, val.detach()
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---- exact discrete mode = unrolled MAML ------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("memory", ["store", "checkpoint"])
+def test_euler_discrete_equals_autograd_unrolling_mlp(device, memory):
+    net = mlp().to(device)
+    theta = flatten_params(net)
+    support, query = regression_task(1, device=device), regression_task(2, device=device)
+    K, h = 37, 0.05
+    r = adjoint_meta_grad(net, F.mse_loss, theta, K * h, support=support, query=query, h=h,
+                          solver="euler", adjoint="discrete", memory=memory)
+    ref, val = unrolled_maml_grad(net, F.mse_loss, theta, support, query, K, h)
+    assert rel(r.grad, ref) < 1e-10
+    torch.testing.assert_close(r.loss, val, rtol=1e-12, atol=1e-14)
+    assert r.stats["hvps"] == K and r.stats["grid_steps"] == K
+
+
+def test_euler_discrete_equals_autograd_unrolling_conv4_batchnorm():
+    torch.manual_seed(0)
+    net = Conv4().double().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    theta = flatten_params(net)
+    g = torch.Generator().manual_seed(3)
+    xs, ys = torch.randn(6, 1, 16, 16, generator=g, dtype=F64), torch.tensor([0, 1, 2, 0, 1, 2])
+    xq, yq = torch.randn(9, 1, 16, 16, generator=g, dtype=F64), torch.tensor([0, 1, 2] * 3)
+    K, h = 6, 0.1
+    r = adjoint_meta_grad(net, F.cross_entropy, theta, K * h, support=(xs, ys), query=(xq, yq), h=h,
+                          solver="euler", adjoint="discrete")
+    ref_net = Conv4().double().train()
+    ref_net.load_state_dict(before)
+    ref, val = unrolled_maml_grad(ref_net, F.cross_entropy, theta, (xs, ys), (xq, yq), K, h)
+    assert rel(r.grad, ref) < 1e-10
+    torch.testing.assert_close(r.loss, val, rtol=1e-12, atol=1e-14)
+    # the user's module is untouched: parameters and BatchNorm running statistics
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# ---- continuous mode: convergence to a fine grid --------------------------------------------
+
+@pytest.mark.parametrize("adjoint,order", [("heun", 2), ("rk4", 4)])
+def test_continuous_mode_converges_at_the_adjoint_order(adjoint, order):
+    net = mlp(width=8)
+    theta = flatten_params(net)
+    support, query = regression_task(3), regression_task(4)
+    T = 1.0
+    kw = dict(support=support, query=query, solver="rk4", adjoint=adjoint)
+    fine = adjoint_meta_grad(net, F.mse_loss, theta, T, h=T / 640, **dict(kw, adjoint="rk4")).grad
+    ns = [20, 40, 80]
+    errs = [rel(adjoint_meta_grad(net, F.mse_loss, theta, T, h=T / n, **kw).grad, fine) for n in ns]
+    slopes = [math.log2(errs[i] / errs[i + 1]) for i in range(len(ns) - 1)]
+    assert errs[0] > errs[1] > errs[2]
+    assert abs(slopes[-1] - order) < 0.3, (errs, slopes)
+
+
+def test_dopri5_heun_default_matches_fine_reference():
+    net = mlp(width=8)
+    theta = flatten_params(net)
+    support, query = regression_task(5), regression_task(6)
+    ref = adjoint_meta_grad(net, F.mse_loss, theta, 2.0, support=support, query=query, h=2.0 / 800,
+                            solver="rk4", adjoint="rk4").grad
+    r = adjoint_meta_grad(net, F.mse_loss, theta, 2.0, support=support, query=query, rtol=1e-9, atol=1e-10)
+    assert rel(r.grad, ref) < 1e-3  # Heun at h = 0.01: O(h^2)
+    assert r.stats["accepted_steps"] < r.stats["grid_steps"]  # dopri5 takes larger steps than the grid
+
+
+# ---- batched tasks ------------------------------------------------------------------------
+
+def batch_of_tasks(B, device="cpu"):
+    sup = [regression_task(10 + b, device=device) for b in range(B)]
+    qry = [regression_task(20 + b, device=device) for b in range(B)]
+    stack = lambda ts, i: torch.stack([t[i] for t in ts])  # noqa: E731
+    return (stack(sup, 0), stack(sup, 1)), (stack(qry, 0), stack(qry, 1)), sup, qry
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("solver,adjoint,tol", [("euler", "discrete", 1e-12), ("rk4", "heun", 1e-12),
+                                                ("dopri5", "heun", 1e-6)])
+def test_batched_equals_loop_over_tasks(device, solver, adjoint, tol):
+    net = mlp().to(device)
+    theta = flatten_params(net)
+    support, query, sup, qry = batch_of_tasks(3, device)
+    r = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=support, query=query, h=0.05,
+                          solver=solver, adjoint=adjoint, batched=True, rtol=1e-10, atol=1e-12)
+    assert r.grad.shape == (3, theta.numel()) and r.loss.shape == (3,) and r.params.shape == (3, theta.numel())
+    for b in range(3):
+        one = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=sup[b], query=qry[b], h=0.05,
+                                solver=solver, adjoint=adjoint, rtol=1e-10, atol=1e-12)
+        assert rel(r.grad[b], one.grad) < tol
+        torch.testing.assert_close(r.loss[b], one.loss, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("solver,adjoint", [("euler", "discrete"), ("rk4", "rk4")])
+def test_per_task_horizons(solver, adjoint):
+    net = mlp()
+    theta = flatten_params(net)
+    support, query, sup, qry = batch_of_tasks(3)
+    T = torch.tensor([0.3, 1.0, 0.65], dtype=F64)
+    r = adjoint_meta_grad(net, F.mse_loss, theta, T, support=support, query=query, h=0.05,
+                          solver=solver, adjoint=adjoint, batched=True)
+    for b in range(3):
+        one = adjoint_meta_grad(net, F.mse_loss, theta, T[b].item(), support=sup[b], query=qry[b], h=0.05,
+                                solver=solver, adjoint=adjoint)
+        # Exact for the discrete adjoint; the RK4 adjoint restarts its interval pairing at each
+        # horizon, a different (equally 4th-order) discretisation than the single-task run.
+        assert rel(r.grad[b], one.grad) < (1e-12 if adjoint == "discrete" else 2e-5)
+        assert rel(r.params[b], one.params) < 1e-14
+
+
+# ---- memory modes ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("solver,adjoint", [("euler", "discrete"), ("euler", "heun"), ("rk4", "rk4"),
+                                            ("rk4", "heun")])
+@pytest.mark.parametrize("K", [1, 2, 7, 30, 37])
+def test_checkpoint_is_bit_identical_to_store(solver, adjoint, K):
+    net = mlp()
+    theta = flatten_params(net)
+    support, query = regression_task(7), regression_task(8)
+    kw = dict(support=support, query=query, h=0.02, solver=solver, adjoint=adjoint)
+    store = adjoint_meta_grad(net, F.mse_loss, theta, K * 0.02, memory="store", **kw)
+    ckpt = adjoint_meta_grad(net, F.mse_loss, theta, K * 0.02, memory="checkpoint", **kw)
+    assert torch.equal(store.grad, ckpt.grad)
+    assert torch.equal(store.params, ckpt.params)
+    if K >= 30:
+        assert ckpt.stats["trajectory_bytes"] < store.stats["trajectory_bytes"] / 2
+
+
+def test_auto_memory_picks_by_budget():
+    net = mlp()
+    theta = flatten_params(net)
+    kw = dict(support=regression_task(1), query=regression_task(2), h=0.01, solver="euler", adjoint="discrete")
+    small = adjoint_meta_grad(net, F.mse_loss, theta, 1.0, memory="auto", memory_budget=1000, **kw)
+    large = adjoint_meta_grad(net, F.mse_loss, theta, 1.0, memory="auto", memory_budget=1 << 30, **kw)
+    assert small.stats["memory"] == "checkpoint" and large.stats["memory"] == "store"
+    assert torch.equal(small.grad, large.grad)
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+def test_bad_input_gets_clear_errors():
+    net = mlp()
+    theta = flatten_params(net)
+    s, q = regression_task(1), regression_task(2)
+    call = lambda **kw: adjoint_meta_grad(**{**dict(model=net, loss=F.mse_loss, theta=theta, T=1.0,  # noqa: E731
+                                                     support=s, query=q, h=0.1), **kw})
+    d = theta.numel()
+    with pytest.raises(ValueError, match=rf"argument 'theta' must have shape \[{d}\].*got \({d - 1},\)"):
+        call(theta=theta[:-1])
+    with pytest.raises(ValueError, match=r"argument 'T' must be finite and > 0, got 0.0"):
+        call(T=0.0)
+    with pytest.raises(ValueError, match=r"argument 'T' must be finite and > 0, got -1.0"):
+        call(T=-1.0)
+    with pytest.raises(ValueError, match=r"argument 'h' must be <= T"):
+        call(h=2.0)
+    with pytest.raises(ValueError, match=r"argument 'support' \(support x\) must have theta's dtype"):
+        call(support=(s[0].float(), s[1]))
+    with pytest.raises(ValueError, match=r"argument 'query': x and y must have the same number of samples, got 20 and 19"):
+        call(query=(q[0], q[1][:19]))
+    support, query, _, _ = batch_of_tasks(3)
+    with pytest.raises(ValueError, match=r"'support' and 'query' must hold the same number of tasks, got 3 and 2"):
+        call(support=support, query=(query[0][:2], query[1][:2]), batched=True)
+    with pytest.raises(ValueError, match=r"argument 'T' must be a number or a tensor of shape \[B\] = \[3\]"):
+        call(support=support, query=query, batched=True, T=torch.ones(2, dtype=F64))
+    with pytest.raises(ValueError, match=r"argument 'solver' must be one of"):
+        call(solver="rk45")
+    with pytest.raises(ValueError, match=r"argument 'memory' must be one of"):
+        call(memory="disk")
+
+
+@pytest.mark.parametrize("solver", ["dopri5", "rk4", "euler"])
+def test_non_finite_training_loss_names_time_and_step(solver):
+    net = mlp()
+    theta = flatten_params(net)
+
+    def loss_with_a_cliff(pred, target):
+        # -2 mean(pred) drives the predictions up; sqrt turns NaN once their mean passes 1.
+        m = pred.mean()
+        return F.mse_loss(pred, target) - 2 * m + torch.sqrt(1.0 - m)
+
+    with pytest.raises(ValueError, match=r"inner training loss or its gradient became non-finite.*(step|t=)"):
+        adjoint_meta_grad(net, loss_with_a_cliff, theta, 20.0, support=regression_task(1),
+                          query=regression_task(2), h=0.1, solver=solver, adjoint="heun")
+
+
+@pytest.mark.cuda
+def test_device_mismatch_is_named():
+    net = mlp()
+    theta = flatten_params(net).cuda()
+    with pytest.raises(ValueError, match=r"argument 'support' \(support x\) must be on theta's device"):
+        adjoint_meta_grad(net, F.mse_loss, theta, 1.0, support=regression_task(1), query=regression_task(2), h=0.1)
