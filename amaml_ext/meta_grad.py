@@ -206,9 +206,6 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
     if memory == "auto":
         budget = _default_budget(theta.device) if memory_budget is None else int(memory_budget)
         memory = "store" if (n + 1) * state_bytes <= budget else "checkpoint"
-    if memory == "checkpoint" and solver == "dopri5":
-        raise NotImplementedError("memory='checkpoint' with solver='dopri5' is not implemented yet; "
-                                  "use solver='rk4' or 'euler', or memory='store'")
     times = ode._grid_times(T_max, n)
     shape = list(u0.shape)
     rows = batch if batched else 1
@@ -218,11 +215,30 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
     def forward(mask, y_start, a, b):
         """States on rows a..b from y_start ([rows, d]) by the chosen solver: [b-a+1, rows, d]."""
         if solver == "dopri5":
-            seg, st = _C.dopri5_forward(make_f(mask), y_start, shape, times[a:b + 1], float(rtol),
-                                        float(atol), int(max_steps), 0.0)
+            seg, st, _ = _C.dopri5_forward(make_f(mask), y_start, shape, times[a:b + 1], float(rtol),
+                                           float(atol), int(max_steps), 0.0)
         else:
             seg, st = _C.fixed_forward(make_f(mask), y_start, shape, times[a:b + 1], solver)
         return seg, st
+
+    # dopri5 with checkpoints: the forward keeps the step log and at most m step-start states;
+    # the backward replays the accepted steps from the nearest checkpoint (bit-identical rows).
+    logs = {}
+
+    def dopri5_checkpointed(mask, y_start, a, b):
+        _, st, log = _C.dopri5_forward(make_f(mask), y_start, shape, times[a:b + 1], float(rtol),
+                                       float(atol), int(max_steps), 0.0, False, m)
+        logs[(a, b)] = log
+        return log["final"], st
+
+    def dopri5_rows(mask, a, b, lo, hi):
+        """Grid rows a+lo .. a+hi of phase (a, b), recomputed from the log."""
+        log = logs[(a, b)]
+        s_lo = 0 if lo == 0 else int(log["row_step"][lo])
+        start = max(k for k in log["checkpoints"] if k <= s_lo)
+        s_hi = int(log["row_step"][hi])
+        return _C.dopri5_replay(make_f(mask), log["checkpoints"][start], shape, log["step_t"],
+                                log["step_h"], start, s_hi, log["row_step"], log["row_theta"], lo, hi)
 
     m = _segment_length(n)
     fstats = {"function_evals": 0, "accepted_steps": 0, "rejected_steps": 0}
@@ -232,6 +248,11 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
     try:
         with torch.no_grad():
             for a, b, mask in phases:
+                if memory == "checkpoint" and solver == "dopri5":
+                    y, st = dopri5_checkpointed(mask, y, a, b)
+                    for k in fstats:
+                        fstats[k] += st[k]
+                    continue
                 pieces = [(a, b)] if memory == "store" else list(reversed(_segments(a, b, m)))
                 for c, e in pieces:
                     seg, st = forward(mask, y, c, e)
@@ -251,7 +272,7 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
                              f"non-finite: {e}") from None
         raise
     if memory == "checkpoint":
-        peak_rows = len(kept) + m + 1
+        peak_rows = len(kept) + sum(len(log["checkpoints"]) for log in logs.values()) + m + 1
     u_T = y.reshape(shape).clone()
 
     val_loss, lam_T = fns.value_and_grad_val(u_T)
@@ -267,6 +288,8 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
                 for c, e in pieces:
                     if memory == "store":
                         seg = kept.pop((c, e))
+                    elif solver == "dopri5":
+                        seg = dopri5_rows(mask, a, b, c - a, e - a)
                     else:
                         seg, _ = forward(mask, kept[c], c, e)
                     lam, st = _C.adjoint_solve(make_vjp(mask), seg, shape, times[c:e + 1], lam, adjoint)

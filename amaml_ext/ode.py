@@ -191,7 +191,7 @@ def solve_forward(f: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Te
             if int(max_steps) < 1:
                 raise ValueError(f"argument 'max_steps' must be >= 1, got {max_steps}")
             h0 = 0.0 if initial_step is None else _check_positive_real("initial_step", initial_step)
-            states, stats = _C.dopri5_forward(f, y2, shape, times, rtol, atol, int(max_steps), h0)
+            states, stats, _ = _C.dopri5_forward(f, y2, shape, times, rtol, atol, int(max_steps), h0)
         else:
             states, stats = _C.fixed_forward(f, y2, shape, times, method)
     return Trajectory(times=times, states=states.view([n + 1] + shape), stats=SolverStats(**stats),

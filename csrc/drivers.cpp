@@ -150,21 +150,36 @@ at::Tensor rms(const at::Tensor& x, const at::Tensor& scale) {
 // (Hairer, Norsett & Wanner, "Solving ODEs I", II.4 and the code DOPRI5), dense output of
 // every grid time t_j = times[j] straight into the trajectory. One step size is shared by the
 // B tasks of a [B, d] state; a step is accepted when every task's error norm is <= 1.
+//
+// With store=false no trajectory is kept (memory="checkpoint"): the step log (start time and
+// size of every accepted step, which step wrote each grid row and at which theta) and the
+// state at the start of every `every`-th accepted step are returned instead, so that
+// dopri5_replay can recompute any range of grid rows bit for bit. `every` starts at 1 and
+// doubles (dropping every other checkpoint) whenever more than checkpoint_cap are held, so
+// at most checkpoint_cap states are kept whatever the number of steps.
 py::tuple dopri5_forward(py::function f, const at::Tensor& y0, std::vector<int64_t> shape,
                          const at::Tensor& times, double rtol, double atol, int64_t max_steps,
-                         double h_initial) {
+                         double h_initial, bool store, int64_t checkpoint_cap) {
   namespace dp = dopri5;
   const int64_t n = times.size(0) - 1;
   const auto tv = times.accessor<double, 1>();
   const double t0 = tv[0], T = tv[n], span = T - t0;
-  at::Tensor traj = at::empty({n + 1, y0.size(0), y0.size(1)}, y0.options());
-  traj[0].copy_(y0);
+  at::Tensor traj;
+  if (store) {
+    traj = at::empty({n + 1, y0.size(0), y0.size(1)}, y0.options());
+    traj[0].copy_(y0);
+  }
+  std::vector<double> step_t, step_h, row_theta(n + 1, 0.0);
+  std::vector<int64_t> row_step(n + 1, -1);
+  py::dict checkpoints;
+  int64_t every = 1;
   at::Tensor y = y0.clone();
   at::Tensor y_new = at::empty_like(y0);
   at::Tensor y_stage = at::empty_like(y0);
   at::Tensor err = at::empty_like(y0);
   at::Tensor err_norm = at::empty({y0.size(0)}, y0.options());
-  Callback call(std::move(f), "f", "(t, y)", std::move(shape), {traj, y, y_new, y_stage, err});
+  Callback call(std::move(f), "f", "(t, y)", std::move(shape), {y, y_new, y_stage, err});
+  if (store) call.add_workspace(traj);
 
   std::vector<at::Tensor> k(dp::kStages);
   k[0] = call(t0, y, y);
@@ -211,6 +226,16 @@ py::tuple dopri5_forward(py::function f, const at::Tensor& y0, std::vector<int64
       throw py::value_error(cat("amaml_ext.ode.solve_forward(method='dopri5'): step size underflow (h=",
                                 h, ") at t=", t));
     }
+    if (checkpoint_cap > 0 && accepted % every == 0 && !checkpoints.contains(py::int_(accepted))) {
+      checkpoints[py::int_(accepted)] = y.clone();
+      if (static_cast<int64_t>(py::len(checkpoints)) > checkpoint_cap) {
+        every *= 2;
+        py::dict thinned;
+        for (auto item : checkpoints)
+          if (item.first.cast<int64_t>() % every == 0) thinned[item.first] = item.second;
+        checkpoints = thinned;
+      }
+    }
     bool last = false;
     if (t + 1.01 * h >= T) {
       h = T - t;
@@ -243,9 +268,13 @@ py::tuple dopri5_forward(py::function f, const at::Tensor& y0, std::vector<int64
         if (!(tj <= t_new || at_end || (last && next_row == n))) break;
         double theta = (at_end || (last && next_row == n)) ? 1.0 : (tj - t) / h;
         thetas.push_back(std::min(1.0, std::max(0.0, theta)));
+        row_step[next_row] = accepted - 1;
+        row_theta[next_row] = thetas.back();
         ++next_row;
       }
-      if (!thetas.empty()) dopri5_dense(y, y_new, k, h, thetas, first, traj);
+      step_t.push_back(t);
+      step_h.push_back(h);
+      if (store && !thetas.empty()) dopri5_dense(y, y_new, k, h, thetas, first, traj);
       std::swap(y, y_new);
       k[0] = k[6];
       t = t_new;
@@ -261,7 +290,68 @@ py::tuple dopri5_forward(py::function f, const at::Tensor& y0, std::vector<int64
       h = h / std::min(1.0 / fac_min, fac11 / safe);
     }
   }
-  return py::make_tuple(traj, make_forward_stats(call.calls(), accepted, rejected, h_first));
+  py::dict log;
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  log["step_t"] = at::tensor(step_t, f64);
+  log["step_h"] = at::tensor(step_h, f64);
+  log["row_step"] = at::tensor(row_step, at::TensorOptions().dtype(at::kLong));
+  log["row_theta"] = at::tensor(row_theta, f64);
+  log["checkpoints"] = checkpoints;
+  log["final"] = y;
+  return py::make_tuple(store ? py::object(py::cast(traj)) : py::object(py::none()),
+                        make_forward_stats(call.calls(), accepted, rejected, h_first), log);
+}
+
+// Re-runs accepted DOPRI5 steps from a checkpoint and returns grid rows row_lo..row_hi.
+// `steps` are the accepted-step indices first..last of the log; y_start is the state at the
+// start of step `first`; row_step/row_theta are the forward's log. The stage arithmetic, the
+// FSAL stage and the dense output are exactly the forward's, so the rows are bit-identical to
+// a stored trajectory's.
+at::Tensor dopri5_replay(py::function f, const at::Tensor& y_start, std::vector<int64_t> shape,
+                         const at::Tensor& step_t, const at::Tensor& step_h, int64_t first,
+                         int64_t last, const at::Tensor& row_step, const at::Tensor& row_theta,
+                         int64_t row_lo, int64_t row_hi) {
+  namespace dp = dopri5;
+  const auto st = step_t.accessor<double, 1>();
+  const auto sh = step_h.accessor<double, 1>();
+  const auto rs = row_step.accessor<int64_t, 1>();
+  const auto rt = row_theta.accessor<double, 1>();
+  TORCH_CHECK(0 <= row_lo && row_lo <= row_hi && row_hi < row_step.size(0) && 0 <= first &&
+                  first <= last + 1 && last < step_t.size(0),
+              "amaml_ext: dopri5_replay: inconsistent step or row range");
+  at::Tensor rows = at::empty({row_hi - row_lo + 1, y_start.size(0), y_start.size(1)}, y_start.options());
+  at::Tensor y = y_start.clone();
+  at::Tensor y_new = at::empty_like(y), y_stage = at::empty_like(y);
+  Callback call(std::move(f), "f", "(t, y)", std::move(shape), {rows, y, y_new, y_stage});
+  if (row_lo == 0) rows[0].copy_(y);  // row 0 is y0 itself (first must then be 0)
+  // First row written by step `first`: the one after the last row of earlier steps.
+  int64_t row = 1;
+  while (row < row_step.size(0) && rs[row] < first) ++row;
+  std::vector<at::Tensor> k(dp::kStages);
+  const double* a_rows[5] = {dp::a2, dp::a3, dp::a4, dp::a5, dp::a6};
+  std::vector<double> thetas;
+  for (int64_t s = first; s <= last && row <= row_hi; ++s) {
+    const double t = st[s], h = sh[s];
+    if (s == first) k[0] = call(t, y, y);
+    for (int j = 1; j < 6; ++j) {
+      stage_combine(y, at::TensorList(k.data(), j), at::ArrayRef<double>(a_rows[j - 1], j), h, y_stage);
+      k[j] = call(t + dp::c[j] * h, y, y_stage);
+    }
+    stage_combine(y, {k[0], k[2], k[3], k[4], k[5]}, at::ArrayRef<double>(dp::b_nz, dp::kSolStages), h, y_new);
+    k[6] = call(t + h, y, y_new);
+    thetas.clear();
+    int64_t out_first = -1;
+    for (; row < row_step.size(0) && rs[row] == s; ++row) {
+      if (row < row_lo || row > row_hi) continue;
+      if (out_first < 0) out_first = row - row_lo;
+      thetas.push_back(rt[row]);
+    }
+    if (!thetas.empty()) dopri5_dense(y, y_new, k, h, thetas, out_first, rows);
+    std::swap(y, y_new);
+    k[0] = k[6];
+  }
+  TORCH_CHECK(row > row_hi, cat("amaml_ext: dopri5_replay: the steps given do not reach row ", row_hi));
+  return rows;
 }
 
 // ---- adjoint solvers ---------------------------------------------------------------------
@@ -375,7 +465,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "amaml_ext compiled core: fused ODE ops (torch.ops.amaml_ext) and solver drivers";
   m.def("dopri5_forward", &amaml::dopri5_forward, py::arg("f"), py::arg("y0"), py::arg("shape"),
         py::arg("times"), py::arg("rtol"), py::arg("atol"), py::arg("max_steps"),
-        py::arg("h_initial"));
+        py::arg("h_initial"), py::arg("store") = true, py::arg("checkpoint_cap") = 0);
+  m.def("dopri5_replay", &amaml::dopri5_replay, py::arg("f"), py::arg("y_start"), py::arg("shape"),
+        py::arg("step_t"), py::arg("step_h"), py::arg("first"), py::arg("last"),
+        py::arg("row_step"), py::arg("row_theta"), py::arg("row_lo"), py::arg("row_hi"));
   m.def("fixed_forward", &amaml::fixed_forward, py::arg("f"), py::arg("y0"), py::arg("shape"),
         py::arg("times"), py::arg("method"));
   m.def("adjoint_solve", &amaml::adjoint_solve, py::arg("vjp"), py::arg("trajectory"),
