@@ -86,10 +86,19 @@ class Callback {
 double max_over_tasks(const at::Tensor& per_task) { return per_task.max().item<double>(); }
 
 // Raises if the trajectory holds a non-finite value, naming the first such grid row.
+// Checked in blocks of rows (about 4M elements each) so that the temporary boolean masks of
+// isfinite stay small: a whole-trajectory isfinite would more than double the peak memory.
 void check_trajectory_finite(const at::Tensor& traj, const at::Tensor& times, const char* method) {
-  if (at::isfinite(traj).all().item<bool>()) return;
-  const at::Tensor bad = at::logical_not(at::isfinite(traj.reshape({traj.size(0), -1}))).any(1);
-  const int64_t row = bad.nonzero().min().item<int64_t>();
+  const int64_t per_row = std::max<int64_t>(1, traj.numel() / std::max<int64_t>(1, traj.size(0)));
+  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 22) / per_row);
+  int64_t row = -1;
+  for (int64_t r0 = 0; r0 < traj.size(0) && row < 0; r0 += block) {
+    const at::Tensor rows = traj.narrow(0, r0, std::min(block, traj.size(0) - r0));
+    if (at::isfinite(rows).all().item<bool>()) continue;
+    const at::Tensor bad = at::logical_not(at::isfinite(rows.reshape({rows.size(0), -1}))).any(1);
+    row = r0 + bad.nonzero().min().item<int64_t>();
+  }
+  if (row < 0) return;
   // Global step number on the grid (the times may be a segment starting after 0).
   const double h = times[1].item<double>() - times[0].item<double>();
   const int64_t step = row + static_cast<int64_t>(std::llround(times[0].item<double>() / h));
