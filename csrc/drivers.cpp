@@ -86,11 +86,12 @@ class Callback {
 double max_over_tasks(const at::Tensor& per_task) { return per_task.max().item<double>(); }
 
 // Raises if the trajectory holds a non-finite value, naming the first such grid row.
-// Checked in blocks of rows (about 4M elements each) so that the temporary boolean masks of
-// isfinite stay small: a whole-trajectory isfinite would more than double the peak memory.
+// Checked in blocks of rows (about 256k elements each) so that the temporaries of isfinite (an
+// abs copy and boolean masks) stay small: a whole-trajectory isfinite would almost triple the
+// peak memory.
 void check_trajectory_finite(const at::Tensor& traj, const at::Tensor& times, const char* method) {
   const int64_t per_row = std::max<int64_t>(1, traj.numel() / std::max<int64_t>(1, traj.size(0)));
-  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 22) / per_row);
+  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 18) / per_row);
   int64_t row = -1;
   for (int64_t r0 = 0; r0 < traj.size(0) && row < 0; r0 += block) {
     const at::Tensor rows = traj.narrow(0, r0, std::min(block, traj.size(0) - r0));
