@@ -64,7 +64,7 @@ def _check_pair(name: str, pair, batched: bool):
     return x, y
 
 
-def _horizons(T, h: float, batched: bool, batch: int, device) -> Tuple[float, Optional[torch.Tensor]]:
+def _horizons(T, h: float, batched: bool, batch: int) -> Tuple[float, Optional[torch.Tensor]]:
     """T_max and, for per-task horizons, a [B] float64 tensor of T_b (validated)."""
     if isinstance(T, torch.Tensor) and T.numel() > 1:
         if not batched:
@@ -169,7 +169,7 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
         raise ValueError(f"arguments 'support' and 'query' must hold the same number of tasks, got {batch} and {xq.shape[0]}")
 
     h = ode._check_positive_real("h", h)
-    T_max, per_task_T = _horizons(T, h, batched, batch, theta.device)
+    T_max, per_task_T = _horizons(T, h, batched, batch)
     n = ode.grid_size(T_max, h)
 
     fns = TaskFunctions(model, loss, support, query, batched)

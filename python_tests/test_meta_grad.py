@@ -7,7 +7,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import amaml_ext
 from amaml_ext import adjoint_meta_grad, flatten_params, unflatten_params
 
 from conftest import DEVICES
