@@ -46,16 +46,11 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-H, RTOL, ATOL = 0.01, 1e-6, 1e-8
-THETAS = (0.25, 0.5, 0.75, 1.0)
-OPS = ("stage_combine", "dopri5_finish", "dopri5_dense", "heun_update")
+from _kernel_cases import (EXTRA, OPS, READS, WRITES, check_agree, fused_call,
+                           make_inputs, reference_call)
+
 DEFAULT_SIZES = "1e5,1e6,1e7,1e8"
 
-# Vectors of d elements read / written once by each fused op (see the module docstring).
-READS = {"stage_combine": 7, "dopri5_finish": 7, "dopri5_dense": 8, "heun_update": 3}
-WRITES = {"stage_combine": 1, "dopri5_finish": 2, "dopri5_dense": len(THETAS), "heun_update": 1}
-# Allocated per set beyond the reads and writes (the dense trajectory's untouched row 0).
-EXTRA = {"stage_combine": 0, "dopri5_finish": 0, "dopri5_dense": 1, "heun_update": 0}
 # Upper bound on the reference's transient memory, in vectors of d (results + temporaries).
 REF_TRANSIENT = {"stage_combine": 4, "dopri5_finish": 10, "dopri5_dense": 16, "heun_update": 3}
 
@@ -123,67 +118,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, timer: Timer, repeats: int
     return {"bytes": moved, "median_s": t, "GBps": moved / t / 1e9}
 
 
-# ---- op set-up ---------------------------------------------------------------------------
-
-def make_set(op: str, d: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
-    def rnd():
-        return torch.randn(d, generator=gen, dtype=dtype, device="cpu").to(device)
-
-    if op == "stage_combine":
-        return {"y": rnd(), "k": [rnd() for _ in range(6)], "out": torch.empty(d, dtype=dtype, device=device)}
-    if op == "dopri5_finish":
-        y0 = rnd()
-        return {"y0": y0, "k": [rnd() for _ in range(7)], "y1": torch.empty_like(y0),
-                "err": torch.empty_like(y0), "norm": y0.new_empty(())}
-    if op == "dopri5_dense":
-        return {"y0": rnd(), "y1": rnd(), "k": [rnd() for _ in range(7)],
-                "traj": torch.zeros(len(THETAS) + 1, d, dtype=dtype, device=device)}
-    if op == "heun_update":
-        return {"lam": rnd(), "a": rnd(), "b": rnd(), "out": torch.empty(d, dtype=dtype, device=device)}
-    raise ValueError(op)
-
-
-def fused_call(op: str, x) -> Callable[[], None]:
-    from amaml_ext import ops
-    from amaml_ext.reference import DOPRI5_B
-    if op == "stage_combine":
-        return lambda: ops.stage_combine(x["y"], x["k"], DOPRI5_B, H, out=x["out"])
-    if op == "dopri5_finish":
-        return lambda: ops.dopri5_finish(x["y0"], x["k"], H, RTOL, ATOL, y1=x["y1"], err=x["err"], err_norm=x["norm"])
-    if op == "dopri5_dense":
-        return lambda: ops.dopri5_dense(x["y0"], x["y1"], x["k"], H, THETAS, x["traj"], 1)
-    if op == "heun_update":
-        return lambda: ops.heun_update(x["lam"], x["a"], x["b"], H, out=x["out"])
-    raise ValueError(op)
-
-
-def reference_call(op: str, x) -> Callable[[], object]:
-    from amaml_ext import reference
-    from amaml_ext.reference import DOPRI5_B
-    if op == "stage_combine":
-        return lambda: reference.stage_combine(x["y"], x["k"], DOPRI5_B, H)
-    if op == "dopri5_finish":
-        return lambda: reference.dopri5_finish(x["y0"], x["k"], H, RTOL, ATOL)
-    if op == "dopri5_dense":
-        return lambda: reference.dopri5_dense(x["y0"], x["y1"], x["k"], H, THETAS)
-    if op == "heun_update":
-        return lambda: reference.heun_update(x["lam"], x["a"], x["b"], H)
-    raise ValueError(op)
-
-
-def check_agree(op: str, x) -> None:
-    want = reference_call(op, x)()
-    fused_call(op, x)()
-    if op == "dopri5_finish":
-        got, want = [x["y1"], x["err"], x["norm"]], list(want)
-    elif op == "dopri5_dense":
-        got, want = [x["traj"][1:]], [want]
-    else:
-        got, want = [x["out"]], [want]
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
-
-
 def batch(calls: List[Callable[[], object]], count: int) -> Callable[[], None]:
     """``count`` calls, cycling through ``calls`` (one per input set)."""
     seq = [calls[i % len(calls)] for i in range(count)]
@@ -233,7 +167,7 @@ def measure(op: str, d: int, dtype: torch.dtype, device: torch.device, timer: Ti
         return row
 
     gen = torch.Generator(device="cpu").manual_seed(d)
-    xs = [make_set(op, d, dtype, device, gen) for _ in range(sets)]
+    xs = [make_inputs(op, d, dtype, device, gen) for _ in range(sets)]
     check_agree(op, xs[0])
     fused = [fused_call(op, x) for x in xs]
     refs = [reference_call(op, x) for x in xs]
