@@ -244,6 +244,8 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
     fstats = {"function_evals": 0, "accepted_steps": 0, "rejected_steps": 0}
     kept = {}  # store: (a, b) -> segment states; checkpoint: row -> state
     y = u0.reshape(rows, -1)
+    if memory == "checkpoint" and solver != "dopri5":
+        kept[0] = y  # row 0 of the first segment; u0 is our own copy
     peak_rows = 0
     try:
         with torch.no_grad():
@@ -262,7 +264,6 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
                         kept[(c, e)] = seg
                         peak_rows += e - c + 1
                     else:
-                        kept[c] = y.clone() if c == 0 else kept[c]
                         kept[e] = seg[-1].clone()
                     y = seg[-1] if memory == "store" else kept[e]
                     del seg
