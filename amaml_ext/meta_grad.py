@@ -13,6 +13,7 @@ gradient-descent steps with step size h, which is what MAML computes by unrollin
 import math
 import numbers
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
@@ -103,7 +104,7 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
                       h: float = 0.01, solver: str = "dopri5", adjoint: str = "heun",
                       rtol: float = 1e-6, atol: float = 1e-8, memory: str = "store",
                       batched: bool = False, memory_budget: Optional[int] = None,
-                      max_steps: Optional[int] = None) -> MetaGradResult:
+                      max_steps: Optional[int] = None, compile: bool = False) -> MetaGradResult:
     """The A-MAML meta-gradient ``d V(u(T)) / d theta`` of inner training by gradient flow.
 
     Args:
@@ -123,6 +124,15 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
             ``2 sqrt(N)`` and recomputes segments (same gradient, bit for bit on the CPU);
             ``"auto"`` stores when the trajectory fits ``memory_budget`` bytes (default: half
             the free GPU memory, or a quarter of the RAM) and checkpoints otherwise.
+        memory_budget: bytes for ``memory="auto"``.
+        max_steps: dopri5 step limit, accepted + rejected (default ``max(1000, 10 N)``: on a
+            smooth loss dopri5 needs fewer steps than the grid has intervals); exceeding it raises.
+        compile: evaluate the training-loss gradient and HVPs with ``torch.compile``-d
+            ``torch.func`` functions (forward-over-reverse HVPs). For small models, where eager
+            PyTorch overhead dominates, 4-6x faster per call after a one-off compilation of
+            seconds per model and input shape (reused across calls with new data of the same
+            shapes); no gain for convolutional nets on the CPU. Falls back to eager with a
+            warning if compilation fails. ``stats["compiled"]`` says which ran.
 
     Returns:
         :class:`MetaGradResult`.
@@ -172,7 +182,9 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
     T_max, per_task_T = _horizons(T, h, batched, batch)
     n = ode.grid_size(T_max, h)
 
-    fns = TaskFunctions(model, loss, support, query, batched)
+    if not isinstance(compile, bool):
+        raise TypeError(f"argument 'compile' must be a bool, got {type(compile).__name__}")
+    fns = TaskFunctions(model, loss, support, query, batched, compile=compile)
     u0 = theta.detach().expand(batch, d).contiguous() if batched else theta.detach().clone()
 
     # Phases: grid ranges [a, b] in which the set of active tasks is constant. Without
@@ -210,7 +222,7 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
     shape = list(u0.shape)
     rows = batch if batched else 1
     if max_steps is None:
-        max_steps = max(10000, 100 * n)
+        max_steps = max(1000, 10 * n)
 
     def forward(mask, y_start, a, b):
         """States on rows a..b from y_start ([rows, d]) by the chosen solver: [b-a+1, rows, d]."""
@@ -271,7 +283,17 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
         if "non-finite" in str(e):
             raise ValueError(f"adjoint_meta_grad: the inner training loss or its gradient became "
                              f"non-finite: {e}") from None
+        if "reached max_steps" in str(e):
+            raise ValueError(f"adjoint_meta_grad(solver='dopri5', rtol={rtol:g}, atol={atol:g}, h={h:g}): {e}. "
+                             f"A training loss that is not smooth (ReLU, max-pool) makes dopri5's steps "
+                             f"collapse; solver='rk4' or 'euler' step on the grid instead.") from None
         raise
+    if solver == "dopri5" and fstats["accepted_steps"] > n:
+        warnings.warn(f"adjoint_meta_grad: dopri5 took {fstats['accepted_steps']} accepted and "
+                      f"{fstats['rejected_steps']} rejected steps for {n} grid intervals of h={h:g} (rtol={rtol:g}, "
+                      f"atol={atol:g}): its steps collapsed below h, which happens when the training loss is "
+                      f"not smooth (ReLU, max-pool). solver='rk4' or 'euler' on the grid, or looser "
+                      f"rtol/atol, cost less here.", RuntimeWarning, stacklevel=2)
     if memory == "checkpoint":
         peak_rows = len(kept) + sum(len(log["checkpoints"]) for log in logs.values()) + m + 1
     u_T = y.reshape(shape).clone()
@@ -304,6 +326,7 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
         "grad_evals": fns.grad_evals + 1,  # + the validation gradient
         "hvps": fns.hvp_evals,
         "linearisations": fns.linearisations,
+        "compiled": fns.compiled,
         "accepted_steps": fstats["accepted_steps"],
         "rejected_steps": fstats["rejected_steps"],
         "grid_steps": n,

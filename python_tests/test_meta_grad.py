@@ -1,6 +1,7 @@
 """adjoint_meta_grad against autograd unrolling, fine-grid references and itself."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -269,3 +270,72 @@ def test_device_mismatch_is_named():
     theta = flatten_params(net).cuda()
     with pytest.raises(ValueError, match=r"argument 'support' \(support x\) must be on theta's device"):
         adjoint_meta_grad(net, F.mse_loss, theta, 1.0, support=regression_task(1), query=regression_task(2), h=0.1)
+
+
+# ---- compile=True: torch.compile-d torch.func callbacks --------------------------------------
+
+def test_compiled_callbacks_equal_autograd_unrolling_and_eager():
+    """compile=True (forward-over-reverse HVPs) gives MAML's exact gradient, batched too, and
+    agrees with the eager callbacks in the continuous mode."""
+    net = mlp(seed=4)
+    theta = flatten_params(net)
+    support, query = regression_task(1), regression_task(2)
+    K, h = 12, 0.05
+    r = adjoint_meta_grad(net, F.mse_loss, theta, K * h, support=support, query=query, h=h,
+                          solver="euler", adjoint="discrete", compile=True)
+    assert r.stats["compiled"] is True
+    ref, _ = unrolled_maml_grad(net, F.mse_loss, theta, support, query, K, h)
+    assert rel(r.grad, ref) < 1e-10
+    eager = adjoint_meta_grad(net, F.mse_loss, theta, K * h, support=support, query=query, h=h, rtol=1e-9, atol=1e-10)
+    comp = adjoint_meta_grad(net, F.mse_loss, theta, K * h, support=support, query=query, h=h, rtol=1e-9,
+                             atol=1e-10, compile=True)
+    assert eager.stats["compiled"] is False and comp.stats["compiled"] is True
+    assert rel(comp.grad, eager.grad) < 1e-10
+    # a meta-batch, and new task data of the same shapes (reusing the compiled code)
+    bsup, bqry, sup, qry = batch_of_tasks(2)
+    rb = adjoint_meta_grad(net, F.mse_loss, theta, K * h, support=bsup, query=bqry, h=h, solver="euler",
+                           adjoint="discrete", batched=True, compile=True)
+    assert rb.stats["compiled"] is True
+    for b in range(2):
+        ref_b, _ = unrolled_maml_grad(net, F.mse_loss, theta, sup[b], qry[b], K, h)
+        assert rel(rb.grad[b], ref_b) < 1e-10
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    net = mlp(seed=5)  # a fresh module: no cached compiled callbacks
+    theta = flatten_params(net)
+    support, query = regression_task(1), regression_task(2)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the model callbacks failed.*no compiler here"):
+        r = adjoint_meta_grad(net, F.mse_loss, theta, 0.2, support=support, query=query, h=0.05,
+                              solver="euler", adjoint="discrete", compile=True)
+    assert r.stats["compiled"] is False
+    ref, _ = unrolled_maml_grad(net, F.mse_loss, theta, support, query, 4, 0.05)
+    assert rel(r.grad, ref) < 1e-10
+    with pytest.raises(TypeError, match="argument 'compile' must be a bool, got str"):
+        adjoint_meta_grad(net, F.mse_loss, theta, 0.2, support=support, query=query, compile="yes")
+
+
+def test_dopri5_warns_when_its_steps_collapse_below_the_grid():
+    """A non-smooth training loss (ReLU, max-pool) makes dopri5 take more steps than the grid
+    has intervals: the user is told to switch solver or loosen the tolerances, and a run past
+    max_steps stops with an error saying so instead of running for hours."""
+    torch.manual_seed(0)
+    net = Conv4(channels=2, ways=2).double().train()
+    theta = flatten_params(net)
+    g = torch.Generator().manual_seed(3)
+    xs, ys = torch.randn(4, 1, 16, 16, generator=g, dtype=F64), torch.tensor([0, 1, 0, 1])
+    kw = dict(support=(xs, ys), query=(xs, ys), h=0.1)
+    with pytest.warns(RuntimeWarning, match=r"dopri5 took \d+ accepted .* for 5 grid intervals.*solver='rk4'"):
+        adjoint_meta_grad(net, F.cross_entropy, theta, 0.5, rtol=1e-3, atol=1e-5, **kw)
+    with pytest.raises(ValueError, match=r"reached max_steps=60 .*not smooth.*solver='rk4'"):
+        adjoint_meta_grad(net, F.cross_entropy, theta, 0.5, rtol=1e-4, atol=1e-6, max_steps=60, **kw)
+    net2 = mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a smooth loss at the defaults: no warning
+        adjoint_meta_grad(net2, F.mse_loss, flatten_params(net2), 0.5, support=regression_task(1),
+                          query=regression_task(2))
