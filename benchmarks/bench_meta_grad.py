@@ -22,6 +22,11 @@ Methods:
 * ``ours_checkpoint``: the same with ``memory="checkpoint"`` (about 2 sqrt(K) stored states).
 * ``ours_dopri5_ckpt``: the default solver and adjoint with ``memory="checkpoint"`` (reported
   n/a where that combination raises NotImplementedError, as amaml_ext did before 3d5141e).
+* ``ours_store_compiled``, ``ours_exact_compiled``: ``ours_store`` and ``ours_exact`` with
+  ``compile=True`` (``torch.compile``-d ``torch.func`` gradient and forward-over-reverse HVP).
+  The one-off compilation (seconds, ``compile_s`` in the JSON) is done by a K = 1 call before
+  the baseline, so neither the time nor the peak memory includes it; a fallback to eager is
+  reported as an error.
 * ``maml_unrolled``: autograd through K GD steps with ``create_graph=True``
   (``torch.func.functional_call`` with the parameters as views of a flat vector).
 * ``authors_rk4``: the authors' approach: ``torchdiffeq.odeint(method="rk4")`` on the fixed
@@ -35,6 +40,11 @@ Methods:
 * ``odeint_adjoint``: ``torchdiffeq.odeint_adjoint`` (dopri5, same rtol/atol, back-solve of
   the state with the adjoint) of the gradient flow with the parameters as the ODE state; the
   meta-gradient is the gradient with respect to the initial state.
+
+Meta-batch (``--tasks B``, default 1): B tasks (seeds ``seed+1 .. seed+B``) per meta-gradient,
+the result ``[B, d]``. Ours computes them together (``batched=True``: vmap, ``[B, d]`` kernels),
+``maml_unrolled`` too (vmap over the tasks, one graph), ``odeint_adjoint`` solves the ``[B, d]``
+state, and ``authors_*`` loop over the tasks one at a time, as the authors' code does.
 
 Measurements. Each (method, K) point runs in a fresh subprocess (this script re-invoked with
 ``--single METHOD K``): build the model and task, evaluate the support loss's gradient and one
@@ -116,9 +126,11 @@ except ImportError:  # the torchdiffeq methods then report the error
     torchdiffeq = None
 
 DEFAULT_KS = [10, 50, 200, 500, 1000, 2000]
-ALL_METHODS = ["ours_store", "ours_exact", "ours_checkpoint", "ours_dopri5_ckpt", "maml_unrolled",
-               "authors_rk4", "authors_heun", "odeint_adjoint"]
-OURS = {"ours_store", "ours_exact", "ours_checkpoint", "ours_dopri5_ckpt"}
+ALL_METHODS = ["ours_store", "ours_exact", "ours_checkpoint", "ours_dopri5_ckpt", "ours_store_compiled",
+               "ours_exact_compiled", "maml_unrolled", "authors_rk4", "authors_heun", "odeint_adjoint"]
+OURS = {"ours_store", "ours_exact", "ours_checkpoint", "ours_dopri5_ckpt", "ours_store_compiled",
+        "ours_exact_compiled"}
+COMPILED = {"ours_store_compiled", "ours_exact_compiled"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -134,11 +146,34 @@ class Problem:
         self.rtol, self.atol = rtol, atol
         self.jacobian_vectorize = jacobian_vectorize
         self.module = mgm.stateless_copy(setting.model)
+        self.tasks = int(setting.info.get("tasks", 1))
+        self.batched = self.tasks > 1
 
-    def loss_at(self, u: torch.Tensor, data) -> torch.Tensor:
-        x, y = data
+    @property
+    def u0(self) -> torch.Tensor:
+        """The initial state: theta ``[d]``, or ``[B, d]`` (theta per task) for a meta-batch."""
+        th = self.s.theta.detach()
+        return th.expand(self.tasks, -1).clone() if self.batched else th.clone()
+
+    def _task_loss(self, u: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         pred = torch.func.functional_call(self.module, unflatten_params(self.s.model, u), (x,))
         return self.s.loss(pred, y)
+
+    def loss_at(self, u: torch.Tensor, data) -> torch.Tensor:
+        """The loss at ``u``; for a meta-batch the sum of the per-task losses (vmap), whose
+        gradient with respect to ``u[b]`` is task b's gradient."""
+        x, y = data
+        if self.batched:
+            return torch.func.vmap(self._task_loss)(u, x, y).sum()
+        return self._task_loss(u, x, y)
+
+    def task(self, b: int) -> "Problem":
+        """Task b of a meta-batch as a one-task problem (for the one-task-at-a-time baselines)."""
+        s = self.s
+        pick = lambda pair: tuple(t[b] for t in pair)  # noqa: E731
+        setting = mgm.Setting(s.name, s.model, s.loss, s.theta, pick(s.support), pick(s.query),
+                              dict(s.info, tasks=1))
+        return Problem(setting, self.h, self.rtol, self.atol, self.jacobian_vectorize)
 
     def train_loss(self, u):
         return self.loss_at(u, self.s.support)
@@ -183,17 +218,20 @@ class GradFlow(torch.nn.Module):
 
 # ---- methods -----------------------------------------------------------------------------------
 
-def _ours(solver, adjoint, memory, tolerances=False):
+def _ours(solver, adjoint, memory, tolerances=False, compile=False):
     def run(p: Problem, K: int):
         kw = dict(rtol=p.rtol, atol=p.atol) if tolerances else {}
         r = adjoint_meta_grad(p.s.model, p.s.loss, p.s.theta, p.T(K), support=p.s.support, query=p.s.query,
-                              h=p.h, solver=solver, adjoint=adjoint, memory=memory, **kw)
+                              h=p.h, solver=solver, adjoint=adjoint, memory=memory, compile=compile,
+                              batched=p.batched, **kw)
+        if compile and not r.stats["compiled"]:
+            raise RuntimeError("torch.compile of the callbacks failed (amaml_ext fell back to eager)")
         return r.grad, dict(r.stats)
     return run
 
 
 def maml_unrolled(p: Problem, K: int):
-    th = p.s.theta.detach().clone().requires_grad_(True)
+    th = p.u0.requires_grad_(True)
     u = th
     with torch.enable_grad():
         for _ in range(K):
@@ -210,10 +248,27 @@ def _rk4_trajectory(p: Problem, K: int):
     flow = GradFlow(p)
     t = torch.linspace(0.0, p.T(K), K + 1, dtype=p.s.theta.dtype, device=p.s.theta.device)
     with torch.no_grad():
-        states = torchdiffeq.odeint(flow, p.s.theta.detach().clone(), t, method="rk4")
+        states = torchdiffeq.odeint(flow, p.u0, t, method="rk4")
     return states, flow.nfe
 
 
+def _one_task_at_a_time(method):
+    """The authors' code meta-differentiates one task at a time: loop over a meta-batch."""
+    def run(p: Problem, K: int):
+        if not p.batched:
+            return method(p, K)
+        grads, stats = [], {}
+        for b in range(p.tasks):
+            g, st = method(p.task(b), K)
+            grads.append(g)
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0) + v
+        return torch.stack(grads), stats
+    run.__name__ = method.__name__
+    return run
+
+
+@_one_task_at_a_time
 def authors_rk4(p: Problem, K: int):
     states, nfe = _rk4_trajectory(p, K)
     h = p.h
@@ -236,6 +291,7 @@ def authors_rk4(p: Problem, K: int):
     return lam, {"grad_evals": nfe + 1, "hessians": K + 1}
 
 
+@_one_task_at_a_time
 def authors_heun(p: Problem, K: int):
     states, nfe = _rk4_trajectory(p, K)
     h = p.h
@@ -252,7 +308,7 @@ def odeint_adjoint(p: Problem, K: int):
     if torchdiffeq is None:
         raise ImportError("torchdiffeq is not installed")
     flow = GradFlow(p)
-    y0 = p.s.theta.detach().clone().requires_grad_(True)
+    y0 = p.u0.requires_grad_(True)
     t = torch.tensor([0.0, p.T(K)], dtype=y0.dtype, device=y0.device)
     ys = torchdiffeq.odeint_adjoint(flow, y0, t, method="dopri5", rtol=p.rtol, atol=p.atol, adjoint_params=())
     nfe_forward = flow.nfe
@@ -267,6 +323,8 @@ METHODS: Dict[str, Callable] = {
     "ours_exact": _ours("euler", "discrete", "store"),
     "ours_checkpoint": _ours("euler", "discrete", "checkpoint"),
     "ours_dopri5_ckpt": _ours("dopri5", "heun", "checkpoint", tolerances=True),
+    "ours_store_compiled": _ours("dopri5", "heun", "store", tolerances=True, compile=True),
+    "ours_exact_compiled": _ours("euler", "discrete", "store", compile=True),
     "maml_unrolled": maml_unrolled,
     "authors_rk4": authors_rk4,
     "authors_heun": authors_heun,
@@ -304,11 +362,12 @@ def median_call_time(fn, device, budget_s=0.5, min_calls=5, max_calls=50) -> flo
     return statistics.median(ts)
 
 
-def unit_costs(p: Problem, device) -> Dict[str, float]:
-    """Seconds per TaskFunctions call: grad, HVP at a new state, HVP reusing the state."""
+def unit_costs(p: Problem, device, compile: bool = False) -> Dict[str, float]:
+    """Seconds per TaskFunctions call: grad, HVP at a new state, HVP reusing the state (with
+    ``compile``: the compiled callbacks, whose HVPs do not reuse a state: new = reuse)."""
     from amaml_ext.functional import TaskFunctions
-    fns = TaskFunctions(p.s.model, p.s.loss, p.s.support, p.s.query, False)
-    u = p.s.theta.detach().clone()
+    fns = TaskFunctions(p.s.model, p.s.loss, p.s.support, p.s.query, p.batched, compile=compile)
+    u = p.u0
     v = torch.randn_like(u)
     try:
         t_grad = median_call_time(lambda: fns.grad(u), device)
@@ -371,7 +430,7 @@ def _jsonable(stats: Dict) -> Dict:
 
 def build_problem(args, dtype=None) -> Problem:
     setting = mgm.build(args.model, dtype=dtype or DTYPES[args.dtype], device=args.device, seed=args.seed,
-                        channels=args.channels, query_shots=args.query_shots)
+                        channels=args.channels, query_shots=args.query_shots, tasks=args.tasks)
     return Problem(setting, args.h, args.rtol, args.atol, args.jacobian_vectorize)
 
 
@@ -381,10 +440,19 @@ def run_single(args) -> Dict:
     p = build_problem(args)
     # library warm-up: one gradient and one HVP of the support loss
     with torch.enable_grad():
-        leaf = p.s.theta.detach().clone().requires_grad_(True)
+        leaf = p.u0.requires_grad_(True)
         (g,) = torch.autograd.grad(p.train_loss(leaf), leaf, create_graph=True)
         torch.autograd.grad(g, leaf, torch.ones_like(g))
     del leaf, g
+    fn = METHODS[method]
+    compile_s = None
+    if method in COMPILED:  # compile outside the measurement (inductor's own memory included)
+        t0 = time.perf_counter()
+        try:
+            fn(p, 1)
+        except Exception as e:  # noqa: BLE001
+            return {"method": method, "K": K, "status": "error", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        compile_s = time.perf_counter() - t0
     gc.collect()
     trim_heap()
     sync(device)
@@ -399,8 +467,9 @@ def run_single(args) -> Dict:
         base = _proc_status_bytes("VmRSS") if hwm_reset else base_maxrss
     print("READY", flush=True)
     start = time.perf_counter()
-    fn = METHODS[method]
     out: Dict = {"method": method, "K": K}
+    if compile_s is not None:
+        out["compile_s"] = compile_s
     try:
         t0 = time.perf_counter()
         grad, stats = fn(p, K)
@@ -439,7 +508,7 @@ def run_single(args) -> Dict:
         return out
     if method in OURS:
         try:
-            costs = unit_costs(p, device)
+            costs = unit_costs(p, device, compile=method in COMPILED)
             out["unit_costs"] = costs
             fl = floor_seconds(out["stats"], costs)
             if fl:
@@ -457,7 +526,7 @@ def child_command(args, method: str, K: int) -> List[str]:
            "--model", args.model, "--device", args.device, "--dtype", args.dtype, "--h", repr(args.h),
            "--repeats", str(args.repeats), "--timeout", repr(args.timeout), "--channels", str(args.channels),
            "--query-shots", str(args.query_shots), "--seed", str(args.seed), "--rtol", repr(args.rtol),
-           "--atol", repr(args.atol)]
+           "--atol", repr(args.atol), "--tasks", str(args.tasks)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.jacobian_vectorize:
@@ -572,7 +641,8 @@ def correctness_check(args, methods: List[str]) -> Dict:
     ref_gd, _ = maml_unrolled(p64, K)
     fine = 8
     ref_flow = adjoint_meta_grad(p64.s.model, p64.s.loss, p64.s.theta, p64.T(K), support=p64.s.support,
-                                 query=p64.s.query, h=p.h / fine, solver="rk4", adjoint="rk4").grad
+                                 query=p64.s.query, h=p.h / fine, solver="rk4", adjoint="rk4",
+                                 batched=p64.batched).grad
     rows = {}
     grads = {}
     for m in methods:
@@ -698,6 +768,10 @@ def parse_args(argv=None):
                     help="authors_rk4: torch.autograd.functional.jacobian(vectorize=True) (default: False, as written)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tasks", type=int, default=1,
+                    help="tasks per meta-gradient (a meta-batch): ours and maml_unrolled batch them "
+                         "(vmap), authors_* loop over them one task at a time, odeint_adjoint solves "
+                         "the [B, d] state")
     ap.add_argument("--check-k", type=int, default=10)
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=None, help="JSON output path")
@@ -746,7 +820,8 @@ def main(argv=None) -> int:
     setting = build_problem(args).s
     info = setting.info
     header = (f"Meta-gradient vs inner steps K: {info['model']}, {info['task']}, support {info['support']}, "
-              f"query {info['query']}, d = {setting.d}; {args.device}, {args.dtype}, "
+              f"query {info['query']}, d = {setting.d}, {info['tasks']} task(s) per meta-gradient; "
+              f"{args.device}, {args.dtype}, "
               f"{args.threads or torch.get_num_threads()} threads; h = {args.h:g}, T = K h")
     print(header, flush=True)
 

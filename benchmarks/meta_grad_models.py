@@ -121,28 +121,42 @@ def flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+def _stack_tasks(tasks):
+    """[(x, y), ...] -> (x [B, ...], y [B, ...])."""
+    return tuple(torch.stack([t[i] for t in tasks]) for i in range(2))
+
+
 def build(name: str, *, dtype=torch.float32, device="cpu", seed: int = 0, channels: int = 64,
-          ways: int = 20, query_shots: int = 1, n_support: int = 100, n_query: int = 100) -> Setting:
-    """The model, loss, initial parameters and one task of setting ``name`` (see module doc)."""
+          ways: int = 20, query_shots: int = 1, n_support: int = 100, n_query: int = 100,
+          tasks: int = 1) -> Setting:
+    """The model, loss, initial parameters and ``tasks`` task(s) of setting ``name`` (see module
+    doc). With ``tasks > 1`` (a meta-batch) every data tensor has a leading task dimension and
+    task b is drawn with seed ``seed + 1 + b``; ``info["tasks"]`` records the count."""
     torch.manual_seed(seed)
     if name == "cosmixture":
         model = cosmixture_mlp().to(device=device, dtype=dtype)
-        support, query, (A, w, phi) = cosmixture_task(seed + 1, n_support, n_query, dtype, device)
+        drawn = [cosmixture_task(seed + 1 + b, n_support, n_query, dtype, device) for b in range(tasks)]
+        A, w, phi = drawn[0][2]
         info = {"model": "MLP 2-32-32-1 tanh", "task": "CosMixture",
                 "support": n_support, "query": n_query, "A": A, "w": w, "phi": phi, "loss": "mse"}
         loss = F.mse_loss
     elif name == "conv4":
         model = Conv4(channels=channels, ways=ways).to(device=device, dtype=dtype).train()
-        support, query = conv4_task(seed + 1, ways=ways, shots=1, query_shots=query_shots,
-                                    dtype=dtype, device=device)
+        drawn = [conv4_task(seed + 1 + b, ways=ways, shots=1, query_shots=query_shots, dtype=dtype, device=device)
+                 for b in range(tasks)]
         info = {"model": f"Conv4 ({channels} ch, BatchNorm train mode)", "task": f"{ways}-way 1-shot 28x28 random",
                 "support": ways, "query": ways * query_shots, "query_shots": query_shots,
                 "channels": channels, "loss": "cross_entropy"}
         loss = F.cross_entropy
     else:
         raise ValueError(f"unknown model {name!r}, expected one of {MODELS}")
+    if tasks == 1:
+        support, query = drawn[0][0], drawn[0][1]
+    else:
+        support, query = _stack_tasks([t[0] for t in drawn]), _stack_tasks([t[1] for t in drawn])
     theta = flat_params(model)
     info["d"] = theta.numel()
+    info["tasks"] = tasks
     return Setting(name, model, loss, theta, support, query, info)
 
 
