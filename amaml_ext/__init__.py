@@ -2,7 +2,10 @@
 
 Layers (see docs/design.md): the compiled core ``amaml_ext._C`` (fused ops registered as
 ``torch.ops.amaml_ext.*`` and the C++ solver drivers), the generic ODE API
-:mod:`amaml_ext.ode`, and the meta-learning layers built on it.
+:mod:`amaml_ext.ode`, and the meta-learning layers built on it: :func:`adjoint_meta_grad`,
+:mod:`amaml_ext.learners` (A-MAML and the baselines), :mod:`amaml_ext.tasks`,
+:mod:`amaml_ext.models`, :mod:`amaml_ext.train` and the ``amaml-ext`` command
+(:mod:`amaml_ext.cli`).
 """
 
 import torch  # noqa: F401  (first: loads libc10/libtorch that _C links against)
@@ -12,7 +15,8 @@ from . import ops, ode
 from ._build import build_info
 from .functional import flatten_params, unflatten_params
 from .meta_grad import MetaGradResult, adjoint_meta_grad
+from . import learners, models, tasks, train
 
-__all__ = ["MetaGradResult", "adjoint_meta_grad", "build_info", "flatten_params", "ode", "ops",
-           "unflatten_params"]
+__all__ = ["MetaGradResult", "adjoint_meta_grad", "build_info", "flatten_params", "learners", "models",
+           "ode", "ops", "tasks", "train", "unflatten_params"]
 __version__ = "0.1.0"

@@ -1,0 +1,67 @@
+"""Models of the paper's experiments.
+
+* :func:`mlp`: the regression net of Sec. 5.1: ``in -> width -> width -> 1`` with tanh
+  (width 32 or 40).
+* :class:`Conv4`: the standard few-shot classifier: 4 x [conv 3x3, BatchNorm, ReLU, max-pool 2]
+  and a linear head (Vinyals et al. 2016; Finn et al. 2017).
+
+    >>> net = mlp(width=32)
+    >>> sum(p.numel() for p in net.parameters())
+    1185
+"""
+
+from torch import nn
+
+__all__ = ["mlp", "Conv4", "MODELS", "make_model"]
+
+
+def mlp(in_dim: int = 2, width: int = 32, out_dim: int = 1, depth: int = 2) -> nn.Sequential:
+    """``depth`` tanh hidden layers of ``width`` units."""
+    for arg, v in (("in_dim", in_dim), ("width", width), ("out_dim", out_dim), ("depth", depth)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"argument '{arg}' must be a positive int, got {v!r}")
+    layers, d = [], in_dim
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.Tanh()]
+        d = width
+    layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
+
+
+class Conv4(nn.Module):
+    """4 x [conv 3x3 (padding 1), BatchNorm2d, ReLU, MaxPool2d(2)] + Linear(ways).
+
+    ``image_size`` 28 (Omniglot) gives a 1x1 feature map, 84 (MiniImageNet) 5x5."""
+
+    def __init__(self, ways: int = 5, in_channels: int = 1, channels: int = 64, image_size: int = 28):
+        super().__init__()
+        for arg, v in (("ways", ways), ("in_channels", in_channels), ("channels", channels),
+                       ("image_size", image_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"argument '{arg}' must be a positive int, got {v!r}")
+        if image_size < 16:
+            raise ValueError(f"argument 'image_size' must be at least 16 (four 2x2 max-pools), got {image_size}")
+        layers, c = [], in_channels
+        for _ in range(4):
+            layers += [nn.Conv2d(c, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2)]
+            c = channels
+        self.features = nn.Sequential(*layers)
+        side = image_size
+        for _ in range(4):
+            side //= 2
+        self.head = nn.Linear(channels * side * side, ways)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+MODELS = ("mlp32", "mlp40")
+
+
+def make_model(name: str) -> nn.Module:
+    """A regression model by name: ``"mlp32"`` or ``"mlp40"``."""
+    if name == "mlp32":
+        return mlp(width=32)
+    if name == "mlp40":
+        return mlp(width=40)
+    raise ValueError(f"argument 'model' must be one of {MODELS}, got {name!r}")

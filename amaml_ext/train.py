@@ -1,0 +1,249 @@
+"""Meta-training and meta-testing loops.
+
+:func:`meta_train` runs the outer loop of the paper (Adam on the flat initialisation theta,
+lr 1e-3, a meta-batch of 5 tasks drawn from a fixed pool per step). It writes to ``out_dir``:
+
+* ``checkpoint.pt``: theta, Adam's state, the step and the metrics so far, written atomically
+  (a temporary file renamed over the old one) every ``checkpoint_every`` steps, at the end,
+  and when the run is interrupted (Ctrl-C);
+* ``metrics.csv``: one row per meta-step (mean query loss of the batch, meta-gradient norm,
+  seconds), rewritten atomically with each checkpoint;
+* ``theta.pt``: the learned initialisation (a flat tensor) when the run completes;
+* ``config.json``: the run's settings, checked on resume.
+
+The tasks of step ``s`` are drawn from a generator seeded by ``(seed, s)``, not from a running
+random stream, so a resumed run draws the same tasks as an uninterrupted one; with Adam's state
+restored exactly, ``resume`` reproduces the uninterrupted theta bit for bit (on the CPU).
+
+:func:`meta_test` adapts from a learned initialisation on each test task with plain GD and
+records the query nRMSE after every step (the curves of the paper's Fig. 2).
+"""
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .functional import TaskFunctions, flatten_params, unflatten_params
+from .learners import MetaLearner
+from .tasks import TaskBatch, TaskPool
+
+__all__ = ["meta_train", "meta_test", "nrmse", "task_indices", "atomic_write_bytes", "load_checkpoint",
+           "RunConfigMismatch"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.csv"
+THETA = "theta.pt"
+CONFIG = "config.json"
+METRIC_FIELDS = ["step", "query_loss", "grad_norm", "seconds"]
+
+
+class RunConfigMismatch(ValueError):
+    """``resume`` found a run directory made with other settings."""
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename:
+    a reader (or a crash) sees either the old file or the new one, never a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _csv_bytes(rows: List[Dict]) -> bytes:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r[k] for k in METRIC_FIELDS})
+    return buf.getvalue().encode()
+
+
+def load_checkpoint(out_dir: str) -> Optional[Dict]:
+    path = os.path.join(out_dir, CHECKPOINT)
+    if not os.path.exists(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def task_indices(seed: int, step: int, pool_size: int, meta_batch: int) -> torch.Tensor:
+    """The meta-batch of step ``step``: ``meta_batch`` distinct pool indices, a function of
+    ``(seed, step)`` only."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+    return torch.randperm(pool_size, generator=g)[:meta_batch]
+
+
+def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir: str, theta0: Optional[torch.Tensor] = None,
+               meta_batch: int = 5, lr: float = 1e-3, seed: int = 0, resume: bool = False,
+               checkpoint_every: int = 50, device="cpu", dtype=torch.float32, config: Optional[Dict] = None,
+               progress: bool = True, on_step: Optional[Callable[[int, Dict], None]] = None) -> torch.Tensor:
+    """Meta-train ``learner`` on ``pool`` for ``meta_steps`` Adam steps; returns the learned theta.
+
+    Args:
+        learner: a :class:`amaml_ext.learners.MetaLearner`.
+        pool: the fixed meta-training tasks.
+        meta_steps: total number of outer steps (a resumed run continues up to it).
+        out_dir: run directory (created); see the module doc for its files.
+        theta0: initial theta ``[d]`` (default: the learner's model's parameters).
+        meta_batch: tasks per step (at most the pool size).
+        lr: Adam's learning rate.
+        seed: seeds the task draws.
+        resume: continue from ``out_dir/checkpoint.pt`` (an error if ``out_dir`` holds a run with
+            another ``config``); without it, an existing checkpoint is an error, not overwritten.
+        checkpoint_every: steps between checkpoints.
+        config: the run's settings (JSON-able), stored in ``config.json`` and compared on resume.
+        progress: show a progress bar (tqdm).
+        on_step: called as ``on_step(step, row)`` after every step (tests use it to interrupt).
+    """
+    for name, v in (("meta_steps", meta_steps), ("meta_batch", meta_batch), ("checkpoint_every", checkpoint_every)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"argument '{name}' must be a positive int, got {v!r}")
+    if meta_batch > len(pool):
+        raise ValueError(f"argument 'meta_batch' must be at most the pool size {len(pool)}, got {meta_batch}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"argument 'lr' must be a positive finite number, got {lr!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    config = dict(config or {})
+    config.update(meta_batch=meta_batch, lr=lr, seed=seed)
+    cfg_path = os.path.join(out_dir, CONFIG)
+
+    ckpt = load_checkpoint(out_dir)
+    if ckpt is not None and not resume:
+        raise FileExistsError(f"argument 'out_dir': {out_dir!r} already holds a run (step {ckpt['step']}); "
+                              f"pass resume=True (--resume) to continue it, or choose another directory")
+    if resume and ckpt is not None:
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                old = json.load(f)
+            diff = {k: (old.get(k), config.get(k)) for k in set(old) | set(config)
+                    if k != "meta_steps" and old.get(k) != config.get(k)}
+            if diff:
+                raise RunConfigMismatch(f"cannot resume the run in {out_dir!r}: its settings differ "
+                                        f"(saved vs now): {diff}")
+    atomic_write_bytes(cfg_path, (json.dumps(dict(config, meta_steps=meta_steps), indent=2) + "\n").encode())
+
+    if theta0 is None:
+        theta0 = flatten_params(learner.model)
+    theta = torch.nn.Parameter(theta0.detach().to(device=device, dtype=dtype).clone())
+    opt = torch.optim.Adam([theta], lr=lr)
+    rows: List[Dict] = []
+    start = 0
+    if resume and ckpt is not None:
+        with torch.no_grad():
+            theta.copy_(ckpt["theta"].to(device=device, dtype=dtype))
+        opt.load_state_dict(ckpt["optimizer"])
+        rows = list(ckpt["metrics"])
+        start = int(ckpt["step"])
+
+    def save(step: int) -> None:
+        state = {"theta": theta.detach().cpu().clone(), "optimizer": opt.state_dict(), "step": step,
+                 "metrics": rows}
+        atomic_write_bytes(os.path.join(out_dir, CHECKPOINT), _torch_bytes(state))
+        atomic_write_bytes(os.path.join(out_dir, METRICS), _csv_bytes(rows))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=meta_steps, initial=start, desc=f"{learner.name} meta-train", unit="step",
+                   dynamic_ncols=True, leave=True)
+    step = start
+    try:
+        for step in range(start, meta_steps):
+            idx = task_indices(seed, step, len(pool), meta_batch)
+            batch = pool.batch(idx, device=device, dtype=dtype)
+            t0 = time.perf_counter()
+            out = learner.meta_grad(theta.detach(), batch)
+            if not bool(torch.isfinite(out.grad).all()):
+                raise FloatingPointError(f"meta_train: non-finite meta-gradient at meta-step {step} "
+                                         f"(method {learner.name}, tasks {idx.tolist()}); the last checkpoint "
+                                         f"in {out_dir!r} is from before it")
+            opt.zero_grad(set_to_none=True)
+            theta.grad = out.grad.detach().to(theta.dtype).reshape(theta.shape).clone()
+            opt.step()
+            row = {"step": step + 1, "query_loss": float(out.query_loss.mean()),
+                   "grad_norm": float(out.grad.norm()), "seconds": time.perf_counter() - t0}
+            rows.append(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(query_loss=f"{row['query_loss']:.4g}")
+            if (step + 1) % checkpoint_every == 0 or step + 1 == meta_steps:
+                save(step + 1)
+            if on_step is not None:
+                on_step(step + 1, row)
+    except KeyboardInterrupt:
+        done = len(rows)
+        save(done)
+        if bar is not None:
+            bar.close()
+        raise KeyboardInterrupt(f"meta_train interrupted after meta-step {done}; checkpoint saved in "
+                                f"{out_dir!r}: run again with resume=True (--resume) to continue") from None
+    if bar is not None:
+        bar.close()
+    if start >= meta_steps:  # nothing left to do: make sure the final files exist
+        save(start)
+    result = theta.detach().cpu().clone()
+    atomic_write_bytes(os.path.join(out_dir, THETA), _torch_bytes(result))
+    return result
+
+
+def nrmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Normalised RMSE per task: ``||pred - y|| / ||y||`` over each task's points
+    (``[B, k, 1]`` -> ``[B]``)."""
+    dims = tuple(range(1, pred.dim()))
+    return (pred - target).pow(2).sum(dims).sqrt() / target.pow(2).sum(dims).sqrt().clamp_min(1e-30)
+
+
+def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatch, *, steps: int,
+              lr: float = 0.01, record_every: int = 1) -> Dict[str, List[float]]:
+    """Adapt from ``theta`` on every task's support set with ``steps`` plain GD steps of ``lr``
+    (all tasks together) and record the query nRMSE after every ``record_every`` steps.
+
+    Returns ``{"step": [...], "mean": [...], "std": [...], "final": [per-task nRMSE]}`` (std
+    over tasks, population)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"argument 'steps' must be a non-negative int, got {steps!r}")
+    fns = TaskFunctions(model, loss, tasks.support, tasks.query, batched=True)
+    B = tasks.size
+    u = theta.detach().to(tasks.support[0].dtype).expand(B, -1).clone()
+    out = {"step": [], "mean": [], "std": []}
+
+    def record(s):
+        with torch.no_grad():
+            pred = torch.func.vmap(lambda w, x: torch.func.functional_call(
+                fns.module, (unflatten_params(fns.model, w), fns.buffers), (x,)))(u, tasks.query[0])
+            e = nrmse(pred, tasks.query[1])
+        out["step"].append(s)
+        out["mean"].append(float(e.mean()))
+        out["std"].append(float(e.std(unbiased=False)))
+        return e
+
+    e = record(0)
+    with torch.no_grad():
+        for s in range(1, steps + 1):
+            u = u - lr * fns.grad(u)
+            if s % record_every == 0 or s == steps:
+                e = record(s)
+    out["final"] = e.tolist()
+    return out
+
