@@ -291,9 +291,10 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
     if solver == "dopri5" and fstats["accepted_steps"] > n:
         warnings.warn(f"adjoint_meta_grad: dopri5 took {fstats['accepted_steps']} accepted and "
                       f"{fstats['rejected_steps']} rejected steps for {n} grid intervals of h={h:g} (rtol={rtol:g}, "
-                      f"atol={atol:g}): its steps collapsed below h, which happens when the training loss is "
-                      f"not smooth (ReLU, max-pool). solver='rk4' or 'euler' on the grid, or looser "
-                      f"rtol/atol, cost less here.", RuntimeWarning, stacklevel=2)
+                      f"atol={atol:g}): its steps fell below h, because the training loss is not smooth (ReLU, "
+                      f"max-pool) or the flow is stiff (Hessian eigenvalues near 2/h or above, where GD "
+                      f"with step h and the grid adjoint are unstable too: rescale the inputs or lower h). "
+                      f"For a non-smooth loss, solver='rk4' or 'euler' on the grid cost less.", RuntimeWarning, stacklevel=2)
     if memory == "checkpoint":
         peak_rows = len(kept) + sum(len(log["checkpoints"]) for log in logs.values()) + m + 1
     u_T = y.reshape(shape).clone()
