@@ -180,3 +180,17 @@ def train_test_pools(family: TaskFamily, n_train: int = 100, n_test: int = 100,
     """The fixed meta-training pool and the pool of new test tasks (seeds ``2 seed`` and
     ``2 seed + 1``: disjoint for every seed)."""
     return family.pool(n_train, 2 * seed), family.pool(n_test, 2 * seed + 1)
+
+
+# The real-data task families live in amaml_ext.ratings (MovieLens-100K/1M, Jester) and
+# amaml_ext.images (Omniglot, Mini-ImageNet); they are also reachable here, e.g.
+# ``amaml_ext.tasks.MovieLens100K(root)``, imported on first use (pandas/Pillow load lazily).
+_LAZY = {"MovieLens100K": "ratings", "MovieLens1M": "ratings", "Jester": "ratings",
+         "RATING_SETTINGS": "ratings", "Omniglot": "images", "MiniImageNet": "images"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
