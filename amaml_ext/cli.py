@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from . import learners as L
 from . import models, tasks
+from .ratings import RATING_DATASETS, RATING_SETTINGS
 from .functional import flatten_params
 from .ode import ADJOINT_METHODS, FORWARD_METHODS
 from .meta_grad import MEMORY_MODES
@@ -36,6 +37,10 @@ from .train import CONFIG, THETA, RunConfigMismatch, load_checkpoint, meta_test,
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 EVAL = "eval.json"
+#: --task values and their kind
+TASK_KINDS = {**{name: "synthetic" for name in tasks.FAMILIES}, **{name: "ratings" for name in RATING_DATASETS},
+              "omniglot": "images", "miniimagenet": "images"}
+DEFAULT_SETTING = {"synthetic": "50shot-50val", "ratings": "10shot-15val"}
 
 
 # ---- argument parsing -------------------------------------------------------------------------
@@ -80,12 +85,25 @@ def _methods(text: str) -> List[str]:
 
 def _add_problem_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tasks and model")
-    g.add_argument("--task", choices=sorted(tasks.FAMILIES), default="cosmixture", help="task family")
-    g.add_argument("--setting", choices=sorted(tasks.SETTINGS), default="50shot-50val",
-                   help="support / query points per task")
-    g.add_argument("--model", choices=models.MODELS, default="mlp32", help="MLP width 32 or 40 (tanh)")
-    g.add_argument("--pool-size", type=_positive_int, default=100, help="meta-training tasks (and test tasks)")
-    g.add_argument("--pool-seed", type=int, default=0, help="seeds the task pools")
+    g.add_argument("--task", choices=list(TASK_KINDS), default="cosmixture",
+                   help="task family: synthetic regression (cosmixture, alpine), collaborative filtering "
+                        "(movielens-100k, movielens-1m, jester) or few-shot images (omniglot, miniimagenet)")
+    g.add_argument("--setting", choices=sorted(tasks.SETTINGS) + sorted(RATING_SETTINGS), default=None,
+                   help="support / query points per task: 50shot-50val (default) or 100shot-100val for the "
+                        "synthetic families; 10shot-15val (default), 15shot-20val or 20shot-30val for ratings")
+    g.add_argument("--model", choices=models.MODELS, default=None,
+                   help="MLP width (tanh): mlp32 (synthetic default) or mlp40 (ratings default); images use Conv4")
+    g.add_argument("--channels", type=_positive_int, default=64, help="Conv4 width (images)")
+    g.add_argument("--ways", type=_positive_int, default=None, help="classes per task (images; Omniglot 20, Mini-ImageNet 5)")
+    g.add_argument("--shots", type=_positive_int, default=None, help="support images per class (images; default 1)")
+    g.add_argument("--query-shots", type=_positive_int, default=None,
+                   help="query images per class (images; Omniglot 1, Mini-ImageNet 15)")
+    g.add_argument("--data-root", default=None,
+                   help="folder with ml-100k/, ml-1m/, jester/, omniglot/, miniimagenet/ (default: $AMAML_DATA_ROOT)")
+    g.add_argument("--pool-size", type=_positive_int, default=None,
+                   help="synthetic: meta-training tasks and test tasks (default 100); images: test episodes "
+                        "(default 600); ratings: not used (100 held-out test users)")
+    g.add_argument("--pool-seed", type=int, default=0, help="seeds the task pools (and the held-out users/episodes)")
     g = p.add_argument_group("inner training")
     g.add_argument("--inner-steps", type=_positive_int, default=200,
                    help="GD steps for fomaml/reptile/imaml; A-MAML's T = inner-steps x inner-lr")
@@ -151,14 +169,49 @@ def _device(text: str) -> torch.device:
     return dev
 
 
+def resolve_task_args(args) -> None:
+    """Fill the task-dependent defaults of --setting / --model / --pool-size and check them."""
+    kind = TASK_KINDS[args.task]
+    if kind == "images":
+        if args.setting is not None:
+            raise SystemExit(f"amaml-ext: argument --setting: not used by --task {args.task} (use --ways/--shots/"
+                             f"--query-shots), got {args.setting!r}")
+        if args.model is not None:
+            raise SystemExit(f"amaml-ext: argument --model: --task {args.task} uses Conv4 (set --channels), "
+                             f"got {args.model!r}")
+        args.pool_size = args.pool_size or 600
+        return
+    if any(v is not None for v in (args.ways, args.shots, args.query_shots)):
+        raise SystemExit(f"amaml-ext: arguments --ways/--shots/--query-shots: only for the image tasks, "
+                         f"not --task {args.task}")
+    allowed = tasks.SETTINGS if kind == "synthetic" else RATING_SETTINGS
+    args.setting = args.setting or DEFAULT_SETTING[kind]
+    if args.setting not in allowed:
+        raise SystemExit(f"amaml-ext: argument --setting: --task {args.task} takes one of {sorted(allowed)}, "
+                         f"got {args.setting!r}")
+    args.model = args.model or ("mlp32" if kind == "synthetic" else "mlp40")
+    if kind == "ratings" and args.pool_size is not None:
+        raise SystemExit(f"amaml-ext: argument --pool-size: not used by --task {args.task} (every kept user is a "
+                         f"task; 100 are held out for testing), got {args.pool_size}")
+    if kind == "synthetic":
+        args.pool_size = args.pool_size or 100
+
+
 def run_config(args, method: str) -> Dict:
     """The JSON-able settings that define a training run (stored in config.json)."""
-    shots, val = tasks.SETTINGS[args.setting]
-    cfg = {"method": method, "task": args.task, "setting": args.setting, "shots": shots, "val": val,
-           "model": args.model, "pool_size": args.pool_size, "pool_seed": args.pool_seed,
+    kind = TASK_KINDS[args.task]
+    cfg = {"method": method, "task": args.task, "kind": kind, "pool_seed": args.pool_seed,
            "inner_lr": args.inner_lr, "dtype": args.dtype, "device": str(args.device),
            # meta-test adaptation length, the same for every method (the paper: the inner steps)
            "test_steps": args.inner_steps}
+    if kind == "synthetic":
+        shots, val = tasks.SETTINGS[args.setting]
+        cfg.update(setting=args.setting, shots=shots, val=val, model=args.model, pool_size=args.pool_size)
+    elif kind == "ratings":
+        cfg.update(setting=args.setting, model=args.model, data_root=args.data_root)
+    else:
+        cfg.update(ways=args.ways, shots=args.shots, query_shots=args.query_shots, channels=args.channels,
+                   test_tasks=args.pool_size, data_root=args.data_root)
     if method == "amaml":
         cfg.update(T=args.inner_steps * args.inner_lr, solver=args.solver, adjoint=args.adjoint,
                    memory=args.memory, rtol=args.rtol, atol=args.atol, compile=args.compile)
@@ -173,21 +226,65 @@ def run_config(args, method: str) -> Dict:
     return cfg
 
 
-class Problem:
-    """Task family, pools, model and loss of a configuration."""
+_DATASETS: Dict = {}
 
-    def __init__(self, cfg: Dict, device: torch.device):
+
+def _dataset(task: str, root: Optional[str]):
+    """The (cached) real dataset of --task, read from ``root`` (or $AMAML_DATA_ROOT)."""
+    key = (task, root)
+    if key not in _DATASETS:
+        try:
+            if TASK_KINDS[task] == "ratings":
+                from .ratings import make_rating_dataset
+                _DATASETS[key] = make_rating_dataset(task, root)
+            else:
+                from . import images
+                _DATASETS[key] = images.Omniglot(root) if task == "omniglot" else images.MiniImageNet(root)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"amaml-ext: --task {task}: {e}") from None
+    return _DATASETS[key]
+
+
+class Problem:
+    """Task family, pools, model, loss and metric of a configuration."""
+
+    def __init__(self, cfg: Dict, device: torch.device, data_root: Optional[str] = None):
         self.cfg = cfg
         self.device = device
         self.dtype = DTYPES[cfg["dtype"]]
-        self.family = tasks.make_family(cfg["task"], cfg["shots"], cfg["val"])
-        self.train_pool, self.test_pool = tasks.train_test_pools(self.family, cfg["pool_size"], cfg["pool_size"],
-                                                                 seed=cfg["pool_seed"])
-        self.loss = F.mse_loss
+        kind = cfg.get("kind", "synthetic")
+        self.kind = kind
+        self.loss, self.metric = F.mse_loss, "nrmse"
+        root = data_root or cfg.get("data_root")
+        if kind == "synthetic":
+            self.family = tasks.make_family(cfg["task"], cfg["shots"], cfg["val"])
+            self.train_pool, self.test_pool = tasks.train_test_pools(self.family, cfg["pool_size"], cfg["pool_size"],
+                                                                     seed=cfg["pool_seed"])
+            self.in_dim = self.family.in_dim
+        elif kind == "ratings":
+            self.family = _dataset(cfg["task"], root)
+            self.train_pool, self.test_pool = self.family.pools(cfg["setting"], seed=cfg["pool_seed"])
+            self.in_dim = self.family.in_dim
+        else:
+            from .images import EpisodePool
+            self.family = _dataset(cfg["task"], root)
+            kw = dict(ways=cfg["ways"], shots=cfg["shots"], query_shots=cfg["query_shots"])
+            try:
+                self.train_pool = EpisodePool(self.family, "train", seed=cfg["pool_seed"], **kw)
+                self.test_pool = EpisodePool(self.family, "test", size=cfg["test_tasks"], seed=cfg["pool_seed"] + 1, **kw)
+            except ValueError as e:
+                raise SystemExit(f"amaml-ext: --task {cfg['task']}: {e}") from None
+            self.loss, self.metric = F.cross_entropy, "accuracy"
 
     def model(self, seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)
-        return models.make_model(self.cfg["model"]).to(device=self.device, dtype=self.dtype)
+        if self.kind == "images":
+            c, side = self.family.image_shape[0], self.family.image_shape[-1]
+            net = models.Conv4(ways=self.train_pool.ways, in_channels=c, channels=self.cfg["channels"], image_size=side)
+        else:
+            width = 32 if self.cfg["model"] == "mlp32" else 40
+            net = models.mlp(in_dim=self.in_dim, width=width)
+        return net.to(device=self.device, dtype=self.dtype)
 
 
 def make_run_learner(cfg: Dict, model, loss) -> L.MetaLearner:
@@ -204,7 +301,7 @@ def make_run_learner(cfg: Dict, model, loss) -> L.MetaLearner:
 
 def train_one(args, method: str, out: str, resume: bool) -> torch.Tensor:
     cfg = run_config(args, method)
-    prob = Problem(cfg, args.device)
+    prob = Problem(cfg, args.device, args.data_root)
     model = prob.model(args.seed)
     learner = make_run_learner(cfg, model, prob.loss)
     return meta_train(learner, prob.train_pool, meta_steps=args.meta_steps, out_dir=out, meta_batch=args.meta_batch,
@@ -213,7 +310,7 @@ def train_one(args, method: str, out: str, resume: bool) -> torch.Tensor:
 
 
 def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.device] = None,
-                 quiet: bool = False) -> Dict:
+                 quiet: bool = False, data_root: Optional[str] = None) -> Dict:
     cfg_path = os.path.join(run, CONFIG)
     if not os.path.exists(cfg_path):
         raise SystemExit(f"amaml-ext: argument --run: {run!r} has no {CONFIG}; is it a directory written by 'train'?")
@@ -226,7 +323,7 @@ def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.dev
         raise SystemExit(f"amaml-ext: argument --run: {run!r} has no {THETA} ({at}); finish it with "
                          f"'amaml-ext train ... --out {run} --resume'")
     device = device or _device(cfg.get("device", "cpu"))
-    prob = Problem(cfg, device)
+    prob = Problem(cfg, device, data_root)
     model = prob.model(0)
     theta = torch.load(theta_path, map_location=device, weights_only=True).to(prob.dtype)
     if theta.numel() != flatten_params(model).numel():
@@ -235,13 +332,17 @@ def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.dev
     steps = cfg["test_steps"] if test_steps is None else test_steps
     batch = prob.test_pool.all(device=device, dtype=prob.dtype)
     t0 = time.perf_counter()
-    curve = meta_test(model, prob.loss, theta, batch, steps=steps, lr=cfg["inner_lr"])
+    curve = meta_test(model, prob.loss, theta, batch, steps=steps, lr=cfg["inner_lr"], metric=prob.metric)
     curve.update(method=cfg["method"], test_tasks=batch.size, test_steps=steps, seconds=time.perf_counter() - t0)
     with open(os.path.join(run, EVAL), "w") as f:
         json.dump(curve, f, indent=1)
     if not quiet:
-        print(f"{cfg['method']}: meta-test nRMSE over {batch.size} test tasks: step 0 {curve['mean'][0]:.4f}, "
-              f"step {steps} {curve['mean'][-1]:.4f} +- {curve['std'][-1]:.4f}")
+        if prob.metric == "accuracy":
+            print(f"{cfg['method']}: meta-test accuracy over {batch.size} test tasks after {steps} steps: "
+                  f"{100 * curve['mean'][-1]:.2f} ± {100 * curve['ci95'][-1]:.2f}% (95% CI)")
+        else:
+            print(f"{cfg['method']}: meta-test nRMSE over {batch.size} test tasks: step 0 {curve['mean'][0]:.4f}, "
+                  f"step {steps} {curve['mean'][-1]:.4f} ± {curve['std'][-1]:.4f}")
     return curve
 
 
@@ -259,14 +360,42 @@ def table_steps(n: int) -> List[int]:
 def compare_table(curves: Dict[str, Dict]) -> str:
     n = min(c["step"][-1] for c in curves.values())
     steps = table_steps(n)
+    acc = next(iter(curves.values())).get("metric") == "accuracy"
     head = "| method | " + " | ".join(f"step {s}" for s in steps) + " | meta-train s |"
     lines = [head, "|" + "---|" * (len(steps) + 2)]
-    for m, c in sorted(curves.items(), key=lambda kv: kv[1]["mean"][kv[1]["step"].index(n)]):
+    order = sorted(curves.items(), key=lambda kv: kv[1]["mean"][kv[1]["step"].index(n)], reverse=acc)
+    for m, c in order:
         cells = []
         for s in steps:
             i = c["step"].index(s)
-            cells.append(f"{c['mean'][i]:.4f} ± {c['std'][i]:.4f}")
+            if acc:
+                cells.append(f"{100 * c['mean'][i]:.2f} ± {100 * c['ci95'][i]:.2f}%")
+            else:
+                cells.append(f"{c['mean'][i]:.4f} ± {c['std'][i]:.4f}")
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + f" | {c.get('train_seconds', float('nan')):.0f} |")
+    return "\n".join(lines)
+
+
+def paired_table(curves: Dict[str, Dict], ref: str = "amaml") -> str:
+    """Per-task paired differences at the last meta-test step: ``ref`` minus each other method,
+    mean with its 95% confidence interval (t ~ 1.96), and on how many tasks ``ref`` is better.
+    The methods are tested on the same tasks, so the paired interval is much tighter than the
+    spread over tasks."""
+    if ref not in curves or len(curves) < 2:
+        return ""
+    acc = curves[ref].get("metric") == "accuracy"
+    a = torch.tensor(curves[ref]["final"], dtype=torch.float64)
+    lines = [f"| {LABELS.get(ref, ref)} minus | mean difference ± 95% CI | {LABELS.get(ref, ref)} better on |",
+             "|---|---|---|"]
+    for m, c in curves.items():
+        if m == ref:
+            continue
+        d = a - torch.tensor(c["final"], dtype=torch.float64)
+        n = d.numel()
+        half = 1.96 * float(d.std()) / math.sqrt(n) if n > 1 else float("nan")
+        better = int((d > 0).sum()) if acc else int((d < 0).sum())
+        scale, unit = (100, " pp") if acc else (1, "")
+        lines.append(f"| {LABELS.get(m, m)} | {scale * float(d.mean()):+.4f} ± {scale * half:.4f}{unit} | {better}/{n} tasks |")
     return "\n".join(lines)
 
 
@@ -282,8 +411,11 @@ def compare_plot(curves: Dict[str, Dict], path: str, title: str) -> None:
         ax.plot(s, mu, label=LABELS.get(m, m), lw=1.6)
         ax.fill_between(s, (mu - sd).clamp_min(1e-12), mu + sd, alpha=0.06)
     ax.set_xlabel("meta-test GD steps")
-    ax.set_ylabel("test nRMSE (mean ± std over test tasks)")
-    ax.set_yscale("log")
+    if next(iter(curves.values())).get("metric") == "accuracy":
+        ax.set_ylabel("test accuracy (mean ± std over test tasks)")
+    else:
+        ax.set_ylabel("test nRMSE (mean ± std over test tasks)")
+        ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
@@ -310,20 +442,30 @@ def compare(args) -> Dict:
         elif not args.quiet:
             print(f"{method}: already trained in {run}")
         rows = (load_checkpoint(run) or {}).get("metrics", [])
-        curve = evaluate_run(run, args.test_steps, args.device, quiet=args.quiet)
+        curve = evaluate_run(run, args.test_steps, args.device, quiet=args.quiet, data_root=args.data_root)
         curve["train_seconds"] = sum(r["seconds"] for r in rows)
         curve["wall_seconds_this_call"] = time.perf_counter() - t0
         curves[method] = curve
-    shots, val = tasks.SETTINGS[args.setting]
-    title = (f"{args.task}, {args.setting}: {args.meta_steps} meta-steps, inner {args.inner_steps} steps "
-             f"(MAML {args.maml_steps}), {args.pool_size} test tasks")
-    plot_title = (f"{args.task} {args.setting}, {args.meta_steps} meta-steps\n"
-                  f"inner {args.inner_steps} GD steps (MAML {args.maml_steps}, MAML-1 1), {args.pool_size} test tasks")
+    what = args.setting
+    if TASK_KINDS[args.task] == "images":
+        prob = Problem(run_config(args, args.methods[0]), args.device, args.data_root)
+        what = f"{prob.train_pool.ways}-way {prob.train_pool.shots}-shot"
+    n_test = next(iter(curves.values()))["test_tasks"]
+    title = (f"{args.task}, {what}: {args.meta_steps} meta-steps, inner {args.inner_steps} steps "
+             f"(MAML {args.maml_steps}), {n_test} test tasks")
+    plot_title = (f"{args.task} {what}, {args.meta_steps} meta-steps\n"
+                  f"inner {args.inner_steps} GD steps (MAML {args.maml_steps}, MAML-1 1), {n_test} test tasks")
     compare_plot(curves, os.path.join(args.out, "compare.png"), plot_title)
     table = compare_table(curves)
+    paired = paired_table(curves)
+    if paired:
+        table += ("\n\nPaired per-task differences at the last step (the same test tasks for every method):\n\n"
+                  + paired)
     with open(os.path.join(args.out, "compare.md"), "w") as f:
-        f.write(f"# {title}\n\nTest nRMSE (mean ± std over the test tasks) after meta-test GD steps "
-                f"(step {args.inner_lr:g}); last column: meta-training seconds.\n\n{table}\n")
+        measure = ("Test accuracy (mean ± 95% confidence interval over the test tasks)"
+                   if TASK_KINDS[args.task] == "images" else "Test nRMSE (mean ± std over the test tasks)")
+        f.write(f"# {title}\n\n{measure} after meta-test GD steps (step {args.inner_lr:g}); last column: "
+                f"meta-training seconds.\n\n{table}\n")
     with open(os.path.join(args.out, "compare.json"), "w") as f:
         json.dump({"args": {k: (v if isinstance(v, (int, float, str, list, bool, type(None))) else str(v))
                             for k, v in vars(args).items()}, "curves": curves}, f, indent=1)
@@ -339,7 +481,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         evaluate_run(args.run, args.test_steps, _device(args.device) if args.device else None, args.quiet)
         return 0
     args.device = _device(args.device)
-    if args.meta_batch > args.pool_size:
+    resolve_task_args(args)
+    if TASK_KINDS[args.task] == "synthetic" and args.meta_batch > args.pool_size:
         raise SystemExit(f"amaml-ext: argument --meta-batch: must be at most --pool-size {args.pool_size}, "
                          f"got {args.meta_batch}")
     try:

@@ -754,3 +754,47 @@ def confidence_interval(accuracies, z: float = 1.96) -> Tuple[float, float]:
     if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z <= 0:
         raise ValueError(f"argument 'z' must be a positive finite number, got {z!r}")
     return float(a.mean()), float(z * a.std() / math.sqrt(a.size))
+
+
+# ----------------------------------------------------------------------------------------------
+# a fixed, indexable set of episodes (for meta_train / meta_test)
+
+
+class EpisodePool:
+    """``size`` N-way K-shot episodes of one split, episode ``i`` drawn from a generator seeded
+    by ``(seed, i)``: indexable like :class:`amaml_ext.tasks.TaskPool` (``len``, ``batch(index,
+    device=, dtype=)``, ``all()``) without holding the images of every episode, and the same
+    episodes on every run, so a resumed meta-training run sees the same tasks. A huge ``size``
+    (the default) makes it a stream of fresh episodes."""
+
+    def __init__(self, dataset: FewShotImages, split: str = "train", *, size: int = 10 ** 9, ways: Optional[int] = None,
+                 shots: Optional[int] = None, query_shots: Optional[int] = None, seed: int = 0):
+        self.family = dataset
+        self.split = dataset._check_split(split)
+        self.size = _check_int("size", size)
+        self.ways = _check_int("ways", dataset.default_ways if ways is None else ways)
+        self.shots = _check_int("shots", dataset.default_shots if shots is None else shots)
+        self.query_shots = _check_int("query_shots", dataset.default_query_shots if query_shots is None
+                                      else query_shots, lo=0)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"argument 'seed' must be an int, got {seed!r}")
+        self.seed = int(seed)
+        # validate ways/shots against the split now, not at the first batch
+        dataset.sample(self.split, 1, self.ways, self.shots, self.query_shots, seed=0)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def batch(self, index, device=None, dtype=torch.float32) -> TaskBatch:
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.size):
+            raise IndexError(f"episode index out of range 0..{self.size - 1}: {index.tolist()}")
+        parts = [self.family.sample(self.split, 1, self.ways, self.shots, self.query_shots,
+                                    seed=self.seed * 1_000_003 + int(i), dtype=dtype or torch.float32)
+                 for i in index.tolist()]
+        cat = lambda k, j: torch.cat([getattr(p, k)[j] for p in parts])  # noqa: E731
+        b = TaskBatch((cat("support", 0), cat("support", 1)), (cat("query", 0), cat("query", 1)))
+        return b.to(device=device) if device is not None else b
+
+    def all(self, device=None, dtype=torch.float32) -> TaskBatch:
+        return self.batch(torch.arange(self.size), device=device, dtype=dtype)

@@ -34,7 +34,7 @@ from .functional import TaskFunctions, flatten_params, unflatten_params
 from .learners import MetaLearner
 from .tasks import TaskBatch, TaskPool
 
-__all__ = ["meta_train", "meta_test", "nrmse", "task_indices", "atomic_write_bytes", "load_checkpoint",
+__all__ = ["meta_train", "meta_test", "nrmse", "accuracy", "task_indices", "atomic_write_bytes", "load_checkpoint",
            "RunConfigMismatch"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -91,7 +91,15 @@ def task_indices(seed: int, step: int, pool_size: int, meta_batch: int) -> torch
     """The meta-batch of step ``step``: ``meta_batch`` distinct pool indices, a function of
     ``(seed, step)`` only."""
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
-    return torch.randperm(pool_size, generator=g)[:meta_batch]
+    if pool_size <= 1_000_000:
+        return torch.randperm(pool_size, generator=g)[:meta_batch]
+    # a huge pool (a stream of episodes): draw until meta_batch distinct indices, no permutation
+    picked: List[int] = []
+    while len(picked) < meta_batch:
+        for i in torch.randint(pool_size, (meta_batch,), generator=g).tolist():
+            if i not in picked and len(picked) < meta_batch:
+                picked.append(i)
+    return torch.tensor(picked, dtype=torch.long)
 
 
 def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir: str, theta0: Optional[torch.Tensor] = None,
@@ -137,7 +145,7 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
             with open(cfg_path) as f:
                 old = json.load(f)
             diff = {k: (old.get(k), config.get(k)) for k in set(old) | set(config)
-                    if k != "meta_steps" and old.get(k) != config.get(k)}
+                    if k not in ("meta_steps", "data_root") and old.get(k) != config.get(k)}
             if diff:
                 raise RunConfigMismatch(f"cannot resume the run in {out_dir!r}: its settings differ "
                                         f"(saved vs now): {diff}")
@@ -214,36 +222,60 @@ def nrmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).pow(2).sum(dims).sqrt() / target.pow(2).sum(dims).sqrt().clamp_min(1e-30)
 
 
-def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatch, *, steps: int,
-              lr: float = 0.01, record_every: int = 1) -> Dict[str, List[float]]:
-    """Adapt from ``theta`` on every task's support set with ``steps`` plain GD steps of ``lr``
-    (all tasks together) and record the query nRMSE after every ``record_every`` steps.
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Classification accuracy per task (``[B, k, classes]``, ``[B, k]`` -> ``[B]``)."""
+    return (logits.argmax(-1) == labels).to(torch.float64).mean(-1)
 
-    Returns ``{"step": [...], "mean": [...], "std": [...], "final": [per-task nRMSE]}`` (std
-    over tasks, population)."""
+
+METRICS_FNS = {"nrmse": nrmse, "accuracy": accuracy}
+
+
+def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatch, *, steps: int,
+              lr: float = 0.01, record_every: int = 1, metric: str = "nrmse",
+              chunk: int = 100) -> Dict[str, List[float]]:
+    """Adapt from ``theta`` on every task's support set with ``steps`` plain GD steps of ``lr``
+    (``chunk`` tasks at a time, batched) and record the query ``metric`` (``"nrmse"`` or
+    ``"accuracy"``) after every ``record_every`` steps.
+
+    Returns ``{"metric", "step": [...], "mean": [...], "std": [...], "ci95": [...], "final":
+    [per-task value]}`` (std over tasks, population; ``ci95 = 1.96 std / sqrt(tasks)``)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"argument 'steps' must be a non-negative int, got {steps!r}")
-    fns = TaskFunctions(model, loss, tasks.support, tasks.query, batched=True)
+    if metric not in METRICS_FNS:
+        raise ValueError(f"argument 'metric' must be one of {sorted(METRICS_FNS)}, got {metric!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"argument 'chunk' must be a positive int, got {chunk!r}")
+    score = METRICS_FNS[metric]
+    recorded = [s for s in range(steps + 1) if s % record_every == 0 or s == steps]
+    per_task: List[List[torch.Tensor]] = [[] for _ in recorded]
     B = tasks.size
-    u = theta.detach().to(tasks.support[0].dtype).expand(B, -1).clone()
-    out = {"step": [], "mean": [], "std": []}
+    for a in range(0, B, chunk):
+        part = TaskBatch(tuple(t[a:a + chunk] for t in tasks.support), tuple(t[a:a + chunk] for t in tasks.query))
+        fns = TaskFunctions(model, loss, part.support, part.query, batched=True)
+        u = theta.detach().to(part.support[0].dtype).expand(part.size, -1).clone()
 
-    def record(s):
+        def value():
+            with torch.no_grad():
+                pred = torch.func.vmap(lambda w, x: torch.func.functional_call(
+                    fns.module, (unflatten_params(fns.model, w), fns.buffers), (x,)))(u, part.query[0])
+                return score(pred, part.query[1])
+
+        k = 0
+        if recorded[0] == 0:
+            per_task[0].append(value())
+            k = 1
         with torch.no_grad():
-            pred = torch.func.vmap(lambda w, x: torch.func.functional_call(
-                fns.module, (unflatten_params(fns.model, w), fns.buffers), (x,)))(u, tasks.query[0])
-            e = nrmse(pred, tasks.query[1])
-        out["step"].append(s)
+            for s in range(1, steps + 1):
+                u = u - lr * fns.grad(u)
+                if k < len(recorded) and s == recorded[k]:
+                    per_task[k].append(value())
+                    k += 1
+    out = {"metric": metric, "step": recorded, "mean": [], "std": [], "ci95": []}
+    for vals in per_task:
+        e = torch.cat(vals)
+        sd = float(e.std(unbiased=False))
         out["mean"].append(float(e.mean()))
-        out["std"].append(float(e.std(unbiased=False)))
-        return e
-
-    e = record(0)
-    with torch.no_grad():
-        for s in range(1, steps + 1):
-            u = u - lr * fns.grad(u)
-            if s % record_every == 0 or s == steps:
-                e = record(s)
-    out["final"] = e.tolist()
+        out["std"].append(sd)
+        out["ci95"].append(1.96 * sd / math.sqrt(e.numel()))
+    out["final"] = torch.cat(per_task[-1]).tolist()
     return out
-

@@ -219,3 +219,48 @@ def test_command_reports_unusable_device_and_directories(tmp_path):
 def test_python_dash_m_runs_the_command():
     r = subprocess.run([sys.executable, "-m", "amaml_ext", "--help"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "compare" in r.stdout and "train" in r.stdout
+
+
+# ---- the command on real-data task families (fixtures in the original formats) ----------------
+
+def test_command_compare_on_a_movielens_fixture(tmp_path):
+    d = tmp_path / "data" / "ml-100k"
+    d.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    stars = torch.randint(1, 6, (120, 100), generator=g)
+    lines = [f"{u + 1}\t{i + 1}\t{int(stars[u, i])}\t88125{u:03d}{i:02d}" for u in range(120) for i in range(100)]
+    (d / "u.data").write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "cmp")
+    assert main(["compare", "--task", "movielens-100k", "--data-root", str(tmp_path / "data"), "--methods",
+                 "amaml,fomaml", "--solver", "euler", "--adjoint", "discrete", "--meta-steps", "2",
+                 "--inner-steps", "3", "--out", out, "--quiet"]) == 0
+    cfg = json.load(open(os.path.join(out, "amaml", "config.json")))
+    assert cfg["kind"] == "ratings" and cfg["setting"] == "10shot-15val" and cfg["model"] == "mlp40"
+    theta = torch.load(os.path.join(out, "amaml", "theta.pt"))
+    assert theta.numel() == 100 * 40 + 40 + 40 * 40 + 40 + 40 + 1  # one-hot of 100 items -> MLP 2x40
+    ev = json.load(open(os.path.join(out, "fomaml", "eval.json")))
+    assert ev["test_tasks"] == 100 and ev["metric"] == "nrmse"
+    with pytest.raises(SystemExit, match="--setting: --task movielens-100k takes one of"):
+        main(["train", "--task", "movielens-100k", "--setting", "50shot-50val", "--method", "maml", "--out", out])
+    with pytest.raises(SystemExit, match="--task movielens-100k: .*u.data"):
+        main(["train", "--task", "movielens-100k", "--data-root", str(tmp_path / "nowhere"), "--method", "maml",
+              "--meta-steps", "1", "--out", str(tmp_path / "x"), "--quiet"])
+
+
+def test_command_compare_on_an_omniglot_fixture(tmp_path, monkeypatch):
+    from test_images import make_omniglot
+    from amaml_ext import cli, images
+    make_omniglot(str(tmp_path))
+    # the fixture has 8 characters, not 1,623: train on 6 of them (the real default is 1,200)
+    monkeypatch.setattr(cli, "_dataset", lambda task, root: images.Omniglot(str(tmp_path), n_train=6))
+    out = str(tmp_path / "cmp")
+    assert main(["compare", "--task", "omniglot", "--methods", "amaml,maml1", "--solver", "euler", "--adjoint",
+                 "discrete", "--channels", "4", "--ways", "3", "--meta-steps", "2", "--inner-steps", "2",
+                 "--pool-size", "7", "--out", out, "--quiet"]) == 0
+    ev = json.load(open(os.path.join(out, "amaml", "eval.json")))
+    assert ev["metric"] == "accuracy" and ev["test_tasks"] == 7 and 0 <= ev["mean"][-1] <= 1
+    assert "% |" in open(os.path.join(out, "compare.md")).read()
+    with pytest.raises(SystemExit, match="--setting: not used by --task omniglot"):
+        main(["train", "--task", "omniglot", "--setting", "10shot-15val", "--method", "maml", "--out", out])
+    with pytest.raises(SystemExit, match="--ways/--shots/--query-shots: only for the image tasks"):
+        main(["train", "--task", "cosmixture", "--ways", "5", "--method", "maml", "--out", out])
