@@ -45,34 +45,22 @@ DEFAULT_SETTING = {"synthetic": "50shot-50val", "ratings": "10shot-15val"}
 
 # ---- argument parsing -------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+def _number(cast, lowest, what: str):
+    """An argparse type: ``cast(text)``, finite and at least ``lowest`` (``> 0`` for floats)."""
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            v = None
+        if v is None or not math.isfinite(v) or v < lowest or (cast is float and v <= 0):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return v
+_positive_int = _number(int, 1, "a positive integer")
+_nonneg_int = _number(int, 0, "a non-negative integer")
+_positive_float = _number(float, 0.0, "a positive finite number")
 
 
 def _methods(text: str) -> List[str]:

@@ -115,6 +115,14 @@ class MetaLearner:
             u = u - lr * g
         return u
 
+    def _adapt_batch(self, theta: torch.Tensor, tasks: TaskBatch) -> Tuple[TaskFunctions, torch.Tensor]:
+        """Check the arguments, then ``steps`` GD steps on every task's support set: the
+        callbacks and the adapted parameters ``psi [B, d]``."""
+        self._check(theta, tasks)
+        fns = self.functions(tasks)
+        with torch.no_grad():
+            return fns, self._gd(fns, self._start(theta, tasks.size), self.steps, self.inner_lr)
+
     def adapt(self, theta: torch.Tensor, support, steps: Optional[int] = None, batched: bool = False,
               lr: Optional[float] = None) -> torch.Tensor:
         """Plain GD from ``theta`` on ``support`` for ``steps`` (default: the learner's inner
@@ -204,10 +212,7 @@ class FOMAML(MetaLearner):
     second_order = False
 
     def meta_grad(self, theta, tasks):
-        self._check(theta, tasks)
-        fns = self.functions(tasks)
-        with torch.no_grad():
-            psi = self._gd(fns, self._start(theta, tasks.size), self.steps, self.inner_lr)
+        fns, psi = self._adapt_batch(theta, tasks)
         per_task, g = fns.value_and_grad_val(psi)
         return MetaStep(g.mean(0), per_task, {"grad_evals": fns.grad_evals + 1, "inner_steps": self.steps})
 
@@ -220,10 +225,8 @@ class Reptile(MetaLearner):
     second_order = False
 
     def meta_grad(self, theta, tasks):
-        self._check(theta, tasks)
-        fns = self.functions(tasks)
+        fns, psi = self._adapt_batch(theta, tasks)
         with torch.no_grad():
-            psi = self._gd(fns, self._start(theta, tasks.size), self.steps, self.inner_lr)
             per_task = fns.losses(psi, tasks.query)
         return MetaStep((theta.detach() - psi).mean(0), per_task,
                         {"grad_evals": fns.grad_evals, "inner_steps": self.steps})
