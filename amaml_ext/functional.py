@@ -69,13 +69,7 @@ def unflatten_params(model: nn.Module, flat: torch.Tensor) -> Dict[str, torch.Te
     if flat.shape[-1] != d:
         raise ValueError(f"argument 'theta' must have {d} entries (the model's parameter count), "
                          f"got {flat.shape[-1]} (shape {tuple(flat.shape)})")
-    out, i = {}, 0
-    batch = flat.shape[:-1]
-    for name, shape in shapes:
-        n = math.prod(shape)
-        out[name] = flat[..., i:i + n].reshape(*batch, *shape)
-        i += n
-    return out
+    return _unflatten_shapes(shapes, flat)
 
 
 _FUNCTIONAL_COPIES: "weakref.WeakKeyDictionary[nn.Module, Tuple[bool, nn.Module]]" = weakref.WeakKeyDictionary()
@@ -106,10 +100,12 @@ def functional_module(model: nn.Module) -> nn.Module:
 
 
 def _unflatten_shapes(shapes: Sequence[Tuple[str, torch.Size]], flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Views of ``flat`` (``[..., d]``) shaped like ``shapes``, unchecked (also inside torch.compile)."""
     out, i = {}, 0
+    batch = flat.shape[:-1]
     for name, shape in shapes:
         n = math.prod(shape)
-        out[name] = flat[i:i + n].reshape(shape)
+        out[name] = flat[..., i:i + n].reshape(*batch, *shape)
         i += n
     return out
 
