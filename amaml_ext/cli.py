@@ -450,8 +450,9 @@ def compare(args) -> Dict:
         table += ("\n\nPaired per-task differences at the last step (the same test tasks for every method):\n\n"
                   + paired)
     with open(os.path.join(args.out, "compare.md"), "w") as f:
-        measure = ("Test accuracy (mean ± 95% confidence interval over the test tasks)"
-                   if TASK_KINDS[args.task] == "images" else "Test nRMSE (mean ± std over the test tasks)")
+        measure = {"images": "Test accuracy (mean ± 95% confidence interval over the test tasks)",
+                   "ratings": "Test nRMSE on each test user's remaining ratings (mean ± std over the test tasks)",
+                   }.get(TASK_KINDS[args.task], "Test nRMSE (mean ± std over the test tasks)")
         f.write(f"# {title}\n\n{measure} after meta-test GD steps (step {args.inner_lr:g}); last column: "
                 f"meta-training seconds.\n\n{table}\n")
     with open(os.path.join(args.out, "compare.json"), "w") as f:

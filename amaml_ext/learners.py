@@ -98,6 +98,10 @@ class MetaLearner:
             raise ValueError(f"argument 'theta' must have shape [{self.d}] (the model's parameter count), got {got}")
         if not isinstance(tasks, TaskBatch):
             raise TypeError(f"argument 'tasks' must be an amaml_ext.tasks.TaskBatch, got {type(tasks).__name__}")
+        if tasks.query_mask is not None:
+            raise ValueError("argument 'tasks' must have same-size query sets (query_mask None) to meta-train on, "
+                             f"got padded query sets with a query_mask of shape {tuple(tasks.query_mask.shape)} "
+                             "(a test pool: meta-train on the training pool)")
 
     def functions(self, tasks: TaskBatch, batched: bool = True) -> TaskFunctions:
         return TaskFunctions(self.model, self.loss, tasks.support, tasks.query, batched)

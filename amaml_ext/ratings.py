@@ -220,17 +220,25 @@ class RatingPool(TaskPool):
     """A fixed set of rating tasks (one per user). Stores, per task, the item indices and scaled
     targets of its support and query ratings; :meth:`batch` builds the one-hot inputs. Behaves
     like :class:`~amaml_ext.tasks.TaskPool` (``len``, ``batch``, ``all``, ``params``, ``family``,
-    ``data``)."""
+    ``data``).
+
+    ``shots`` and ``val`` are the setting's sizes. A pool made with ``test_query="rest"`` holds
+    each user's remaining ratings as the query (``query_sizes`` of them, padded to the largest
+    and marked by ``query_mask``); otherwise every query has ``val`` ratings and ``query_mask``
+    is None."""
 
     def __init__(self, family: "RatingDataset", users: torch.Tensor, support_items: torch.Tensor,
-                 support_y: torch.Tensor, query_items: torch.Tensor, query_y: torch.Tensor, setting: str):
+                 support_y: torch.Tensor, query_items: torch.Tensor, query_y: torch.Tensor, setting: str,
+                 val: Optional[int] = None, query_mask: Optional[torch.Tensor] = None):
         # no TaskPool.__init__: ``data`` is built on request (see the property below)
         self.family = family
         self.users = users                                    # [n] long, the original user ids
         self.params = users.to(torch.float64).unsqueeze(1)    # [n, 1]
         self.support_items, self.support_y = support_items, support_y    # [n, k] long, [n, k, 1] float64
         self.query_items, self.query_y = query_items, query_y            # [n, v] long, [n, v, 1] float64
+        self.query_mask = query_mask                                     # [n, v] bool or None
         self.setting = setting
+        self._val = query_items.shape[1] if val is None else int(val)
         self.in_dim = family.in_dim
 
     @property
@@ -239,7 +247,14 @@ class RatingPool(TaskPool):
 
     @property
     def val(self) -> int:
-        return self.query_items.shape[1]
+        return self._val
+
+    @property
+    def query_sizes(self) -> torch.Tensor:
+        """``[n]``: each task's number of (real) query ratings."""
+        if self.query_mask is None:
+            return torch.full((len(self),), self.query_items.shape[1], dtype=torch.long)
+        return self.query_mask.sum(1)
 
     @property
     def data(self) -> TaskBatch:
@@ -252,12 +267,14 @@ class RatingPool(TaskPool):
     def batch(self, index: torch.Tensor, device=None, dtype=None) -> TaskBatch:
         """Tasks ``index`` (a 1-D tensor of indices) as a batch, cast to ``device``/``dtype``."""
         index = torch.as_tensor(index, dtype=torch.long)
+        mask = None if self.query_mask is None else self.query_mask[index]
         b = TaskBatch((self._one_hot(self.support_items[index]), self.support_y[index]),
-                      (self._one_hot(self.query_items[index]), self.query_y[index]))
+                      (self._one_hot(self.query_items[index]), self.query_y[index]), mask)
         return b.to(device=device, dtype=dtype)
 
     def __repr__(self) -> str:
-        return f"RatingPool({self.family.name}, {self.setting}, {len(self)} users)"
+        rest = "" if self.query_mask is None else ", query: all remaining ratings"
+        return f"RatingPool({self.family.name}, {self.setting}, {len(self)} users{rest})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,15 +366,23 @@ class RatingDataset:
         _, shots, val = _parse_setting(setting)
         return self.users[self.ratings_per_user >= shots + val]
 
-    def pools(self, setting="10shot-15val", seed: int = 0) -> Tuple[RatingPool, RatingPool]:
+    def pools(self, setting="10shot-15val", seed: int = 0, test_query: str = "rest") -> Tuple[RatingPool, RatingPool]:
         """``(meta-training pool, test pool)`` for ``setting`` (a key of
         :data:`RATING_SETTINGS` or a ``(shots, val)`` pair), all drawn from ``seed``: the test
         pool holds ``num_test`` users drawn among the eligible users, the training pool the other
         eligible users (both in ascending user id); each task's support and query ratings are
-        ``shots`` and ``val`` distinct rated items drawn at random."""
+        ``shots`` and ``val`` distinct rated items drawn at random.
+
+        ``test_query="rest"`` (the paper's protocol, the default): a test user's query is all of
+        their ratings not in the support set (padded, with ``query_mask``); ``"val"``: ``val``
+        of them, like the training tasks. The training pool and the test users and supports do
+        not depend on ``test_query``."""
         name, shots, val = _parse_setting(setting)
         if not _is_int(seed):
             raise ValueError(f"argument 'seed' must be an int, got {seed!r}")
+        if test_query not in ("rest", "val"):
+            raise ValueError(f"argument 'test_query' must be 'rest' (all remaining ratings) or 'val' "
+                             f"({val} ratings), got {test_query!r}")
         need = shots + val
         elig = torch.nonzero(self.ratings_per_user >= need).squeeze(1)     # task rows
         if elig.numel() <= self.num_test:
@@ -368,16 +393,26 @@ class RatingDataset:
         perm = torch.randperm(elig.numel(), generator=g)
         keys = torch.rand(elig.numel(), self.in_dim, generator=g, dtype=torch.float64)
         keys = keys.masked_fill(~self._rated[elig], 2.0)                   # unrated items sort last
-        chosen = keys.argsort(dim=1, stable=True)[:, :need]                 # need distinct rated items per user
-        y = self._targets[elig.unsqueeze(1), chosen].unsqueeze(2)
+        order = keys.argsort(dim=1, stable=True)                           # rated items first, in random order
+        y = self._targets[elig.unsqueeze(1), order].unsqueeze(2)           # NaN past each user's ratings
 
-        def make(pos: torch.Tensor) -> RatingPool:
+        def make(pos: torch.Tensor, rest: bool) -> RatingPool:
             pos = pos.sort().values
-            return RatingPool(self, self.users[elig[pos]], chosen[pos, :shots].contiguous(),
-                              y[pos, :shots].contiguous(), chosen[pos, shots:].contiguous(),
-                              y[pos, shots:].contiguous(), name)
+            width, mask = val, None
+            if rest:
+                n_query = self.ratings_per_user[elig[pos]] - shots
+                width = int(n_query.max())
+                mask = torch.arange(width).unsqueeze(0) < n_query.unsqueeze(1)
+            q_items = order[pos, shots:shots + width]
+            q_y = y[pos, shots:shots + width]
+            if mask is not None:                                             # padding: item 0, target 0
+                q_items = q_items.masked_fill(~mask, 0)
+                q_y = q_y.masked_fill(~mask.unsqueeze(2), 0.0)
+            return RatingPool(self, self.users[elig[pos]], order[pos, :shots].contiguous(),
+                              y[pos, :shots].contiguous(), q_items.contiguous(), q_y.contiguous(), name,
+                              val=val, query_mask=mask)
 
-        return make(perm[self.num_test:]), make(perm[:self.num_test])
+        return make(perm[self.num_test:], False), make(perm[:self.num_test], test_query == "rest")
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(root={self.root!r}, top_items={self.top_items}, "

@@ -40,10 +40,16 @@ __all__ = ["TaskBatch", "TaskPool", "TaskFamily", "CosMixture", "Alpine", "FAMIL
 
 @dataclass
 class TaskBatch:
-    """B tasks: ``support = (x [B, k, in], y [B, k, 1])``, ``query`` likewise."""
+    """B tasks: ``support = (x [B, k, in], y [B, k, 1])``, ``query`` likewise.
+
+    ``query_mask`` (``[B, v]`` bool, optional) marks the real query points when the tasks'
+    query sets have different sizes and are padded to the largest (the rating test pools,
+    whose query is each test user's remaining ratings). Only meta-testing reads it; the
+    learners refuse a masked batch rather than train on padding."""
 
     support: Tuple[torch.Tensor, torch.Tensor]
     query: Tuple[torch.Tensor, torch.Tensor]
+    query_mask: Optional[torch.Tensor] = None
 
     @property
     def size(self) -> int:
@@ -51,11 +57,18 @@ class TaskBatch:
 
     def to(self, device=None, dtype=None) -> "TaskBatch":
         cast = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None)  # noqa: E731
-        return TaskBatch(tuple(map(cast, self.support)), tuple(map(cast, self.query)))
+        mask = None if self.query_mask is None else self.query_mask.to(device=device)
+        return TaskBatch(tuple(map(cast, self.support)), tuple(map(cast, self.query)), mask)
+
+    def select(self, index) -> "TaskBatch":
+        """Tasks ``index`` (a 1-D index tensor or a slice), keeping the task dimension."""
+        mask = None if self.query_mask is None else self.query_mask[index]
+        return TaskBatch(tuple(t[index] for t in self.support), tuple(t[index] for t in self.query), mask)
 
     def task(self, b: int) -> "TaskBatch":
         """Task ``b`` alone (no task dimension)."""
-        return TaskBatch(tuple(t[b] for t in self.support), tuple(t[b] for t in self.query))
+        mask = None if self.query_mask is None else self.query_mask[b]
+        return TaskBatch(tuple(t[b] for t in self.support), tuple(t[b] for t in self.query), mask)
 
 
 class TaskPool:
@@ -71,9 +84,7 @@ class TaskPool:
 
     def batch(self, index: torch.Tensor, device=None, dtype=None) -> TaskBatch:
         """Tasks ``index`` (a 1-D tensor of indices) as a batch, cast to ``device``/``dtype``."""
-        index = torch.as_tensor(index, dtype=torch.long)
-        b = TaskBatch(tuple(t[index] for t in self.data.support), tuple(t[index] for t in self.data.query))
-        return b.to(device=device, dtype=dtype)
+        return self.data.select(torch.as_tensor(index, dtype=torch.long)).to(device=device, dtype=dtype)
 
     def all(self, device=None, dtype=None) -> TaskBatch:
         return self.batch(torch.arange(len(self)), device=device, dtype=dtype)

@@ -215,16 +215,25 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
     return result
 
 
-def nrmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def nrmse(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Normalised RMSE per task: ``||pred - y|| / ||y||`` over each task's points
-    (``[B, k, 1]`` -> ``[B]``)."""
+    (``[B, k, 1]`` -> ``[B]``); with ``mask`` (``[B, k]`` bool) over the marked points only."""
+    err, ref = (pred - target).pow(2), target.pow(2)
+    if mask is not None:
+        m = mask.reshape(mask.shape + (1,) * (pred.dim() - mask.dim())).to(err.dtype)
+        err, ref = err * m, ref * m
     dims = tuple(range(1, pred.dim()))
-    return (pred - target).pow(2).sum(dims).sqrt() / target.pow(2).sum(dims).sqrt().clamp_min(1e-30)
+    return err.sum(dims).sqrt() / ref.sum(dims).sqrt().clamp_min(1e-30)
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Classification accuracy per task (``[B, k, classes]``, ``[B, k]`` -> ``[B]``)."""
-    return (logits.argmax(-1) == labels).to(torch.float64).mean(-1)
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Classification accuracy per task (``[B, k, classes]``, ``[B, k]`` -> ``[B]``); with
+    ``mask`` (``[B, k]`` bool) over the marked points only."""
+    hit = (logits.argmax(-1) == labels).to(torch.float64)
+    if mask is None:
+        return hit.mean(-1)
+    m = mask.to(torch.float64)
+    return (hit * m).sum(-1) / m.sum(-1).clamp_min(1)
 
 
 METRICS_FNS = {"nrmse": nrmse, "accuracy": accuracy}
@@ -235,7 +244,8 @@ def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatc
               chunk: int = 100) -> Dict[str, List[float]]:
     """Adapt from ``theta`` on every task's support set with ``steps`` plain GD steps of ``lr``
     (``chunk`` tasks at a time, batched) and record the query ``metric`` (``"nrmse"`` or
-    ``"accuracy"``) after every ``record_every`` steps.
+    ``"accuracy"``; over the real points of ``tasks.query_mask`` when there is one) after every
+    ``record_every`` steps.
 
     Returns ``{"metric", "step": [...], "mean": [...], "std": [...], "ci95": [...], "final":
     [per-task value]}`` (std over tasks, population; ``ci95 = 1.96 std / sqrt(tasks)``)."""
@@ -250,7 +260,7 @@ def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatc
     per_task: List[List[torch.Tensor]] = [[] for _ in recorded]
     B = tasks.size
     for a in range(0, B, chunk):
-        part = TaskBatch(tuple(t[a:a + chunk] for t in tasks.support), tuple(t[a:a + chunk] for t in tasks.query))
+        part = tasks.select(slice(a, a + chunk))
         fns = TaskFunctions(model, loss, part.support, part.query, batched=True)
         u = theta.detach().to(part.support[0].dtype).expand(part.size, -1).clone()
 
@@ -258,7 +268,7 @@ def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatc
             with torch.no_grad():
                 pred = torch.func.vmap(lambda w, x: torch.func.functional_call(
                     fns.module, (unflatten_params(fns.model, w), fns.buffers), (x,)))(u, part.query[0])
-                return score(pred, part.query[1])
+                return score(pred, part.query[1], part.query_mask)
 
         k = 0
         if recorded[0] == 0:

@@ -173,7 +173,7 @@ def test_movielens_pools(tmp_path, setting):
     _write_ml100k(tmp_path)
     ds = MovieLens100K(tmp_path, num_test=3)
     shots, val = RATING_SETTINGS[setting]
-    train, test = ds.pools(setting, seed=0)
+    train, test = ds.pools(setting, seed=0, test_query="val")
     # user 3 (20 ratings) is never used; user 1 (30) only when shots + val <= 30
     eligible = ([1] if shots + val <= 30 else []) + list(range(4, 14))
     assert ds.eligible_users(setting).tolist() == eligible
@@ -250,7 +250,7 @@ def test_jester_pools(tmp_path, setting):
     _write_jester_zip(tmp_path)
     ds = Jester(tmp_path, num_test=4)
     shots, val = RATING_SETTINGS[setting]
-    train, test = ds.pools(setting, seed=1)
+    train, test = ds.pools(setting, seed=1, test_query="val")
     eligible = [u for u in range(1, 13) if (JM[u - 1] != 99).sum() >= shots + val]
     assert sorted(train.users.tolist() + test.users.tolist()) == eligible
     assert len(test) == 4 and not set(train.users.tolist()) & set(test.users.tolist())
@@ -383,6 +383,51 @@ def test_argument_validation(tmp_path):
         ds.pools((5, 0))
     with pytest.raises(ValueError, match="argument 'seed' must be an int, got '1'"):
         ds.pools(seed="1")
+    with pytest.raises(ValueError, match="argument 'test_query' must be 'rest'.*or 'val'.*got 'all'"):
+        ds.pools(test_query="all")
+
+
+@pytest.mark.parametrize("setting", ["10shot-15val", "20shot-30val"])
+def test_test_query_rest_is_every_remaining_rating(tmp_path, setting):
+    """The paper's protocol: a test user's query is all of their ratings outside the support set.
+    Same training pool, test users and supports as test_query="val"; the query holds exactly
+    the user's other ratings (checked against the fixture's ratings), padding is masked."""
+    _write_ml100k(tmp_path)
+    ds = MovieLens100K(tmp_path, num_test=4)
+    shots, val = RATING_SETTINGS[setting]
+    train_v, test_v = ds.pools(setting, seed=2, test_query="val")
+    train, test = ds.pools(setting, seed=2)                     # default: "rest"
+    for a, b in ((train, train_v), (test, test_v)):
+        assert torch.equal(a.users, b.users) and torch.equal(a.support_items, b.support_items)
+        assert torch.equal(a.support_y, b.support_y)
+    assert train.query_mask is None and torch.equal(train.query_items, train_v.query_items)
+    assert (test.shots, test.val) == (shots, val) and "remaining" in repr(test)
+    batch = test.all()
+    assert batch.query_mask is not None and torch.equal(batch.query_mask, test.query_mask)
+    for t, user in enumerate(test.users.tolist()):
+        rated = {i for (u, i) in ML if u == user and i <= 100}           # items 101..110 are not kept
+        support = {int(ds.items[j]) for j in test.support_items[t]}
+        n = int(test.query_sizes[t])
+        assert n == len(rated) - shots
+        items = [int(ds.items[j]) for j in test.query_items[t, :n]]
+        assert set(items) == rated - support and len(items) == n
+        assert test.query_y[t, :n, 0].tolist() == [(ML[user, i] - 3) / 2 for i in items]
+        assert not test.query_mask[t, n:].any() and test.query_mask[t, :n].all()
+        assert (test.query_y[t, n:] == 0).all()
+        # the fixed-size query is the first val of the remaining ratings
+        assert torch.equal(test_v.query_items[t], test.query_items[t, :val])
+    assert int(test.query_sizes.max()) == test.query_items.shape[1] > val
+
+
+def test_masked_query_refused_for_meta_training(tmp_path):
+    from amaml_ext import learners, models
+    _write_ml100k(tmp_path)
+    _, test = MovieLens100K(tmp_path, num_test=4).pools("10shot-15val")
+    net = models.mlp(in_dim=100, width=8).double()
+    learner = learners.make_learner("fomaml", net, torch.nn.functional.mse_loss, inner_steps=2)
+    theta = torch.cat([p.detach().flatten() for p in net.parameters()])
+    with pytest.raises(ValueError, match="argument 'tasks' must have same-size query sets.*query_mask of shape"):
+        learner.meta_grad(theta, test.batch(torch.arange(2)))
 
 
 # --------------------------------------------------------------------------------------------

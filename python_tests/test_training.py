@@ -142,6 +142,40 @@ def test_meta_test_records_nrmse_after_each_step():
     torch.testing.assert_close(nrmse(batch.query[1] * 2, batch.query[1]), torch.ones(4, dtype=torch.float64))
 
 
+
+@pytest.mark.parametrize("metric", ["nrmse", "accuracy"])
+def test_meta_test_ragged_query_equals_each_task_alone(metric):
+    """Padded query sets (query_mask): the metric of each task equals meta-testing that task
+    alone on its real query points; the padding (filled with junk) must not count, also when
+    the tasks are processed in chunks."""
+    torch.manual_seed(0)
+    sizes = [7, 3, 10, 1, 5]
+    if metric == "nrmse":
+        net = models.mlp(width=8).double()
+        full = tasks.CosMixture(6, 10).pool(5, seed=3).all()
+        loss, junk = F.mse_loss, lambda t: t.fill_(1e3)
+    else:
+        net = models.mlp(in_dim=2, width=8, out_dim=3).double()
+        xs, xq = torch.randn(5, 6, 2, dtype=torch.float64), torch.randn(5, 10, 2, dtype=torch.float64)
+        full = tasks.TaskBatch((xs, torch.randint(0, 3, (5, 6))), (xq, torch.randint(0, 3, (5, 10))))
+        loss, junk = F.cross_entropy, lambda t: t.fill_(0)
+    mask = torch.arange(10).unsqueeze(0) < torch.tensor(sizes).unsqueeze(1)
+    xq, yq = full.query[0].clone(), full.query[1].clone()
+    for b, n in enumerate(sizes):
+        junk(xq[b, n:]); junk(yq[b, n:])
+    ragged = tasks.TaskBatch(full.support, (xq, yq), mask)
+    theta = flatten_params(net)
+    got = meta_test(net, loss, theta, ragged, steps=2, lr=0.05, metric=metric, chunk=2)
+    want = []
+    for b, n in enumerate(sizes):
+        alone = tasks.TaskBatch(tuple(t[b:b + 1] for t in full.support), (full.query[0][b:b + 1, :n],
+                                                                         full.query[1][b:b + 1, :n]))
+        want += meta_test(net, loss, theta, alone, steps=2, lr=0.05, metric=metric)["final"]
+    assert got["final"] == pytest.approx(want, rel=1e-12, abs=1e-15)
+    unmasked = meta_test(net, loss, theta, tasks.TaskBatch(full.support, (xq, yq)), steps=2, lr=0.05, metric=metric)
+    assert unmasked["final"] != pytest.approx(want, rel=1e-6)          # the padding would count without the mask
+
+
 # ---- the command ------------------------------------------------------------------------------
 
 TINY = ["--task", "cosmixture", "--pool-size", "6", "--meta-batch", "2", "--inner-steps", "4",
