@@ -92,6 +92,9 @@ def _add_problem_args(p: argparse.ArgumentParser) -> None:
                    help="synthetic: meta-training tasks and test tasks (default 100); images: test episodes "
                         "(default 600); ratings: not used (100 held-out test users)")
     g.add_argument("--pool-seed", type=int, default=0, help="seeds the task pools (and the held-out users/episodes)")
+    g.add_argument("--resample", action="store_true",
+                   help="ratings: draw each training user's support and query ratings afresh at every visit "
+                        "(default: one fixed split per user)")
     g = p.add_argument_group("inner training")
     g.add_argument("--inner-steps", type=_positive_int, default=200,
                    help="GD steps for fomaml/reptile/imaml; A-MAML's T = inner-steps x inner-lr")
@@ -160,6 +163,8 @@ def _device(text: str) -> torch.device:
 def resolve_task_args(args) -> None:
     """Fill the task-dependent defaults of --setting / --model / --pool-size and check them."""
     kind = TASK_KINDS[args.task]
+    if kind != "ratings" and getattr(args, "resample", False):
+        raise SystemExit(f"amaml-ext: argument --resample: only for the rating tasks, not --task {args.task}")
     if kind == "images":
         if args.setting is not None:
             raise SystemExit(f"amaml-ext: argument --setting: not used by --task {args.task} (use --ways/--shots/"
@@ -197,6 +202,8 @@ def run_config(args, method: str) -> Dict:
         cfg.update(setting=args.setting, shots=shots, val=val, model=args.model, pool_size=args.pool_size)
     elif kind == "ratings":
         cfg.update(setting=args.setting, model=args.model, data_root=args.data_root)
+        if args.resample:          # only when set: runs made before the flag existed still resume
+            cfg["resample"] = True
     else:
         cfg.update(ways=args.ways, shots=args.shots, query_shots=args.query_shots, channels=args.channels,
                    test_tasks=args.pool_size, data_root=args.data_root)
@@ -251,7 +258,8 @@ class Problem:
             self.in_dim = self.family.in_dim
         elif kind == "ratings":
             self.family = _dataset(cfg["task"], root)
-            self.train_pool, self.test_pool = self.family.pools(cfg["setting"], seed=cfg["pool_seed"])
+            self.train_pool, self.test_pool = self.family.pools(cfg["setting"], seed=cfg["pool_seed"],
+                                                                resample=cfg.get("resample", False))
             self.in_dim = self.family.in_dim
         else:
             from .images import EpisodePool

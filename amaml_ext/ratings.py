@@ -229,7 +229,7 @@ class RatingPool(TaskPool):
 
     def __init__(self, family: "RatingDataset", users: torch.Tensor, support_items: torch.Tensor,
                  support_y: torch.Tensor, query_items: torch.Tensor, query_y: torch.Tensor, setting: str,
-                 val: Optional[int] = None, query_mask: Optional[torch.Tensor] = None):
+                 val: Optional[int] = None, query_mask: Optional[torch.Tensor] = None, resample: bool = False):
         # no TaskPool.__init__: ``data`` is built on request (see the property below)
         self.family = family
         self.users = users                                    # [n] long, the original user ids
@@ -240,6 +240,7 @@ class RatingPool(TaskPool):
         self.setting = setting
         self._val = query_items.shape[1] if val is None else int(val)
         self.in_dim = family.in_dim
+        self.resample = bool(resample)
 
     @property
     def shots(self) -> int:
@@ -272,8 +273,28 @@ class RatingPool(TaskPool):
                       (self._one_hot(self.query_items[index]), self.query_y[index]), mask)
         return b.to(device=device, dtype=dtype)
 
+    def draw(self, index: torch.Tensor, *, step: int, seed: int, device=None, dtype=None) -> TaskBatch:
+        """The tasks ``index`` as meta-step ``step`` of a run seeded ``seed`` sees them (what
+        :func:`~amaml_ext.train.meta_train` calls). Without ``resample`` this is
+        :meth:`batch`. With it, each task's ``shots`` support and ``val`` query ratings are drawn
+        afresh among all of the user's ratings at every visit, from a generator seeded by
+        ``(seed, step)``, so a resumed run sees the same draws."""
+        if not self.resample:
+            return self.batch(index, device=device, dtype=dtype)
+        index = torch.as_tensor(index, dtype=torch.long)
+        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) ^ 0x5DEECE66D)
+        rows = torch.searchsorted(self.family.users, self.users[index])
+        rated = self.family._rated[rows]
+        keys = torch.rand(rated.shape, generator=g, dtype=torch.float64).masked_fill(~rated, 2.0)
+        order = keys.argsort(dim=1, stable=True)[:, :self.shots + self.val]
+        y = self.family._targets[rows.unsqueeze(1), order].unsqueeze(2)
+        k = self.shots
+        b = TaskBatch((self._one_hot(order[:, :k]), y[:, :k]), (self._one_hot(order[:, k:]), y[:, k:]))
+        return b.to(device=device, dtype=dtype)
+
     def __repr__(self) -> str:
         rest = "" if self.query_mask is None else ", query: all remaining ratings"
+        rest += ", resampled at every visit" if self.resample else ""
         return f"RatingPool({self.family.name}, {self.setting}, {len(self)} users{rest})"
 
 
@@ -366,7 +387,8 @@ class RatingDataset:
         _, shots, val = _parse_setting(setting)
         return self.users[self.ratings_per_user >= shots + val]
 
-    def pools(self, setting="10shot-15val", seed: int = 0, test_query: str = "rest") -> Tuple[RatingPool, RatingPool]:
+    def pools(self, setting="10shot-15val", seed: int = 0, test_query: str = "rest",
+              resample: bool = False) -> Tuple[RatingPool, RatingPool]:
         """``(meta-training pool, test pool)`` for ``setting`` (a key of
         :data:`RATING_SETTINGS` or a ``(shots, val)`` pair), all drawn from ``seed``: the test
         pool holds ``num_test`` users drawn among the eligible users, the training pool the other
@@ -376,10 +398,15 @@ class RatingDataset:
         ``test_query="rest"`` (the paper's protocol, the default): a test user's query is all of
         their ratings not in the support set (padded, with ``query_mask``); ``"val"``: ``val``
         of them, like the training tasks. The training pool and the test users and supports do
-        not depend on ``test_query``."""
+        not depend on ``test_query``.
+
+        ``resample=True``: the training pool draws each task's support and query afresh at every
+        meta-training visit (:meth:`RatingPool.draw`) instead of keeping the split drawn here."""
         name, shots, val = _parse_setting(setting)
         if not _is_int(seed):
             raise ValueError(f"argument 'seed' must be an int, got {seed!r}")
+        if not isinstance(resample, bool):
+            raise ValueError(f"argument 'resample' must be a bool, got {resample!r}")
         if test_query not in ("rest", "val"):
             raise ValueError(f"argument 'test_query' must be 'rest' (all remaining ratings) or 'val' "
                              f"({val} ratings), got {test_query!r}")
@@ -396,7 +423,7 @@ class RatingDataset:
         order = keys.argsort(dim=1, stable=True)                           # rated items first, in random order
         y = self._targets[elig.unsqueeze(1), order].unsqueeze(2)           # NaN past each user's ratings
 
-        def make(pos: torch.Tensor, rest: bool) -> RatingPool:
+        def make(pos: torch.Tensor, rest: bool, fresh: bool) -> RatingPool:
             pos = pos.sort().values
             width, mask = val, None
             if rest:
@@ -410,9 +437,10 @@ class RatingDataset:
                 q_y = q_y.masked_fill(~mask.unsqueeze(2), 0.0)
             return RatingPool(self, self.users[elig[pos]], order[pos, :shots].contiguous(),
                               y[pos, :shots].contiguous(), q_items.contiguous(), q_y.contiguous(), name,
-                              val=val, query_mask=mask)
+                              val=val, query_mask=mask, resample=fresh)
 
-        return make(perm[self.num_test:], False), make(perm[:self.num_test], test_query == "rest")
+        return (make(perm[self.num_test:], False, bool(resample)),
+                make(perm[:self.num_test], test_query == "rest", False))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(root={self.root!r}, top_items={self.top_items}, "

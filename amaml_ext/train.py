@@ -110,7 +110,9 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
 
     Args:
         learner: a :class:`amaml_ext.learners.MetaLearner`.
-        pool: the fixed meta-training tasks.
+        pool: the meta-training tasks (a pool with a ``draw(index, step=, seed=, device=,
+            dtype=)`` method, like a resampling ``RatingPool``, is asked for each step's data
+            through it; otherwise ``pool.batch(index)``).
         meta_steps: total number of outer steps (a resumed run continues up to it).
         out_dir: run directory (created); see the module doc for its files.
         theta0: initial theta ``[d]`` (default: the learner's model's parameters).
@@ -179,7 +181,9 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
     try:
         for step in range(start, meta_steps):
             idx = task_indices(seed, step, len(pool), meta_batch)
-            batch = pool.batch(idx, device=device, dtype=dtype)
+            draw = getattr(pool, "draw", None)      # pools that draw fresh data per visit (RatingPool)
+            batch = (draw(idx, step=step, seed=seed, device=device, dtype=dtype) if draw is not None
+                     else pool.batch(idx, device=device, dtype=dtype))
             t0 = time.perf_counter()
             out = learner.meta_grad(theta.detach(), batch)
             if not bool(torch.isfinite(out.grad).all()):

@@ -385,6 +385,8 @@ def test_argument_validation(tmp_path):
         ds.pools(seed="1")
     with pytest.raises(ValueError, match="argument 'test_query' must be 'rest'.*or 'val'.*got 'all'"):
         ds.pools(test_query="all")
+    with pytest.raises(ValueError, match="argument 'resample' must be a bool, got 1"):
+        ds.pools(resample=1)
 
 
 @pytest.mark.parametrize("setting", ["10shot-15val", "20shot-30val"])
@@ -430,6 +432,53 @@ def test_masked_query_refused_for_meta_training(tmp_path):
         learner.meta_grad(theta, test.batch(torch.arange(2)))
 
 
+def test_resampling_pool_draws_fresh_valid_splits(tmp_path):
+    _write_ml100k(tmp_path)
+    ds = MovieLens100K(tmp_path, num_test=3)
+    fixed, _ = ds.pools("10shot-15val", seed=0)
+    train, test = ds.pools("10shot-15val", seed=0, resample=True)
+    assert train.resample and not test.resample and "resampled" in repr(train)
+    assert torch.equal(train.users, fixed.users)
+    idx = torch.tensor([2, 0, 5])
+    same = lambda a, b: all(torch.equal(s, t) for s, t in zip(a.support + a.query, b.support + b.query))  # noqa: E731
+    assert same(fixed.draw(idx, step=3, seed=1), fixed.batch(idx))          # no resampling: the fixed split
+    a, b = train.draw(idx, step=3, seed=1), train.draw(idx, step=3, seed=1)
+    assert same(a, b) and a.support[0].shape == (3, 10, 100) and a.query[1].shape == (3, 15, 1)
+    assert not same(a, train.draw(idx, step=4, seed=1)) and not same(a, train.draw(idx, step=3, seed=2))
+    seen = set()
+    for step in range(6):
+        d = train.draw(idx, step=step, seed=0)
+        for t, user in enumerate(train.users[idx].tolist()):
+            si, qi = d.support[0][t].argmax(-1), d.query[0][t].argmax(-1)
+            items = [int(ds.items[j]) for j in torch.cat([si, qi])]
+            assert len(set(items)) == 25 and all((user, i) in ML for i in items)
+            ys = torch.cat([d.support[1][t], d.query[1][t]]).squeeze(1).tolist()
+            assert ys == [(ML[user, i] - 3) / 2 for i in items]
+            seen.add((user, frozenset(items[:10])))
+    assert len(seen) > 3 * 3          # different supports over the steps
+
+
+def test_meta_train_with_resampling_resumes_exactly(tmp_path):
+    from amaml_ext import learners, models
+    from amaml_ext.train import meta_train
+    _write_ml100k(tmp_path)
+    ds = MovieLens100K(tmp_path, num_test=3)
+    train, _ = ds.pools((5, 5), seed=0, resample=True)
+    fixed, _ = ds.pools((5, 5), seed=0)
+
+    def run(pool, out, steps, resume=False):
+        torch.manual_seed(0)
+        net = models.mlp(in_dim=100, width=6).double()
+        learner = learners.make_learner("fomaml", net, torch.nn.functional.mse_loss, inner_steps=3, inner_lr=0.1)
+        return meta_train(learner, pool, meta_steps=steps, out_dir=str(tmp_path / out), meta_batch=3, lr=0.01,
+                          resume=resume, checkpoint_every=1, progress=False, dtype=torch.float64)
+
+    whole = run(train, "a", 4)
+    run(train, "b", 2)
+    assert torch.equal(run(train, "b", 4, resume=True), whole)
+    assert not torch.equal(run(fixed, "c", 4), whole)
+
+
 # --------------------------------------------------------------------------------------------
 # the real files (optional: only where $AMAML_DATA_ROOT holds them)
 
@@ -450,6 +499,8 @@ def test_real_movielens_100k():
         assert len(test) == 100 and len(train) + 100 == len(ds.eligible_users(setting))
         b = train.batch(torch.arange(5))
         assert b.support[0].shape == (5, shots, 100) and b.query[1].shape == (5, val, 1)
+        per_user = ds.ratings_per_user[torch.searchsorted(ds.users, test.users)]
+        assert torch.equal(test.query_sizes, per_user - shots) and int(test.query_sizes.min()) >= val
 
 
 @pytest.mark.skipif(not HAS_JESTER, reason="real Jester-1 not found under $AMAML_DATA_ROOT")

@@ -274,6 +274,13 @@ def test_command_compare_on_a_movielens_fixture(tmp_path):
     assert theta.numel() == 100 * 40 + 40 + 40 * 40 + 40 + 40 + 1  # one-hot of 100 items -> MLP 2x40
     ev = json.load(open(os.path.join(out, "fomaml", "eval.json")))
     assert ev["test_tasks"] == 100 and ev["metric"] == "nrmse"
+    assert "resample" not in cfg
+    r = str(tmp_path / "resampled")
+    assert main(["train", "--task", "movielens-100k", "--data-root", str(tmp_path / "data"), "--method", "fomaml",
+                 "--inner-steps", "2", "--meta-steps", "2", "--resample", "--out", r, "--quiet"]) == 0
+    assert json.load(open(os.path.join(r, "config.json")))["resample"] is True
+    with pytest.raises(SystemExit, match="argument --resample: only for the rating tasks, not --task cosmixture"):
+        main(["train", "--method", "maml", "--resample", "--out", str(tmp_path / "y")] + TINY)
     with pytest.raises(SystemExit, match="--setting: --task movielens-100k takes one of"):
         main(["train", "--task", "movielens-100k", "--setting", "50shot-50val", "--method", "maml", "--out", out])
     with pytest.raises(SystemExit, match="--task movielens-100k: .*u.data"):
