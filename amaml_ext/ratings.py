@@ -163,6 +163,13 @@ def _numeric(df: pd.DataFrame, path: str, what: str, columns=None) -> np.ndarray
     return out
 
 
+def _rated_first(rated: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Per row of ``rated`` (``[n, items]`` bool), the item positions with the rated ones first,
+    in a random order drawn from ``g`` (then the unrated ones)."""
+    keys = torch.rand(rated.shape, generator=g, dtype=torch.float64).masked_fill(~rated, 2.0)
+    return keys.argsort(dim=1, stable=True)
+
+
 def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
@@ -284,9 +291,7 @@ class RatingPool(TaskPool):
         index = torch.as_tensor(index, dtype=torch.long)
         g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) ^ 0x5DEECE66D)
         rows = torch.searchsorted(self.family.users, self.users[index])
-        rated = self.family._rated[rows]
-        keys = torch.rand(rated.shape, generator=g, dtype=torch.float64).masked_fill(~rated, 2.0)
-        order = keys.argsort(dim=1, stable=True)[:, :self.shots + self.val]
+        order = _rated_first(self.family._rated[rows], g)[:, :self.shots + self.val]
         y = self.family._targets[rows.unsqueeze(1), order].unsqueeze(2)
         k = self.shots
         b = TaskBatch((self._one_hot(order[:, :k]), y[:, :k]), (self._one_hot(order[:, k:]), y[:, k:]))
@@ -418,9 +423,7 @@ class RatingDataset:
                              f"num_test={self.num_test} (no meta-training users would be left)")
         g = torch.Generator().manual_seed(int(seed))
         perm = torch.randperm(elig.numel(), generator=g)
-        keys = torch.rand(elig.numel(), self.in_dim, generator=g, dtype=torch.float64)
-        keys = keys.masked_fill(~self._rated[elig], 2.0)                   # unrated items sort last
-        order = keys.argsort(dim=1, stable=True)                           # rated items first, in random order
+        order = _rated_first(self._rated[elig], g)
         y = self._targets[elig.unsqueeze(1), order].unsqueeze(2)           # NaN past each user's ratings
 
         def make(pos: torch.Tensor, rest: bool, fresh: bool) -> RatingPool:
