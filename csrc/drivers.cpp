@@ -387,17 +387,57 @@ void check_lambda_finite(const at::Tensor& lam, double t, int64_t row, const cha
 // t_{j-1}): order 4 for the same two VJPs per interval as Heun. An odd N first takes one
 // RK4 step of size h whose midpoint state is the cubic interpolant of y_{N-3..N}.
 // Discrete: the exact reverse of forward Euler, lam <- lam + h vjp(t_j, y_j, lam).
+//
+// Error estimate (`coarse` given, heun and rk4): the same scheme with twice the step runs
+// alongside on the same stored states (Heun over 2h between even rows, RK4 over 4h between
+// rows divisible by 4, both counted in absolute rows `row0 + j`), so that Richardson's
+// |lam_h - lam_2h| / (2^p - 1) estimates the error of lam_h. Its VJPs are made at states
+// where the fine solve makes its own, right next to them (the caller's linearisation of that
+// state is reused): one extra VJP per interval and no extra linearisation. Where a call's
+// first or last rows are not aligned to the coarse grid (odd N, segment or phase boundaries)
+// the coarse solution takes the fine solve's increment over those intervals. `coarse` holds
+// the coarse adjoint at times[n] on entry and at times[0] on return.
+// `node(t_j, lam_j)`, if given, is called whenever lam is final at a fine node (every row for
+// heun and discrete, every pair node for rk4), after the VJPs at that node.
 py::tuple adjoint_solve(py::function vjp, const at::Tensor& traj, std::vector<int64_t> shape,
                         const at::Tensor& times, const at::Tensor& lam_T,
-                        const std::string& method) {
+                        const std::string& method, std::optional<at::Tensor> coarse,
+                        int64_t row0, std::optional<py::function> node) {
   const int64_t n = times.size(0) - 1;
   const auto tv = times.accessor<double, 1>();
   at::Tensor lam = lam_T.contiguous().clone();
   at::Tensor tmp = at::empty_like(lam);
   at::Tensor mid = at::empty_like(lam);
+  at::Tensor lc, ltc, ac, kc1, kc2, kc3;  // coarse state and its stages
+  const bool est = coarse.has_value() && method != "discrete";
+  if (est) {
+    lc = coarse->contiguous().clone();
+    ltc = at::empty_like(lam);
+  }
   Callback call(std::move(vjp), "vjp", "(t, y, v)", std::move(shape), {traj, lam, tmp, mid});
+  if (est) {
+    call.add_workspace(lc);
+    call.add_workspace(ltc);
+  }
   int64_t steps = 0;
   const char* m = method.c_str();
+  auto report = [&](int64_t j) {
+    if (node.has_value()) (*node)(tv[j], lam);
+  };
+  // Coarse rows: absolute rows r = row0 + j with (r - phase) % stride == 0, where phase makes
+  // them fine nodes (rk4: the fine pair nodes, whose parity is that of the first one below an
+  // odd top step). The coarse solve runs on [lo_c, hi_c], the widest span with coarse ends.
+  const int64_t stride = method == "rk4" ? 4 : 2;
+  const int64_t top_fine = (method == "rk4" && n % 2 == 1 && n > 1) ? n - 1 : n;
+  const int64_t phase = method == "rk4" ? (row0 + top_fine) % 2 : 0;
+  auto is_coarse = [&](int64_t j) { return ((row0 + j - phase) % stride + stride) % stride == 0; };
+  int64_t hi_c = top_fine, lo_c = 0;
+  while (hi_c > 0 && !is_coarse(hi_c)) --hi_c;
+  while (lo_c < n && !is_coarse(lo_c)) ++lo_c;
+  const bool coarse_ok = est && hi_c - lo_c >= stride;
+  auto sync = [&](const at::Tensor& before) {  // lc += lam - before (fine increment)
+    if (est) lc.add_(lam).sub_(before);
+  };
 
   auto heun_interval = [&](int64_t j) {  // lam_{j+1} -> lam_j
     const double h = tv[j + 1] - tv[j];
@@ -421,34 +461,99 @@ py::tuple adjoint_solve(py::function vjp, const at::Tensor& traj, std::vector<in
     stage_combine(lam, {k1, k2, k3, k4}, {1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0}, H, lam);
     ++steps;
   };
+  (void)rk4_step;
 
-  if (method == "heun") {
-    for (int64_t j = n - 1; j >= 0; --j) heun_interval(j);
-  } else if (method == "discrete") {
+  if (method == "discrete") {
     for (int64_t j = n - 1; j >= 0; --j) {
       const at::Tensor a = call(tv[j], lam, traj[j], lam);
       heun_update(lam, a, std::nullopt, tv[j + 1] - tv[j], lam);
       ++steps;
+      report(j);
+    }
+  } else if (method == "heun") {
+    // Coarse Heun step hi -> lo (rows lo = hi - 2): a_c at y_hi is taken when the fine solve is
+    // at hi, b_c at y_lo when it reaches lo.
+    auto coarse_start = [&](int64_t hi) {
+      ac = call(tv[hi], lam, traj[hi], lc);
+      heun_update(lc, ac, std::nullopt, tv[hi] - tv[hi - 2], ltc);
+    };
+    auto coarse_finish = [&](int64_t lo) {
+      const at::Tensor bc = call(tv[lo], lam, traj[lo], ltc);
+      heun_update(lc, ac, bc, tv[lo + 2] - tv[lo], lc);
+    };
+    for (int64_t j = n - 1; j >= 0; --j) {
+      const int64_t top = j + 1;
+      const bool in_coarse = coarse_ok && top <= hi_c && j >= lo_c;
+      if (coarse_ok && top == hi_c) coarse_start(hi_c);
+      const at::Tensor before = (est && !in_coarse) ? lam.clone() : at::Tensor();
+      heun_interval(j);
+      if (est && !in_coarse) sync(before);
+      if (in_coarse && ((hi_c - j) % 2 == 0)) {
+        coarse_finish(j);
+        if (j - 2 >= lo_c) coarse_start(j);
+      }
+      report(j);
     }
   } else if (method == "rk4") {
+    // Coarse RK4 step over 4 intervals hi -> hi - 4, midpoint hi - 2: k1 at hi, k2 and k3 at
+    // hi - 2, k4 at hi - 4, each taken when the fine solve is at that row.
+    auto c_k1 = [&](int64_t hi) {
+      kc1 = call(tv[hi], lam, traj[hi], lc);
+      stage_combine(lc, {kc1}, {0.5}, tv[hi] - tv[hi - 4], ltc);
+    };
+    auto c_k23 = [&](int64_t hi) {
+      const double H = tv[hi] - tv[hi - 4];
+      kc2 = call(tv[hi - 2], lam, traj[hi - 2], ltc);
+      stage_combine(lc, {kc2}, {0.5}, H, ltc);
+      kc3 = call(tv[hi - 2], lam, traj[hi - 2], ltc);
+      stage_combine(lc, {kc3}, {1.0}, H, ltc);
+    };
+    auto c_k4 = [&](int64_t hi) {
+      const double H = tv[hi] - tv[hi - 4];
+      const at::Tensor kc4 = call(tv[hi - 4], lam, traj[hi - 4], ltc);
+      stage_combine(lc, {kc1, kc2, kc3, kc4}, {1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0}, H, lc);
+    };
+    // the fine steps as (hi, lo) pairs of rows, top first, exactly as without the estimate
+    std::vector<std::pair<int64_t, int64_t>> fine;
     int64_t j = n;
     if (n == 1) {
-      heun_interval(0);
+      fine.push_back({1, 0});
       j = 0;
     } else if (n % 2 == 1) {
-      // Lagrange weights of nodes -2, -1, 0, 1 (in units of h from t_{N-1}) at +1/2, written as
-      // y_{N-1} + sum w_i y_i so that stage_combine forms it in one pass.
-      stage_combine(traj[n - 1], {traj[n - 3], traj[n - 2], traj[n - 1], traj[n]},
-                    {0.0625, -0.3125, -0.0625, 0.3125}, 1.0, mid);
-      rk4_step(tv[n], traj[n], 0.5 * (tv[n - 1] + tv[n]), mid, tv[n - 1], traj[n - 1]);
+      fine.push_back({n, n - 1});
       j = n - 1;
     }
-    for (; j >= 2; j -= 2) rk4_step(tv[j], traj[j], tv[j - 1], traj[j - 1], tv[j - 2], traj[j - 2]);
+    for (; j >= 2; j -= 2) fine.push_back({j, j - 2});
+    int64_t c_hi = -1;  // top row of the coarse step in progress
+    for (const auto& [hi, lo] : fine) {
+      const bool in_coarse = coarse_ok && hi <= hi_c && lo >= lo_c && hi - lo == 2;
+      if (in_coarse && (hi_c - hi) % 4 == 0) {
+        c_hi = hi;
+        c_k1(hi);
+      }
+      const at::Tensor before = (est && !in_coarse) ? lam.clone() : at::Tensor();
+      if (n == 1) {
+        heun_interval(0);
+      } else if (hi - lo == 1) {
+        // Lagrange weights of nodes -2, -1, 0, 1 (in units of h from t_{N-1}) at +1/2, written as
+        // y_{N-1} + sum w_i y_i so that stage_combine forms it in one pass.
+        stage_combine(traj[n - 1], {traj[n - 3], traj[n - 2], traj[n - 1], traj[n]},
+                      {0.0625, -0.3125, -0.0625, 0.3125}, 1.0, mid);
+        rk4_step(tv[n], traj[n], 0.5 * (tv[n - 1] + tv[n]), mid, tv[n - 1], traj[n - 1]);
+      } else {
+        rk4_step(tv[hi], traj[hi], tv[hi - 1], traj[hi - 1], tv[lo], traj[lo]);
+      }
+      if (est && !in_coarse) sync(before);
+      if (in_coarse && c_hi == hi) c_k23(c_hi);
+      if (in_coarse && c_hi - lo == 4) c_k4(c_hi);
+      report(lo);
+    }
   } else {
     throw py::value_error("amaml_ext.ode.solve_adjoint: unknown method '" + method + "'");
   }
   check_lambda_finite(lam, tv[0], 0, m);
-  return py::make_tuple(lam, make_adjoint_stats(call.calls(), steps));
+  return py::make_tuple(lam, make_adjoint_stats(call.calls(), steps),
+                        est ? py::object(py::cast(lc)) : py::object(py::none()));
 }
 
 py::dict build_info() {
@@ -482,7 +587,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fixed_forward", &amaml::fixed_forward, py::arg("f"), py::arg("y0"), py::arg("shape"),
         py::arg("times"), py::arg("method"));
   m.def("adjoint_solve", &amaml::adjoint_solve, py::arg("vjp"), py::arg("trajectory"),
-        py::arg("shape"), py::arg("times"), py::arg("lam_T"), py::arg("method"));
+        py::arg("shape"), py::arg("times"), py::arg("lam_T"), py::arg("method"),
+        py::arg("coarse") = py::none(), py::arg("row0") = 0, py::arg("node") = py::none());
   m.def("build_info", &amaml::build_info);
 
 }
