@@ -11,12 +11,13 @@ Layers (see docs/design.md): the compiled core ``amaml_ext._C`` (fused ops regis
 import torch  # noqa: F401  (first: loads libc10/libtorch that _C links against)
 
 from . import _C  # noqa: F401  (loads and registers torch.ops.amaml_ext.*)
-from . import ops, ode
+from . import accuracy, ops, ode
 from ._build import build_info
 from .functional import flatten_params, unflatten_params
+from .accuracy import AdjointAccuracyError, AdjointAccuracyWarning
 from .meta_grad import MetaGradResult, adjoint_meta_grad
 from . import learners, models, tasks, train
 
-__all__ = ["MetaGradResult", "adjoint_meta_grad", "build_info", "flatten_params", "learners", "models",
+__all__ = ["AdjointAccuracyError", "AdjointAccuracyWarning", "MetaGradResult", "adjoint_meta_grad", "accuracy", "build_info", "flatten_params", "learners", "models",
            "ode", "ops", "tasks", "train", "unflatten_params"]
 __version__ = "0.1.0"

@@ -128,8 +128,8 @@ class _CompiledCallbacks:
 
         grad = torch.func.grad(loss_sum)
 
-        def hvp(u, v, x, y):
-            return torch.func.jvp(lambda w: grad(w, x, y), (u,), (v,))[1]
+        def hvp(u, v, x, y):  # (gradient, HVP): the primal of the jvp is the gradient at u
+            return torch.func.jvp(lambda w: grad(w, x, y), (u,), (v,))
 
         self.grad = torch.compile(grad, dynamic=False)
         self.hvp = torch.compile(hvp, dynamic=False)
@@ -176,6 +176,8 @@ class TaskFunctions:
         self.linearisations = 0
         self._lin_key = None
         self._lin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._grad_key = None
+        self._grad_at_key: Optional[torch.Tensor] = None
         self._compiled = _compiled_callbacks(model, self.module, loss, batched) if compile else None
 
     def _compiled_call(self, name: str, *args) -> Optional[torch.Tensor]:
@@ -236,16 +238,18 @@ class TaskFunctions:
         """
         self.hvp_evals += 1
         if self._compiled is not None:
-            hv = self._compiled_call("hvp", u, v)
-            if hv is not None:
+            out = self._compiled_call("hvp", u, v)
+            if out is not None:
                 self.linearisations += 1  # each forward-over-reverse HVP linearises anew
-                return hv
+                self._grad_key, self._grad_at_key = key, out[0]
+                return out[1]
         if key is None or key != self._lin_key or self._lin is None:
             self.linearisations += 1
             with torch.enable_grad():
                 leaf = u.detach().requires_grad_(True)
                 (g,) = torch.autograd.grad(self.losses(leaf, self.support).sum(), leaf, create_graph=True)
             self._lin, self._lin_key = (leaf, g), key
+            self._grad_key, self._grad_at_key = key, g.detach()
         leaf, g = self._lin
         (hv,) = torch.autograd.grad(g, leaf, v, retain_graph=True)
         return hv
@@ -253,6 +257,14 @@ class TaskFunctions:
     def release(self) -> None:
         """Drop the cached linearisation (its graph holds activations)."""
         self._lin, self._lin_key = None, None
+        self._grad_key, self._grad_at_key = None, None
+
+    def grad_at(self, key) -> Optional[torch.Tensor]:
+        """The training-loss gradient at the state of the last HVP made with ``key`` (a by-product
+        of its linearisation), or None if the last HVP had another key."""
+        if key is None or key != self._grad_key:
+            return None
+        return self._grad_at_key
 
     def value_and_grad_val(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Validation loss per task and its gradient at ``u``."""

@@ -20,7 +20,8 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import _C, ode
+from . import _C, accuracy, ode
+from .accuracy import AdjointAccuracyError, AdjointAccuracyWarning
 from .functional import TaskFunctions, param_shapes
 
 MEMORY_MODES = ("store", "checkpoint", "auto")
@@ -36,7 +37,13 @@ class MetaGradResult:
         params: adapted parameters ``u(T)``: ``[d]`` or ``[B, d]``.
         stats: ``grad_evals``, ``hvps``, ``linearisations``, ``accepted_steps``,
             ``rejected_steps``, ``grid_steps`` (N), ``trajectory_bytes`` (stored states at the
-            peak), ``memory`` (mode used), ``solver``, ``adjoint``.
+            peak), ``memory`` (mode used), ``solver``, ``adjoint``; for a continuous adjoint
+            with the estimate on: ``adjoint_error_estimate`` (relative error of the gradient,
+            max over tasks), ``invariant_drift``, ``richardson_estimate`` (with
+            ``error_estimate="richardson"``), ``h_lambda_max`` (computed when the estimate
+            exceeds the tolerance, else None), ``nonsmooth_modules``, ``error_tol`` and
+            ``h`` (the grid used; differs from the argument after ``refine``).
+            See :mod:`amaml_ext.accuracy`.
     """
 
     grad: torch.Tensor
@@ -104,7 +111,9 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
                       h: float = 0.01, solver: str = "dopri5", adjoint: str = "heun",
                       rtol: float = 1e-6, atol: float = 1e-8, memory: str = "store",
                       batched: bool = False, memory_budget: Optional[int] = None,
-                      max_steps: Optional[int] = None, compile: bool = False) -> MetaGradResult:
+                      max_steps: Optional[int] = None, compile: bool = False,
+                      error_estimate: Union[bool, str] = True, error_tol: float = 1e-2, strict: bool = False,
+                      refine: bool = False, _refinements: int = 0) -> MetaGradResult:
     """The A-MAML meta-gradient ``d V(u(T)) / d theta`` of inner training by gradient flow.
 
     Args:
@@ -133,6 +142,18 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
             seconds per model and input shape (reused across calls with new data of the same
             shapes); no gain for convolutional nets on the CPU. Falls back to eager with a
             warning if compilation fails. ``stats["compiled"]`` says which ran.
+        error_estimate: estimate the relative error of a continuous adjoint (``heun``/``rk4``)
+            by the drift of the invariant ``lam . grad L``, which the exact flow and adjoint
+            conserve (:mod:`amaml_ext.accuracy`; one gradient and a dot product per node,
+            about 1% of a meta-gradient). ``"richardson"`` adds step doubling on the stored states
+            (one more HVP per interval, no extra linearisation) and reports the larger of the two;
+            ``False`` turns the estimate off. The exact mode (``adjoint="discrete"``) has none.
+        error_tol: relative error above which :class:`amaml_ext.AdjointAccuracyWarning` is
+            issued, naming the estimate, ``h * lambda_max`` against the scheme's stability bound
+            and what to do.
+        strict: raise :class:`amaml_ext.AdjointAccuracyError` instead of warning.
+        refine: when the estimate exceeds ``error_tol`` on a smooth flow, solve again on the
+            finer grid the estimate suggests (up to 3 times); ``stats["h"]`` is the grid used.
 
     Returns:
         :class:`MetaGradResult`.
@@ -184,6 +205,15 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
 
     if not isinstance(compile, bool):
         raise TypeError(f"argument 'compile' must be a bool, got {type(compile).__name__}")
+    for name, v in (("strict", strict), ("refine", refine)):
+        if not isinstance(v, bool):
+            raise TypeError(f"argument '{name}' must be a bool, got {type(v).__name__}")
+    if error_estimate not in (True, False, "drift", "richardson"):
+        raise ValueError(f"argument 'error_estimate' must be True, False, 'drift' or 'richardson', "
+                         f"got {error_estimate!r}")
+    error_tol = ode._check_positive_real("error_tol", error_tol)
+    estimate = error_estimate is not False and adjoint != "discrete"
+    richardson = estimate and error_estimate == "richardson"
     fns = TaskFunctions(model, loss, support, query, batched, compile=compile)
     u0 = theta.detach().expand(batch, d).contiguous() if batched else theta.detach().clone()
 
@@ -305,9 +335,18 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
                          f"non-finite: {val_loss.tolist()}")
     lam = lam_T.reshape(rows, -1).contiguous()
     adjoint_steps = 0
+    coarse, monitor = None, None
+    if estimate:
+        coarse = lam.clone() if richardson else None
+        monitor = accuracy.ErrorMonitor(lambda t: fns.grad_at(t))
+        monitor.mask = phases[-1][2]
+        with torch.no_grad():
+            monitor.start(lam, fns.grad(u_T).reshape(rows, -1))
     try:
         with torch.no_grad():
             for a, b, mask in reversed(phases):
+                if monitor is not None:
+                    monitor.set_mask(mask, lam, float(times[b]))
                 pieces = [(a, b)] if memory == "store" else _segments(a, b, m)
                 for c, e in pieces:
                     if memory == "store":
@@ -316,9 +355,12 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
                         seg = dopri5_rows(mask, a, b, c - a, e - a)
                     else:
                         seg, _ = forward(mask, kept[c], c, e)
-                    lam, st = _C.adjoint_solve(make_vjp(mask), seg, shape, times[c:e + 1], lam, adjoint)
+                    lam, st, coarse = _C.adjoint_solve(make_vjp(mask), seg, shape, times[c:e + 1], lam, adjoint,
+                                                       coarse, c, None if monitor is None else monitor.node)
                     adjoint_steps += st["steps"]
                     del seg
+            checks = _accuracy_stats(fns, lam, coarse, monitor, u0, u_T, times, rows, h, T_max, solver, adjoint,
+                                     error_tol) if estimate else {}
     finally:
         fns.release()
     grad = lam.view(shape)
@@ -336,8 +378,48 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
         "memory": memory,
         "solver": solver,
         "adjoint": adjoint,
+        "h": h,
+        "error_tol": error_tol if estimate else None,
+        "adjoint_error_estimate": None, "richardson_estimate": None, "invariant_drift": None,
+        "h_lambda_max": None, "nonsmooth_modules": None,
     }
-    return MetaGradResult(grad=grad, loss=val_loss, params=u_T, stats=stats)
+    stats.update(checks)
+    result = MetaGradResult(grad=grad, loss=val_loss, params=u_T, stats=stats)
+    if not estimate or stats["adjoint_error_estimate"] <= error_tol:
+        return result
+    bound = min(accuracy.STABILITY_BOUNDS[adjoint], accuracy.STABILITY_BOUNDS.get(solver, math.inf))
+    nonsmooth = accuracy.is_nonsmooth(stats, error_tol, bound)
+    if refine and not nonsmooth and _refinements < 3:
+        h_new = accuracy.suggested_h(estimate=stats["adjoint_error_estimate"], tol=error_tol, h=h, T=T_max,
+                                     adjoint=adjoint, h_lambda=stats["h_lambda_max"], bound=bound)
+        if h_new < h * (1 - 1e-9):
+            return adjoint_meta_grad(model, loss, theta, T, support=support, query=query, h=h_new, solver=solver,
+                                     adjoint=adjoint, rtol=rtol, atol=atol, memory=memory, batched=batched,
+                                     memory_budget=memory_budget, max_steps=max_steps, compile=compile,
+                                     error_estimate=error_estimate, error_tol=error_tol, strict=strict, refine=True,
+                                     _refinements=_refinements + 1)
+    msg = "adjoint_meta_grad: " + accuracy.advice(stats, tol=error_tol, h=h, T=T_max, solver=solver,
+                                                  adjoint=adjoint)
+    if strict:
+        raise AdjointAccuracyError(msg)
+    warnings.warn(msg, AdjointAccuracyWarning, stacklevel=2 + _refinements)
+    return result
+
+
+def _accuracy_stats(fns: TaskFunctions, lam, coarse, monitor, u0, u_T, times, rows: int, h: float, T: float,
+                    solver: str, adjoint: str, tol: float) -> Dict[str, Any]:
+    """The error estimates of a finished adjoint solve, and h * lambda_max when they exceed ``tol``
+    (power iterations at u(0), whose linearisation the adjoint made last, and at u(T))."""
+    rich = None if coarse is None else accuracy.richardson(lam, coarse, adjoint)
+    out = accuracy.summary(rich, monitor.relative_drift())
+    if out["adjoint_error_estimate"] > tol:
+        out["nonsmooth_modules"] = accuracy.nonsmooth_modules(fns.model)
+        lam_max = 0.0
+        for key, u in ((float(times[0]), u0), (T, u_T)):
+            lam_max = max(lam_max, accuracy.lambda_max(
+                lambda v: fns.hvp(u, v.reshape(u.shape), key=key).reshape(rows, -1), lam))
+        out["h_lambda_max"] = h * lam_max
+    return out
 
 
 # ---- checkpoint segments --------------------------------------------------------------------
