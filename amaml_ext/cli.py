@@ -33,6 +33,7 @@ from .ratings import RATING_DATASETS, RATING_SETTINGS
 from .functional import flatten_params
 from .ode import ADJOINT_METHODS, FORWARD_METHODS
 from .meta_grad import MEMORY_MODES
+from .accuracy import AdjointAccuracyError
 from .train import CONFIG, THETA, RunConfigMismatch, load_checkpoint, meta_test, meta_train
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -82,6 +83,9 @@ def _add_problem_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", choices=models.MODELS, default=None,
                    help="MLP width (tanh): mlp32 (synthetic default) or mlp40 (ratings default); images use Conv4")
     g.add_argument("--channels", type=_positive_int, default=64, help="Conv4 width (images)")
+    g.add_argument("--activation", choices=sorted(models.ACTIVATIONS), default="relu",
+                   help="Conv4 activation (images); smooth ones (gelu, ...) with --pool avg for continuous A-MAML")
+    g.add_argument("--pool", choices=sorted(models.POOLS), default="max", help="Conv4 pooling (images)")
     g.add_argument("--ways", type=_positive_int, default=None, help="classes per task (images; Omniglot 20, Mini-ImageNet 5)")
     g.add_argument("--shots", type=_positive_int, default=None, help="support images per class (images; default 1)")
     g.add_argument("--query-shots", type=_positive_int, default=None,
@@ -106,6 +110,12 @@ def _add_problem_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rtol", type=_positive_float, default=1e-6, help="A-MAML dopri5 rtol")
     g.add_argument("--atol", type=_positive_float, default=1e-8, help="A-MAML dopri5 atol")
     g.add_argument("--compile", action="store_true", help="A-MAML: torch.compile the model callbacks")
+    g.add_argument("--error-tol", type=_positive_float, default=1e-2,
+                   help="A-MAML (continuous adjoint): relative error estimate above which it warns")
+    g.add_argument("--strict", action="store_true",
+                   help="A-MAML: stop with an error instead of warning when the estimate exceeds --error-tol")
+    g.add_argument("--refine", action="store_true",
+                   help="A-MAML: on a smooth flow, solve again on a finer adjoint grid when the estimate exceeds --error-tol")
     g.add_argument("--imaml-lambda", type=_positive_float, default=1.0, help="iMAML proximal strength")
     g.add_argument("--cg-steps", type=_positive_int, default=5, help="iMAML conjugate-gradient steps")
     g = p.add_argument_group("outer training")
@@ -207,6 +217,8 @@ def run_config(args, method: str) -> Dict:
     else:
         cfg.update(ways=args.ways, shots=args.shots, query_shots=args.query_shots, channels=args.channels,
                    test_tasks=args.pool_size, data_root=args.data_root)
+        if (args.activation, args.pool) != ("relu", "max"):  # only when set: older runs still resume
+            cfg.update(activation=args.activation, pool=args.pool)
     if method == "amaml":
         cfg.update(T=args.inner_steps * args.inner_lr, solver=args.solver, adjoint=args.adjoint,
                    memory=args.memory, rtol=args.rtol, atol=args.atol, compile=args.compile)
@@ -276,20 +288,23 @@ class Problem:
         torch.manual_seed(seed)
         if self.kind == "images":
             c, side = self.family.image_shape[0], self.family.image_shape[-1]
-            net = models.Conv4(ways=self.train_pool.ways, in_channels=c, channels=self.cfg["channels"], image_size=side)
+            net = models.Conv4(ways=self.train_pool.ways, in_channels=c, channels=self.cfg["channels"], image_size=side,
+                               activation=self.cfg.get("activation", "relu"), pool=self.cfg.get("pool", "max"))
         else:
             width = 32 if self.cfg["model"] == "mlp32" else 40
             net = models.mlp(in_dim=self.in_dim, width=width)
         return net.to(device=self.device, dtype=self.dtype)
 
 
-def make_run_learner(cfg: Dict, model, loss) -> L.MetaLearner:
+def make_run_learner(cfg: Dict, model, loss, accuracy: Optional[Dict] = None) -> L.MetaLearner:
+    """The learner of a run; ``accuracy`` (A-MAML: error_tol, strict, refine) is not part of the
+    run's settings, so it may change when a run is resumed."""
     m = cfg["method"]
     if m == "amaml":
         steps = round(cfg["T"] / cfg["inner_lr"])
         return L.make_learner("amaml", model, loss, inner_steps=steps, inner_lr=cfg["inner_lr"],
                               solver=cfg["solver"], adjoint=cfg["adjoint"], memory=cfg["memory"],
-                              rtol=cfg["rtol"], atol=cfg["atol"], compile=cfg["compile"])
+                              rtol=cfg["rtol"], atol=cfg["atol"], compile=cfg["compile"], **(accuracy or {}))
     return L.make_learner(m, model, loss, inner_steps=cfg["inner_steps"], maml_steps=cfg["inner_steps"],
                           inner_lr=cfg["inner_lr"], imaml_lambda=cfg.get("imaml_lambda", 1.0),
                           cg_steps=cfg.get("cg_steps", 5))
@@ -299,7 +314,8 @@ def train_one(args, method: str, out: str, resume: bool) -> torch.Tensor:
     cfg = run_config(args, method)
     prob = Problem(cfg, args.device, args.data_root)
     model = prob.model(args.seed)
-    learner = make_run_learner(cfg, model, prob.loss)
+    acc = {"error_tol": args.error_tol, "strict": args.strict, "refine": args.refine} if method == "amaml" else None
+    learner = make_run_learner(cfg, model, prob.loss, acc)
     return meta_train(learner, prob.train_pool, meta_steps=args.meta_steps, out_dir=out, meta_batch=args.meta_batch,
                       lr=args.lr, seed=args.seed, resume=resume, checkpoint_every=args.checkpoint_every,
                       device=args.device, dtype=prob.dtype, config=cfg, progress=not args.quiet)
@@ -492,6 +508,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             compare(args)
     except RunConfigMismatch as e:
+        raise SystemExit(f"amaml-ext: {e}") from None
+    except AdjointAccuracyError as e:
         raise SystemExit(f"amaml-ext: {e}") from None
     except KeyboardInterrupt as e:
         print(f"\namaml-ext: {e or 'interrupted'}", file=sys.stderr)

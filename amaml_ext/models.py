@@ -3,7 +3,8 @@
 * :func:`mlp`: the regression net of Sec. 5.1: ``in -> width -> width -> 1`` with tanh
   (width 32 or 40).
 * :class:`Conv4`: the standard few-shot classifier: 4 x [conv 3x3, BatchNorm, ReLU, max-pool 2]
-  and a linear head (Vinyals et al. 2016; Finn et al. 2017).
+  and a linear head (Vinyals et al. 2016; Finn et al. 2017); ``activation="gelu", pool="avg"``
+  gives the smooth variant whose gradient flow the continuous adjoint can follow.
 
     >>> net = mlp(width=32)
     >>> sum(p.numel() for p in net.parameters())
@@ -12,7 +13,12 @@
 
 from torch import nn
 
-__all__ = ["mlp", "Conv4", "MODELS", "make_model"]
+__all__ = ["mlp", "Conv4", "ACTIVATIONS", "POOLS", "MODELS", "make_model"]
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "softplus": nn.Softplus, "tanh": nn.Tanh}
+"""Conv4 activations; all but ``relu`` are smooth."""
+POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+"""Conv4 pooling; ``avg`` is smooth, ``max`` is not."""
 
 
 def mlp(in_dim: int = 2, width: int = 32, out_dim: int = 1, depth: int = 2) -> nn.Sequential:
@@ -29,21 +35,31 @@ def mlp(in_dim: int = 2, width: int = 32, out_dim: int = 1, depth: int = 2) -> n
 
 
 class Conv4(nn.Module):
-    """4 x [conv 3x3 (padding 1), BatchNorm2d, ReLU, MaxPool2d(2)] + Linear(ways).
+    """4 x [conv 3x3 (padding 1), BatchNorm2d, activation, pool 2] + Linear(ways).
 
-    ``image_size`` 28 (Omniglot) gives a 1x1 feature map, 84 (MiniImageNet) 5x5."""
+    ``image_size`` 28 (Omniglot) gives a 1x1 feature map, 84 (MiniImageNet) 5x5. The default
+    (``activation="relu", pool="max"``) is the standard net; its gradient field jumps, so only
+    the exact mode (``solver="euler", adjoint="discrete"``) differentiates its inner training
+    correctly. ``activation="gelu"`` (or ``elu``, ``softplus``, ``tanh``) with ``pool="avg"`` is
+    smooth: the continuous adjoint converges on it (at a step h within the stability bound)."""
 
-    def __init__(self, ways: int = 5, in_channels: int = 1, channels: int = 64, image_size: int = 28):
+    def __init__(self, ways: int = 5, in_channels: int = 1, channels: int = 64, image_size: int = 28,
+                 activation: str = "relu", pool: str = "max"):
         super().__init__()
         for arg, v in (("ways", ways), ("in_channels", in_channels), ("channels", channels),
                        ("image_size", image_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"argument '{arg}' must be a positive int, got {v!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"argument 'activation' must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if pool not in POOLS:
+            raise ValueError(f"argument 'pool' must be one of {sorted(POOLS)}, got {pool!r}")
         if image_size < 16:
             raise ValueError(f"argument 'image_size' must be at least 16 (four 2x2 max-pools), got {image_size}")
         layers, c = [], in_channels
         for _ in range(4):
-            layers += [nn.Conv2d(c, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(c, channels, 3, padding=1), nn.BatchNorm2d(channels), ACTIVATIONS[activation](),
+                       POOLS[pool](2)]
             c = channels
         self.features = nn.Sequential(*layers)
         side = image_size

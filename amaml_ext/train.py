@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from .accuracy import AdjointAccuracyError
 from .functional import TaskFunctions, flatten_params, unflatten_params
 from .learners import MetaLearner
 from .tasks import TaskBatch, TaskPool
@@ -42,6 +43,8 @@ METRICS = "metrics.csv"
 THETA = "theta.pt"
 CONFIG = "config.json"
 METRIC_FIELDS = ["step", "query_loss", "grad_norm", "seconds"]
+OPTIONAL_METRIC_FIELDS = ["adjoint_error_estimate", "h_lambda_max"]
+"""Written to metrics.csv when the learner reports them (A-MAML with a continuous adjoint)."""
 
 
 class RunConfigMismatch(ValueError):
@@ -73,10 +76,12 @@ def _torch_bytes(obj) -> bytes:
 
 def _csv_bytes(rows: List[Dict]) -> bytes:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
+    extra = [k for k in OPTIONAL_METRIC_FIELDS if any(k in r for r in rows)]
+    fields = METRIC_FIELDS[:-1] + extra + METRIC_FIELDS[-1:]   # "seconds" stays last
+    w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     for r in rows:
-        w.writerow({k: r[k] for k in METRIC_FIELDS})
+        w.writerow({k: r.get(k, "") for k in fields})
     return buf.getvalue().encode()
 
 
@@ -195,6 +200,9 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
             opt.step()
             row = {"step": step + 1, "query_loss": float(out.query_loss.mean()),
                    "grad_norm": float(out.grad.norm()), "seconds": time.perf_counter() - t0}
+            for k in OPTIONAL_METRIC_FIELDS:     # e.g. A-MAML's adjoint error estimate
+                if out.stats.get(k) is not None:
+                    row[k] = float(out.stats[k])
             rows.append(row)
             if bar is not None:
                 bar.update(1)
@@ -203,6 +211,13 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
                 save(step + 1)
             if on_step is not None:
                 on_step(step + 1, row)
+    except AdjointAccuracyError as e:
+        done = len(rows)
+        save(done)
+        if bar is not None:
+            bar.close()
+        raise AdjointAccuracyError(f"meta_train stopped at meta-step {done + 1} (strict): {e} The checkpoint in "
+                                   f"{out_dir!r} holds the {done} meta-steps before it.") from None
     except KeyboardInterrupt:
         done = len(rows)
         save(done)

@@ -1,0 +1,106 @@
+"""Cost of the continuous adjoint's error estimate (amaml_ext.accuracy), side by side.
+
+For each setting, ``adjoint_meta_grad`` with ``error_estimate=True`` (the default) and ``False``
+is timed in alternation in one process (median of ``--reps`` calls each, after a warm-up), and
+the ratio is reported with the estimate itself and the HVP/linearisation counts:
+
+    python benchmarks/bench_error_estimate.py --reps 15 --out docs/results/error_estimate_cpu.json
+
+Settings: the CosMixture MLP (2-32-32-1 tanh) on 5 tasks of 100 shots at the command's defaults
+(dopri5 + heun, T = 2 and T = 0.5, h = 0.01), also with ``compile=True`` and the rk4 adjoint;
+and the smooth Conv4 (16 channels, GELU, average pooling) on 5 Omniglot-shaped 20-way 1-shot
+tasks of random images at T = 0.05, h = 0.002.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import warnings
+
+import torch
+from torch.nn import functional as F
+
+import amaml_ext
+from amaml_ext import models, tasks
+
+
+def settings(quick: bool):
+    out = []
+    net = models.mlp(width=32)
+    pool = tasks.CosMixture(100, 100).pool(5, seed=0).all(dtype=torch.float32)
+    for T in (2.0, 0.5):
+        out.append((f"CosMixture MLP, 5 tasks, T={T:g}, h=0.01, dopri5+heun", net, F.mse_loss, pool,
+                    dict(T=T, h=0.01)))
+    out.append(("CosMixture MLP, 5 tasks, T=2, h=0.01, dopri5+rk4", net, F.mse_loss, pool,
+                dict(T=2.0, h=0.01, adjoint="rk4")))
+    out.append(("CosMixture MLP, 5 tasks, T=2, h=0.01, dopri5+heun, compile=True", net, F.mse_loss, pool,
+                dict(T=2.0, h=0.01, compile=True)))
+    if not quick:
+        torch.manual_seed(0)
+        conv = models.Conv4(ways=20, channels=16, activation="gelu", pool="avg")
+        g = torch.Generator().manual_seed(0)
+        xs, xq = torch.rand(5, 20, 1, 28, 28, generator=g), torch.rand(5, 20, 1, 28, 28, generator=g)
+        y = torch.arange(20).expand(5, 20).clone()
+        batch = tasks.TaskBatch((xs, y), (xq, y))
+        out.append(("smooth Conv4 (16 ch), 5 tasks 20-way 1-shot, T=0.05, h=0.002, dopri5+heun", conv,
+                    F.cross_entropy, batch, dict(T=0.05, h=0.002)))
+    return out
+
+
+def call(net, loss, batch, opts, estimate):
+    theta = amaml_ext.flatten_params(net)
+    kw = dict(opts)
+    T = kw.pop("T")
+    t0 = time.perf_counter()
+    r = amaml_ext.adjoint_meta_grad(net, loss, theta, T, support=batch.support, query=batch.query, batched=True,
+                                    error_estimate=estimate, error_tol=1e9, **kw)
+    return time.perf_counter() - t0, r
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="MLP settings only")
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    rows = []
+    for name, net, loss, batch, opts in settings(args.quick):
+        for est in (False, True):      # warm-up (and compilation) outside the timings
+            call(net, loss, batch, opts, est)
+        times = {False: [], True: []}
+        for _ in range(args.reps):
+            for est in (False, True):
+                dt, r = call(net, loss, batch, opts, est)
+                times[est].append(dt)
+                if est:
+                    stats_on = r.stats
+                else:
+                    stats_off = r.stats
+        off, on = statistics.median(times[False]), statistics.median(times[True])
+        row = {"setting": name, "ms_off": 1e3 * off, "ms_on": 1e3 * on, "ratio": on / off,
+               "estimate": stats_on["adjoint_error_estimate"], "richardson": stats_on["richardson_estimate"],
+               "drift": stats_on["invariant_drift"], "hvps_off": stats_off["hvps"], "hvps_on": stats_on["hvps"],
+               "linearisations_off": stats_off["linearisations"], "linearisations_on": stats_on["linearisations"]}
+        rows.append(row)
+        print(f"{name}: {row['ms_off']:.1f} ms -> {row['ms_on']:.1f} ms with the estimate (x{row['ratio']:.3f}); "
+              f"estimate {row['estimate']:.2e}; HVPs {row['hvps_off']} -> {row['hvps_on']}, linearisations "
+              f"{row['linearisations_off']} -> {row['linearisations_on']}", flush=True)
+    if args.out:
+        meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": args.threads,
+                "machine": platform.processor() or platform.machine(), "reps": args.reps}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print("\n| setting | without (ms) | with (ms) | ratio | estimate | HVPs | linearisations |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['setting']} | {r['ms_off']:.1f} | {r['ms_on']:.1f} | {r['ratio']:.3f} | {r['estimate']:.2e} | "
+              f"{r['hvps_off']} -> {r['hvps_on']} | {r['linearisations_off']} -> {r['linearisations_on']} |")
+
+
+if __name__ == "__main__":
+    main()

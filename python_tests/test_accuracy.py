@@ -1,0 +1,270 @@
+"""The continuous adjoint's error estimate, warning, strict error and refinement, against
+fine-grid references (amaml_ext.accuracy)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import amaml_ext
+from amaml_ext import AdjointAccuracyError, AdjointAccuracyWarning, adjoint_meta_grad, flatten_params, models, ode
+
+F64 = torch.float64
+
+
+def mlp(seed=0, width=16):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                         nn.Linear(width, 1)).double()
+
+
+def regression(seed, n=30):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 2, generator=g, dtype=F64) * 2 - 1
+    return x, torch.cos(3 * x[:, :1]) + 0.5 * x[:, 1:] ** 2
+
+
+class SmallConv(nn.Module):
+    """3 x [conv 3x3, activation, pool 2] on 16x16 images, 10 classes."""
+
+    def __init__(self, smooth: bool, channels=6, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        layers, c = [], 1
+        for _ in range(3):
+            layers += [nn.Conv2d(c, channels, 3, padding=1), nn.GELU() if smooth else nn.ReLU(),
+                       (nn.AvgPool2d if smooth else nn.MaxPool2d)(2)]
+            c = channels
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels * 4, 10)
+        self.double()
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def images(seed, n=40):
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(10, 1, 16, 16, generator=g, dtype=F64)
+    y = torch.arange(n) % 10
+    return protos[y] + 0.5 * torch.randn(n, 1, 16, 16, generator=g, dtype=F64), y
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def scaled(loss, c):
+    return lambda p, y: c * loss(p, y)
+
+
+def reference(model, loss, theta, T, support, query, h):
+    """The flow's gradient on a fine grid: tight dopri5 forward, RK4 adjoint."""
+    return adjoint_meta_grad(model, loss, theta, T, support=support, query=query, h=h, rtol=1e-10, atol=1e-12,
+                             adjoint="rk4", error_estimate=False).grad
+
+
+def quiet_call(*args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdjointAccuracyWarning)
+        return adjoint_meta_grad(*args, **kw)
+
+
+@pytest.mark.parametrize("adjoint,h", [("heun", 0.05), ("heun", 0.02), ("rk4", 0.05), ("rk4", 0.025)])
+def test_estimate_tracks_true_error_on_smooth_mlp(adjoint, h):
+    net, s, q = mlp(), regression(0), regression(1)
+    theta = flatten_params(net)
+    ref = reference(net, F.mse_loss, theta, 1.0, s, q, 0.002)
+    r = adjoint_meta_grad(net, F.mse_loss, theta, 1.0, support=s, query=q, h=h, adjoint=adjoint, rtol=1e-10,
+                          atol=1e-12, error_tol=1.0, error_estimate="richardson")
+    true = rel(r.grad, ref)
+    for key in ("invariant_drift", "richardson_estimate"):
+        est = r.stats[key]
+        assert est / 3 <= true <= 3 * est, (key, est, true)
+    assert r.stats["adjoint_error_estimate"] == max(r.stats["invariant_drift"], r.stats["richardson_estimate"])
+    d = adjoint_meta_grad(net, F.mse_loss, theta, 1.0, support=s, query=q, h=h, adjoint=adjoint, rtol=1e-10,
+                          atol=1e-12, error_tol=1.0)
+    assert d.stats["richardson_estimate"] is None
+    assert d.stats["adjoint_error_estimate"] == pytest.approx(r.stats["invariant_drift"], rel=1e-9)
+
+
+def test_no_false_alarm_cosmixture_defaults():
+    net = models.mlp(width=32).double()
+    pool = amaml_ext.tasks.CosMixture(50, 50).pool(5, seed=0).all(dtype=F64)
+    theta = flatten_params(net)
+    r = quiet_call(net, F.mse_loss, theta, 0.5, support=pool.support, query=pool.query, batched=True)
+    assert r.stats["adjoint_error_estimate"] < 1e-2
+    assert r.stats["h_lambda_max"] is None      # only computed past the tolerance
+    ref = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=pool.support, query=pool.query, batched=True,
+                            h=0.001, adjoint="rk4", error_estimate=False).grad
+    true = max(rel(r.grad[b], ref[b]) for b in range(5))
+    assert r.stats["adjoint_error_estimate"] / 3 <= true <= 3 * r.stats["adjoint_error_estimate"]
+
+
+def test_smooth_conv_quiet_and_close():
+    net, s, q = SmallConv(True), images(0), images(1)
+    theta = flatten_params(net)
+    r = quiet_call(net, F.cross_entropy, theta, 1.0, support=s, query=q, h=0.01, solver="rk4",
+                   error_estimate="richardson")
+    ref = adjoint_meta_grad(net, F.cross_entropy, theta, 1.0, support=s, query=q, h=0.0025, solver="rk4",
+                            adjoint="rk4", error_estimate=False).grad
+    true = rel(r.grad, ref)
+    assert r.stats["adjoint_error_estimate"] < 1e-2
+    for key in ("invariant_drift", "richardson_estimate"):
+        assert r.stats[key] / 3 <= true <= 3 * r.stats[key], (key, r.stats[key], true)
+
+
+def test_relu_maxpool_is_flagged():
+    net, s, q = SmallConv(False), images(0), images(1)
+    theta = flatten_params(net)
+    for h in (0.05, 0.01):
+        with pytest.warns(AdjointAccuracyWarning, match="not smooth") as rec:
+            r = adjoint_meta_grad(net, F.cross_entropy, theta, 1.0, support=s, query=q, h=h, solver="rk4",
+                                  error_estimate="richardson")
+        assert r.stats["invariant_drift"] > 1e-2
+        msg = next(str(w.message) for w in rec if w.category is AdjointAccuracyWarning)
+        assert f"h={h:g}" in msg and "adjoint='discrete'" in msg and "h * lambda_max" in msg
+        assert "features.1 (ReLU)" in msg
+    # step doubling alone would pass it: both of its solves converge to the classical adjoint
+    assert r.stats["richardson_estimate"] < 1e-2
+    # a ReLU applied functionally is invisible to the module scan: the drift still flags it
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = SmallConv(True)
+
+        def forward(self, x):
+            for i in range(3):
+                x = F.max_pool2d(F.relu(self.inner.features[3 * i](x)), 2)
+            return self.inner.head(x.flatten(1))
+
+    fnet = Functional()
+    with pytest.warns(AdjointAccuracyWarning, match="invariant drift") as rec:
+        adjoint_meta_grad(fnet, F.cross_entropy, flatten_params(fnet), 1.0, support=s, query=q, h=0.01, solver="rk4")
+
+
+def test_stiff_is_flagged_names_numbers_and_strict_raises():
+    net, s, q = mlp(), regression(0), regression(1)
+    theta = flatten_params(net)
+    loss = scaled(F.mse_loss, 20.0)           # Hessian x 20: h * lambda_max past Heun's bound 2
+    with pytest.warns(AdjointAccuracyWarning) as rec:
+        r = adjoint_meta_grad(net, loss, theta, 0.5, support=s, query=q, h=0.05)
+    hl = r.stats["h_lambda_max"]
+    assert hl is not None and hl > 2
+    ref = reference(net, loss, theta, 0.5, s, q, 0.0005)
+    assert rel(r.grad, ref) > 1e-2            # the gradient really is wrong
+    msg = next(str(w.message) for w in rec if w.category is AdjointAccuracyWarning)
+    for piece in (f"{r.stats['adjoint_error_estimate']:.3g}", "h=0.05", f"{hl:.3g}", "stability bound 2",
+                  "solver='euler', adjoint='discrete'"):
+        assert piece in msg, (piece, msg)
+    with pytest.raises(AdjointAccuracyError, match="estimated relative error"):
+        adjoint_meta_grad(net, loss, theta, 0.5, support=s, query=q, h=0.05, strict=True)
+
+
+def test_refine_meets_tolerance_on_stiff_smooth_model():
+    net, s, q = mlp(), regression(0), regression(1)
+    theta = flatten_params(net)
+    loss = scaled(F.mse_loss, 10.0)
+    ref = reference(net, loss, theta, 0.5, s, q, 0.0005)
+    r = quiet_call(net, loss, theta, 0.5, support=s, query=q, h=0.05, refine=True)
+    assert r.stats["h"] < 0.05
+    assert r.stats["adjoint_error_estimate"] <= 1e-2
+    assert rel(r.grad, ref) <= 1e-2
+
+
+def test_exact_mode_has_no_estimate():
+    net, s, q = mlp(), regression(0), regression(1)
+    r = quiet_call(net, scaled(F.mse_loss, 400.0), flatten_params(net), 0.5, support=s, query=q, h=0.05,
+                   solver="euler", adjoint="discrete")
+    assert r.stats["adjoint_error_estimate"] is None and r.stats["error_tol"] is None
+
+
+def test_estimate_off_changes_nothing_else():
+    net, s, q = mlp(), regression(0), regression(1)
+    theta = flatten_params(net)
+    a = adjoint_meta_grad(net, F.mse_loss, theta, 1.0, support=s, query=q, h=0.05)
+    b = adjoint_meta_grad(net, F.mse_loss, theta, 1.0, support=s, query=q, h=0.05, error_estimate=False)
+    assert torch.equal(a.grad, b.grad)
+    assert b.stats["adjoint_error_estimate"] is None
+    c = adjoint_meta_grad(net, F.mse_loss, theta, 1.0, support=s, query=q, h=0.05, error_estimate="richardson")
+    assert torch.equal(a.grad, c.grad)
+    assert a.stats["hvps"] == b.stats["hvps"] and a.stats["linearisations"] == b.stats["linearisations"]
+    assert c.stats["hvps"] == b.stats["hvps"] * 3 // 2 and c.stats["linearisations"] == b.stats["linearisations"]
+    with pytest.raises(ValueError, match="error_estimate"):
+        adjoint_meta_grad(net, F.mse_loss, theta, 1.0, support=s, query=q, error_estimate="yes")
+
+
+@pytest.mark.parametrize("adjoint", ["heun", "rk4"])
+@pytest.mark.parametrize("T", [1.0, 1.05, 1.15])
+def test_checkpoint_and_per_task_horizons_estimate(adjoint, T):
+    """Segments and phases start off the coarse grid: the estimate is the same with checkpoints,
+    and still tracks the true error with per-task horizons."""
+    net = mlp()
+    xs = torch.stack([regression(i)[0] for i in range(3)])
+    ys = torch.stack([regression(i)[1] for i in range(3)])
+    theta = flatten_params(net)
+    kw = dict(support=(xs, ys), query=(xs, ys), h=0.05, batched=True, adjoint=adjoint, error_tol=1.0,
+              error_estimate="richardson")
+    a = adjoint_meta_grad(net, F.mse_loss, theta, T, **kw)
+    b = adjoint_meta_grad(net, F.mse_loss, theta, T, memory="checkpoint", **kw)
+    assert torch.equal(a.grad, b.grad)
+    assert a.stats["adjoint_error_estimate"] == pytest.approx(b.stats["adjoint_error_estimate"], rel=1e-9)
+    Ts = torch.tensor([T, 0.6, 0.85], dtype=F64)
+    c = adjoint_meta_grad(net, F.mse_loss, theta, Ts, **kw)
+    kw2 = dict(kw, h=0.002, error_estimate=False, adjoint="rk4", rtol=1e-10, atol=1e-12)
+    ref = adjoint_meta_grad(net, F.mse_loss, theta, Ts, **kw2).grad
+    true = max(rel(c.grad[i], ref[i]) for i in range(3))
+    est = c.stats["adjoint_error_estimate"]
+    assert est / 5 <= true <= 5 * est, (est, true)
+
+
+def test_ode_solve_adjoint_estimate_appendix_a():
+    f = lambda t, y: -2 * t ** 3 - 2 * t * y
+    vjp = lambda t, y, v: -2 * t * v
+    for method, p in (("heun", 2), ("rk4", 4)):
+        traj = ode.solve_forward(f, torch.tensor([1.0], dtype=F64), 1.0, 0.05, method="rk4")
+        yT = traj.states[-1]
+        lam0, st = ode.solve_adjoint(vjp, traj, 6 * (yT - 3) ** 5, method=method, return_stats=True,
+                                     error_estimate=True)
+        exact = 6 * (yT - 3) ** 5 * math.exp(-1.0)
+        true = rel(lam0, exact)
+        assert st.error_estimate / 3 <= true <= 3 * st.error_estimate, (method, st.error_estimate, true)
+
+
+def test_bad_accuracy_arguments():
+    net, s, q = mlp(), regression(0), regression(1)
+    theta = flatten_params(net)
+    with pytest.raises(ValueError, match="error_tol"):
+        adjoint_meta_grad(net, F.mse_loss, theta, 1.0, support=s, query=q, error_tol=0.0)
+    with pytest.raises(TypeError, match="strict"):
+        adjoint_meta_grad(net, F.mse_loss, theta, 1.0, support=s, query=q, strict="yes")
+
+
+def test_conv4_smooth_variant():
+    smooth = models.Conv4(ways=5, channels=4, activation="gelu", pool="avg")
+    assert any(isinstance(m, nn.GELU) for m in smooth.modules())
+    assert any(isinstance(m, nn.AvgPool2d) for m in smooth.modules())
+    assert not any(isinstance(m, (nn.ReLU, nn.MaxPool2d)) for m in smooth.modules())
+    plain = models.Conv4(ways=5, channels=4)
+    assert any(isinstance(m, nn.ReLU) for m in plain.modules())
+    assert sum(p.numel() for p in smooth.parameters()) == sum(p.numel() for p in plain.parameters())
+    with pytest.raises(ValueError, match="activation"):
+        models.Conv4(activation="swish")
+    with pytest.raises(ValueError, match="pool"):
+        models.Conv4(pool="min")
+
+
+def test_learner_strict_and_metrics_column(tmp_path):
+    from amaml_ext import learners, train
+    net = mlp()
+    pool = amaml_ext.tasks.CosMixture(20, 20).pool(4, seed=0)
+    stiff = learners.AMAML(net, scaled(F.mse_loss, 20.0), T=0.5, h=0.05, strict=True)
+    with pytest.raises(AdjointAccuracyError, match="meta-step 1"):
+        train.meta_train(stiff, pool, meta_steps=2, out_dir=str(tmp_path / "a"), meta_batch=2, dtype=F64)
+    ok = learners.AMAML(net, F.mse_loss, T=0.5, h=0.05)
+    train.meta_train(ok, pool, meta_steps=2, out_dir=str(tmp_path / "b"), meta_batch=2, dtype=F64, progress=False)
+    header = (tmp_path / "b" / "metrics.csv").read_text().splitlines()[0]
+    assert "adjoint_error_estimate" in header
