@@ -268,3 +268,15 @@ def test_learner_strict_and_metrics_column(tmp_path):
     train.meta_train(ok, pool, meta_steps=2, out_dir=str(tmp_path / "b"), meta_batch=2, dtype=F64, progress=False)
     header = (tmp_path / "b" / "metrics.csv").read_text().splitlines()[0]
     assert "adjoint_error_estimate" in header
+
+
+def test_readme_accuracy_example_runs():
+    """The README's example of the estimate runs as written (and warns on the ReLU/max-pool net)."""
+    import pathlib
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## How far to trust a continuous meta-gradient")[1].split("```python")[1].split("```")[0]
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["r"].stats["adjoint_error_estimate"] <= 1e-2          # the smooth Conv4, strict
+    assert scope["w"] and scope["w"][-1].category is AdjointAccuracyWarning
+    assert scope["exact"].stats["adjoint_error_estimate"] is None
