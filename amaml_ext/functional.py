@@ -20,9 +20,9 @@ docs/design.md records the measurements behind this choice.
 
 With ``compile=True`` the gradient and the HVP are instead ``torch.compile``-d functions
 (``torch.func.grad`` of the summed task loss, and forward-over-reverse ``jvp(grad)``): for small
-models, where eager PyTorch overhead dominates, they are 4-6x faster per call after a one-off
-compilation of seconds (per model, loss and input shape; later calls with new task data of the
-same shapes reuse it). If compilation fails, a warning is issued and the eager callbacks are used.
+models, where eager PyTorch overhead dominates, they are 4-6x faster per gradient or HVP call
+(2.4-3.5x per meta-gradient, docs/benchmarks.md) after a one-off compilation of seconds (per
+model, loss and input shape; later calls with new task data of the same shapes reuse it). If compilation fails, a warning is issued and the eager callbacks are used.
 """
 
 import copy
@@ -38,8 +38,21 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def param_shapes(model: nn.Module) -> Sequence[Tuple[str, torch.Size]]:
-    """(name, shape) of every parameter, in ``model.named_parameters()`` order."""
-    return [(name, p.shape) for name, p in model.named_parameters()]
+    """(name, shape) of every trainable parameter (``requires_grad=True``), in
+    ``model.named_parameters()`` order: what theta covers. Frozen parameters are used as they
+    are and never adapted or meta-trained."""
+    return [(name, p.shape) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def constants(model: nn.Module, module: nn.Module) -> Dict[str, torch.Tensor]:
+    """The tensors a functional call of ``module`` (the private copy of ``model``) takes from the
+    user's ``model`` as they are *now*: its frozen parameters and its buffers (those the copy
+    keeps: training-mode BatchNorm copies keep no running statistics). Read at every call, so a
+    buffer or frozen weight changed between calls is seen."""
+    kept = {name for name, _ in module.named_buffers()}
+    out = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+    out.update({name: b for name, b in model.named_buffers() if name in kept})
+    return out
 
 
 def flatten_params(model: nn.Module) -> torch.Tensor:
@@ -52,9 +65,11 @@ def flatten_params(model: nn.Module) -> torch.Tensor:
         >>> flatten_params(m).shape
         torch.Size([8])
     """
-    params = [p.detach().reshape(-1) for p in model.parameters()]
+    params = [p.detach().reshape(-1) for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("argument 'model' has no parameters")
+        frozen = sum(1 for _ in model.parameters())
+        raise ValueError("argument 'model' has no trainable parameters" +
+                         (f" (its {frozen} parameters all have requires_grad=False)" if frozen else ""))
     return torch.cat(params)
 
 
@@ -110,6 +125,46 @@ def _unflatten_shapes(shapes: Sequence[Tuple[str, torch.Size]], flat: torch.Tens
     return out
 
 
+def second_order():
+    """Context for computations that are differentiated twice (HVPs, unrolled MAML): scaled
+    dot-product attention takes its math backend, whose backward is differentiable (the fused
+    CPU/flash kernels have no double backward: nn.TransformerEncoderLayer would fail)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+class LossValueError(ValueError):
+    """The loss function returned something other than a floating-point scalar tensor."""
+
+
+def checked_loss(loss: LossFn, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``loss(pred, y)``, checked to be a floating-point scalar tensor (one task's mean loss)."""
+    out = loss(pred, y)
+    if not isinstance(out, torch.Tensor):
+        raise LossValueError(f"argument 'loss' must return a scalar torch.Tensor, got {type(out).__name__} "
+                             "(a Python number has no gradient)")
+    if not out.is_floating_point():
+        raise LossValueError(f"argument 'loss' must return a floating-point scalar tensor, got dtype {out.dtype}")
+    if out.dim() != 0:
+        raise LossValueError(f"argument 'loss' must return a scalar (one task's mean loss), got a tensor of shape "
+                             f"{tuple(out.shape)}; with reduction='none' reduce it first (e.g. reduction='mean')")
+    return out
+
+
+def _dropout_in_training(model: nn.Module) -> Sequence[str]:
+    return [name or type(model).__name__ for name, m in model.named_modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
+
+
+def check_data(name: str, pair, batched: bool) -> None:
+    """Raise if a (x, y) pair holds no samples (the sample dimension is empty)."""
+    x = pair[0]
+    dim = 1 if batched else 0
+    if x.dim() > dim and x.shape[dim] == 0:
+        raise ValueError(f"argument '{name}' is empty: it holds no samples (x has shape {tuple(x.shape)}); "
+                         f"the {name} set needs at least one")
+
+
 class _CompiledCallbacks:
     """``torch.compile``-d gradient and HVP of the summed training loss for one (model, loss,
     batched) combination; the task data are arguments, so new tasks of the same shapes reuse the
@@ -117,23 +172,36 @@ class _CompiledCallbacks:
 
     def __init__(self, model: nn.Module, module: nn.Module, loss: LossFn, batched: bool):
         shapes = list(param_shapes(model))
-        buffers = {k: v for k, v in module.named_buffers()}
 
-        def task_loss(flat_u, x, y):
+        # the constants (buffers, frozen parameters) are arguments: read from the model per call
+        def task_loss(flat_u, consts, x, y):
             params = _unflatten_shapes(shapes, flat_u)
-            return loss(torch.func.functional_call(module, (params, buffers), (x,)), y)
+            return checked_loss(loss, torch.func.functional_call(module, (params, consts), (x,)), y)
 
-        def loss_sum(u, x, y):
-            return (torch.func.vmap(task_loss)(u, x, y) if batched else task_loss(u, x, y)).sum()
+        def loss_sum(u, consts, x, y):
+            if batched:
+                return torch.func.vmap(task_loss, in_dims=(0, None, 0, 0))(u, consts, x, y).sum()
+            return task_loss(u, consts, x, y).sum()
 
         grad = torch.func.grad(loss_sum)
 
-        def hvp(u, v, x, y):  # (gradient, HVP): the primal of the jvp is the gradient at u
-            return torch.func.jvp(lambda w: grad(w, x, y), (u,), (v,))
+        def hvp(u, v, consts, x, y):  # (gradient, HVP): the primal of the jvp is the gradient at u
+            return torch.func.jvp(lambda w: grad(w, consts, x, y), (u,), (v,))
 
         self.grad = torch.compile(grad, dynamic=False)
         self.hvp = torch.compile(hvp, dynamic=False)
         self.failed: Optional[str] = None
+
+
+def compile_refusal() -> Optional[str]:
+    """Why ``compile=True`` is refused with the running torch, or None. torch 2.13's inductor
+    dereferences the ``aten._efficientzerotensor`` that the compiled HVP of ``F.mse_loss``
+    makes (the zero tangent of the target) and segfaults, which no fallback can catch."""
+    major_minor = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if major_minor == (2, 13):
+        return (f"torch {torch.__version__}'s inductor segfaults on the compiled HVP (zero tangents of "
+                "the loss's target); compile=True needs torch >= 2.14 or <= 2.12")
+    return None
 
 
 _COMPILED: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, _CompiledCallbacks]]" = weakref.WeakKeyDictionary()
@@ -170,7 +238,16 @@ class TaskFunctions:
         self.query = query
         self.batched = batched
         self.names = [name for name, _ in param_shapes(model)]
-        self.buffers = {k: v for k, v in self.module.named_buffers()}
+        self.buffers = constants(model, self.module)
+        for name, data in (("support", support), ("query", query)):
+            check_data(name, data, batched)
+        dropout = _dropout_in_training(model)
+        if dropout:
+            warnings.warn(f"amaml_ext: the model has dropout in training mode ({', '.join(dropout[:3])}): its "
+                          "training loss, and so the gradient flow, the adjoint and every meta-gradient, change "
+                          "at random with each evaluation (two identical calls can differ by 100%). Put the model "
+                          "in eval mode (model.eval()) or fix the mask (a deterministic module).",
+                          RuntimeWarning, stacklevel=3)
         self.grad_evals = 0
         self.hvp_evals = 0
         self.linearisations = 0
@@ -178,6 +255,10 @@ class TaskFunctions:
         self._lin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._grad_key = None
         self._grad_at_key: Optional[torch.Tensor] = None
+        refusal = compile_refusal() if compile else None
+        if refusal is not None:
+            warnings.warn(f"amaml_ext: {refusal}; using the eager callbacks", RuntimeWarning, stacklevel=3)
+            compile = False
         self._compiled = _compiled_callbacks(model, self.module, loss, batched) if compile else None
 
     def _compiled_call(self, name: str, *args) -> Optional[torch.Tensor]:
@@ -190,7 +271,10 @@ class TaskFunctions:
         # to have the tangent have the same layout as primal". A copy of one state is cheap.
         args = tuple(a.clone() if a._is_view() or not a.is_contiguous() else a for a in args)
         try:
-            return getattr(c, name)(*args, *self.support)
+            with second_order():
+                return getattr(c, name)(*args, self.buffers, *self.support)
+        except LossValueError:
+            raise
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back to eager)
             c.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             warnings.warn(f"amaml_ext: torch.compile of the model callbacks failed ({c.failed[:300]}); "
@@ -207,7 +291,7 @@ class TaskFunctions:
     def _task_loss(self, flat_u: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         params = unflatten_params(self.model, flat_u)
         pred = torch.func.functional_call(self.module, (params, self.buffers), (x,))
-        return self.loss(pred, y)
+        return checked_loss(self.loss, pred, y)
 
     def losses(self, u: torch.Tensor, data) -> torch.Tensor:
         """Per-task loss: ``[]`` for one task, ``[B]`` for a batch."""
@@ -245,7 +329,7 @@ class TaskFunctions:
                 return out[1]
         if key is None or key != self._lin_key or self._lin is None:
             self.linearisations += 1
-            with torch.enable_grad():
+            with torch.enable_grad(), second_order():
                 leaf = u.detach().requires_grad_(True)
                 (g,) = torch.autograd.grad(self.losses(leaf, self.support).sum(), leaf, create_graph=True)
             self._lin, self._lin_key = (leaf, g), key
