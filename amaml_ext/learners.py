@@ -28,7 +28,7 @@ to ``T``; its ``adapt`` runs ``T / h`` GD steps of ``h``). Tasks are evaluated t
 
     >>> from amaml_ext import models, tasks, learners
     >>> net = models.mlp(width=32)
-    >>> batch = tasks.CosMixture(50, 50).pool(5, seed=0).all()
+    >>> batch = tasks.CosMixture(50, 50).pool(5, seed=0).all(dtype=torch.float32)
     >>> step = learners.AMAML(net, torch.nn.functional.mse_loss, T=0.5).meta_grad(
     ...     amaml_ext.flatten_params(net), batch)
     >>> step.grad.shape, step.query_loss.shape
@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .functional import TaskFunctions, param_shapes
+from .functional import second_order as _math_attention
 from .meta_grad import adjoint_meta_grad
 from .tasks import TaskBatch
 
@@ -187,7 +188,7 @@ class MAML(MetaLearner):
         self._check(theta, tasks)
         fns = self.functions(tasks)
         B = tasks.size
-        with torch.enable_grad():
+        with torch.enable_grad(), _math_attention():
             th = theta.detach().clone().requires_grad_(True)
             u = th.expand(B, -1)
             for _ in range(self.steps):
