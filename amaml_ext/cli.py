@@ -2,7 +2,7 @@
 
     amaml-ext train --task cosmixture --method amaml --meta-steps 500 --seed 0 --out runs/amaml
     amaml-ext train ... --out runs/amaml --resume        # continue from the last checkpoint
-    amaml-ext evaluate --run runs/amaml                   # meta-test curves -> runs/amaml/eval.json
+    amaml-ext evaluate --run runs/amaml                   # meta-test curves -> eval.json, eval.png
     amaml-ext compare --task cosmixture --methods amaml,maml,maml1,fomaml,reptile,imaml \\
         --meta-steps 500 --out runs/compare               # train all, plot and table
 
@@ -34,7 +34,8 @@ from .functional import flatten_params
 from .ode import ADJOINT_METHODS, FORWARD_METHODS
 from .meta_grad import MEMORY_MODES
 from .accuracy import AdjointAccuracyError
-from .train import CONFIG, THETA, RunConfigMismatch, load_checkpoint, meta_test, meta_train
+from .train import (CONFIG, THETA, RunConfigMismatch, UnreadableRunFile, load_checkpoint, meta_test, meta_train,
+                    read_json_file, read_torch_file)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 EVAL = "eval.json"
@@ -134,22 +135,34 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="GD steps of meta-test adaptation (default: the run's --inner-steps)")
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default and keeps the epilog's layout."""
+
+
+def _plain(text: str) -> str:
+    """The module docstring for a terminal: no reStructuredText markup."""
+    return text.replace("``", "").replace(":func:", "").replace("`", "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="amaml-ext", description="Adjoint MAML and baselines: meta-train, "
-                                 "meta-test and compare on the paper's synthetic tasks.",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                 "meta-test and compare on the paper's synthetic and real tasks.",
+                                 formatter_class=_Formatter, epilog=_plain(__doc__))
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="meta-train one method; writes OUT/theta.pt and checkpoints")
+    p = sub.add_parser("train", help="meta-train one method; writes OUT/theta.pt and checkpoints",
+                       formatter_class=_Formatter)
     p.add_argument("--method", choices=list(L.LEARNERS), required=True)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     _add_problem_args(p)
-    p = sub.add_parser("evaluate", help="meta-test a trained run: nRMSE curves -> RUN/eval.json")
+    p = sub.add_parser("evaluate", help="meta-test a trained run: curves -> RUN/eval.json and RUN/eval.png",
+                       formatter_class=_Formatter)
     p.add_argument("--run", required=True, help="a run directory written by 'train'")
     _add_eval_args(p)
     p.add_argument("--device", default=None, help="default: the run's device")
     p.add_argument("--quiet", action="store_true")
-    p = sub.add_parser("compare", help="train several methods on the same tasks; plot and table")
+    p = sub.add_parser("compare", help="train several methods on the same tasks; plot and table",
+                       formatter_class=_Formatter)
     p.add_argument("--methods", type=_methods, default=list(L.LEARNERS),
                    help="comma-separated, default all: " + ",".join(L.LEARNERS))
     p.add_argument("--out", required=True, help="output directory (one run per method inside)")
@@ -326,8 +339,7 @@ def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.dev
     cfg_path = os.path.join(run, CONFIG)
     if not os.path.exists(cfg_path):
         raise SystemExit(f"amaml-ext: argument --run: {run!r} has no {CONFIG}; is it a directory written by 'train'?")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = read_json_file(cfg_path, "the run's settings")
     theta_path = os.path.join(run, THETA)
     if not os.path.exists(theta_path):
         ck = load_checkpoint(run)
@@ -337,7 +349,11 @@ def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.dev
     device = device or _device(cfg.get("device", "cpu"))
     prob = Problem(cfg, device, data_root)
     model = prob.model(0)
-    theta = torch.load(theta_path, map_location=device, weights_only=True).to(prob.dtype)
+    theta = read_torch_file(theta_path, "the learned theta")
+    if not isinstance(theta, torch.Tensor):
+        raise UnreadableRunFile(f"{theta_path} (the learned theta) is unreadable: it holds a {type(theta).__name__}, "
+                                f"not a tensor. It was left as it is")
+    theta = theta.to(device=device, dtype=prob.dtype)
     if theta.numel() != flatten_params(model).numel():
         raise SystemExit(f"amaml-ext: {theta_path} holds {theta.numel()} parameters, the model {cfg['model']} "
                          f"has {flatten_params(model).numel()}")
@@ -348,6 +364,8 @@ def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.dev
     curve.update(method=cfg["method"], test_tasks=batch.size, test_steps=steps, seconds=time.perf_counter() - t0)
     with open(os.path.join(run, EVAL), "w") as f:
         json.dump(curve, f, indent=1)
+    compare_plot({cfg["method"]: curve}, os.path.join(run, "eval.png"),
+                 f"{cfg['task']}: {cfg['method']}, {batch.size} test tasks, {steps} GD steps of {cfg['inner_lr']:g}")
     if not quiet:
         if prob.metric == "accuracy":
             print(f"{cfg['method']}: meta-test accuracy over {batch.size} test tasks after {steps} steps: "
@@ -490,6 +508,15 @@ def compare(args) -> Dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except (UnreadableRunFile, ValueError) as e:
+        if isinstance(e, UnreadableRunFile) or str(e).startswith("argument 'out_dir'"):
+            raise SystemExit(f"amaml-ext: {e}") from None
+        raise
+
+
+def _main(args) -> int:
     if args.command == "evaluate":
         evaluate_run(args.run, args.test_steps, _device(args.device) if args.device else None, args.quiet)
         return 0
@@ -511,9 +538,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"amaml-ext: {e}") from None
     except AdjointAccuracyError as e:
         raise SystemExit(f"amaml-ext: {e}") from None
+    except FloatingPointError as e:
+        raise SystemExit(f"amaml-ext: {e}") from None
     except KeyboardInterrupt as e:
         print(f"\namaml-ext: {e or 'interrupted'}", file=sys.stderr)
-        return 130
+        return 143 if "SIGTERM" in str(e) else 130
     return 0
 
 

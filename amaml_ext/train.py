@@ -24,7 +24,9 @@ import io
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -36,7 +38,7 @@ from .learners import MetaLearner
 from .tasks import TaskBatch, TaskPool
 
 __all__ = ["meta_train", "meta_test", "nrmse", "accuracy", "task_indices", "atomic_write_bytes", "load_checkpoint",
-           "RunConfigMismatch"]
+           "RunConfigMismatch", "UnreadableRunFile"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
@@ -85,11 +87,48 @@ def _csv_bytes(rows: List[Dict]) -> bytes:
     return buf.getvalue().encode()
 
 
+class UnreadableRunFile(ValueError):
+    """A run file (checkpoint.pt, config.json, theta.pt) that cannot be read; it is left as it is."""
+
+
+CHECKPOINT_KEYS = ("theta", "optimizer", "step", "metrics")
+
+
+def read_torch_file(path: str, what: str):
+    """``torch.load`` of a run file, or UnreadableRunFile naming it (touching nothing)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (truncated, empty, garbage: all unreadable)
+        raise UnreadableRunFile(f"{path} ({what}) is unreadable: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200] if str(e) else ''}. It was left as it is; "
+                                f"move it away to start afresh") from None
+
+
+def read_json_file(path: str, what: str) -> Dict:
+    """``json.load`` of a run file (an object), or UnreadableRunFile naming it."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UnreadableRunFile(f"{path} ({what}) is unreadable: {type(e).__name__}: {e}. It was left as it "
+                                f"is") from None
+    if not isinstance(obj, dict):
+        raise UnreadableRunFile(f"{path} ({what}) is unreadable: expected a JSON object, got "
+                                f"{type(obj).__name__}. It was left as it is")
+    return obj
+
+
 def load_checkpoint(out_dir: str) -> Optional[Dict]:
+    """The run's checkpoint (None if there is none); UnreadableRunFile if it is damaged or lacks
+    keys."""
     path = os.path.join(out_dir, CHECKPOINT)
     if not os.path.exists(path):
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    ck = read_torch_file(path, "checkpoint")
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise UnreadableRunFile(f"{path} (checkpoint) is unreadable: it lacks {missing}. It was left as it is")
+    return ck
 
 
 def task_indices(seed: int, step: int, pool_size: int, meta_batch: int) -> torch.Tensor:
@@ -107,10 +146,12 @@ def task_indices(seed: int, step: int, pool_size: int, meta_batch: int) -> torch
     return torch.tensor(picked, dtype=torch.long)
 
 
-def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir: str, theta0: Optional[torch.Tensor] = None,
+def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir: Optional[str] = None,
+               theta0: Optional[torch.Tensor] = None,
                meta_batch: int = 5, lr: float = 1e-3, seed: int = 0, resume: bool = False,
                checkpoint_every: int = 50, device="cpu", dtype=torch.float32, config: Optional[Dict] = None,
-               progress: bool = True, on_step: Optional[Callable[[int, Dict], None]] = None) -> torch.Tensor:
+               progress: bool = True, on_step: Optional[Callable[[int, Dict], None]] = None,
+               checkpoint_seconds: Optional[float] = 600.0) -> torch.Tensor:
     """Meta-train ``learner`` on ``pool`` for ``meta_steps`` Adam steps; returns the learned theta.
 
     Args:
@@ -119,7 +160,8 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
             dtype=)`` method, like a resampling ``RatingPool``, is asked for each step's data
             through it; otherwise ``pool.batch(index)``).
         meta_steps: total number of outer steps (a resumed run continues up to it).
-        out_dir: run directory (created); see the module doc for its files.
+        out_dir: run directory (created); see the module doc for its files. None: no files are
+            kept (a temporary directory holds the checkpoints during the run; nothing to resume).
         theta0: initial theta ``[d]`` (default: the learner's model's parameters).
         meta_batch: tasks per step (at most the pool size).
         lr: Adam's learning rate.
@@ -127,10 +169,24 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
         resume: continue from ``out_dir/checkpoint.pt`` (an error if ``out_dir`` holds a run with
             another ``config``); without it, an existing checkpoint is an error, not overwritten.
         checkpoint_every: steps between checkpoints.
+        checkpoint_seconds: also save a checkpoint when this long has passed since the last one
+            (None: by step count only).
         config: the run's settings (JSON-able), stored in ``config.json`` and compared on resume.
         progress: show a progress bar (tqdm).
         on_step: called as ``on_step(step, row)`` after every step (tests use it to interrupt).
+
+    Interrupted (Ctrl-C, or SIGTERM, which schedulers send before they preempt a job), it saves
+    a checkpoint of every finished step and raises KeyboardInterrupt; ``resume=True`` continues
+    to exactly the theta of an uninterrupted run. A meta-step whose meta-gradient or query loss is
+    not finite stops the run with FloatingPointError, after saving the steps before it.
     """
+    if out_dir is None:
+        if resume:
+            raise ValueError("argument 'resume' needs an 'out_dir' to resume from, got out_dir=None")
+        with tempfile.TemporaryDirectory(prefix="amaml-run-") as tmp:
+            return meta_train(learner, pool, meta_steps=meta_steps, out_dir=tmp, theta0=theta0, meta_batch=meta_batch,
+                              lr=lr, seed=seed, checkpoint_every=checkpoint_every, device=device, dtype=dtype,
+                              config=config, progress=progress, on_step=on_step, checkpoint_seconds=None)
     for name, v in (("meta_steps", meta_steps), ("meta_batch", meta_batch), ("checkpoint_every", checkpoint_every)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"argument '{name}' must be a positive int, got {v!r}")
@@ -138,7 +194,12 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
         raise ValueError(f"argument 'meta_batch' must be at most the pool size {len(pool)}, got {meta_batch}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"argument 'lr' must be a positive finite number, got {lr!r}")
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".tmp-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"argument 'out_dir': cannot write the run directory {out_dir!r}: {e.strerror or e}") from None
     config = dict(config or {})
     config.update(meta_batch=meta_batch, lr=lr, seed=seed)
     cfg_path = os.path.join(out_dir, CONFIG)
@@ -149,8 +210,7 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
                               f"pass resume=True (--resume) to continue it, or choose another directory")
     if resume and ckpt is not None:
         if os.path.exists(cfg_path):
-            with open(cfg_path) as f:
-                old = json.load(f)
+            old = read_json_file(cfg_path, "the run's settings")
             diff = {k: (old.get(k), config.get(k)) for k in set(old) | set(config)
                     if k not in ("meta_steps", "data_root") and old.get(k) != config.get(k)}
             if diff:
@@ -165,13 +225,20 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
     rows: List[Dict] = []
     start = 0
     if resume and ckpt is not None:
+        if not isinstance(ckpt["theta"], torch.Tensor) or ckpt["theta"].shape != theta.shape:
+            got = tuple(ckpt["theta"].shape) if isinstance(ckpt["theta"], torch.Tensor) else type(ckpt["theta"]).__name__
+            raise UnreadableRunFile(f"{os.path.join(out_dir, CHECKPOINT)} (checkpoint) holds a theta of shape {got}, "
+                                    f"the model has {tuple(theta.shape)}: it belongs to another model. It was left as it is")
         with torch.no_grad():
             theta.copy_(ckpt["theta"].to(device=device, dtype=dtype))
         opt.load_state_dict(ckpt["optimizer"])
         rows = list(ckpt["metrics"])
         start = int(ckpt["step"])
 
+    last_save = [time.monotonic()]
+
     def save(step: int) -> None:
+        last_save[0] = time.monotonic()
         state = {"theta": theta.detach().cpu().clone(), "optimizer": opt.state_dict(), "step": step,
                  "metrics": rows}
         atomic_write_bytes(os.path.join(out_dir, CHECKPOINT), _torch_bytes(state))
@@ -183,6 +250,7 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
         bar = tqdm(total=meta_steps, initial=start, desc=f"{learner.name} meta-train", unit="step",
                    dynamic_ncols=True, leave=True)
     step = start
+    previous = _sigterm_as_interrupt()
     try:
         for step in range(start, meta_steps):
             idx = task_indices(seed, step, len(pool), meta_batch)
@@ -191,10 +259,17 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
                      else pool.batch(idx, device=device, dtype=dtype))
             t0 = time.perf_counter()
             out = learner.meta_grad(theta.detach(), batch)
-            if not bool(torch.isfinite(out.grad).all()):
-                raise FloatingPointError(f"meta_train: non-finite meta-gradient at meta-step {step} "
-                                         f"(method {learner.name}, tasks {idx.tolist()}); the last checkpoint "
-                                         f"in {out_dir!r} is from before it")
+            bad = [what for what, v in (("meta-gradient", out.grad), ("query loss", out.query_loss))
+                   if not bool(torch.isfinite(v).all())]
+            if not bad and not math.isfinite(float(out.grad.norm())):
+                bad = ["meta-gradient norm"]
+            if bad:
+                save(len(rows))
+                raise FloatingPointError(
+                    f"meta_train: the {' and the '.join(bad)} of meta-step {step + 1} (method {learner.name}, "
+                    f"tasks {idx.tolist()}) is not finite: the inner training diverged (lower the inner step "
+                    f"size or the horizon). Stopped; the checkpoint in {out_dir!r} holds the {len(rows)} "
+                    f"meta-steps before it.")
             opt.zero_grad(set_to_none=True)
             theta.grad = out.grad.detach().to(theta.dtype).reshape(theta.shape).clone()
             opt.step()
@@ -207,7 +282,8 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(query_loss=f"{row['query_loss']:.4g}")
-            if (step + 1) % checkpoint_every == 0 or step + 1 == meta_steps:
+            if ((step + 1) % checkpoint_every == 0 or step + 1 == meta_steps
+                    or (checkpoint_seconds is not None and time.monotonic() - last_save[0] >= checkpoint_seconds)):
                 save(step + 1)
             if on_step is not None:
                 on_step(step + 1, row)
@@ -218,13 +294,16 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
             bar.close()
         raise AdjointAccuracyError(f"meta_train stopped at meta-step {done + 1} (strict): {e} The checkpoint in "
                                    f"{out_dir!r} holds the {done} meta-steps before it.") from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         done = len(rows)
         save(done)
         if bar is not None:
             bar.close()
-        raise KeyboardInterrupt(f"meta_train interrupted after meta-step {done}; checkpoint saved in "
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        raise KeyboardInterrupt(f"meta_train {what} after meta-step {done}; checkpoint saved in "
                                 f"{out_dir!r}: run again with resume=True (--resume) to continue") from None
+    finally:
+        _restore_sigterm(previous)
     if bar is not None:
         bar.close()
     if start >= meta_steps:  # nothing left to do: make sure the final files exist
@@ -232,6 +311,25 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
     result = theta.detach().cpu().clone()
     atomic_write_bytes(os.path.join(out_dir, THETA), _torch_bytes(result))
     return result
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received: handled like Ctrl-C (a checkpoint is saved)."""
+
+
+def _sigterm_as_interrupt():
+    """Make SIGTERM raise :class:`Terminated` in the main thread; returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated()
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def nrmse(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
