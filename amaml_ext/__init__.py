@@ -21,3 +21,18 @@ from . import learners, models, tasks, train
 __all__ = ["AdjointAccuracyError", "AdjointAccuracyWarning", "MetaGradResult", "adjoint_meta_grad", "accuracy", "build_info", "flatten_params", "learners", "models",
            "ode", "ops", "tasks", "train", "unflatten_params"]
 __version__ = "0.1.0"
+
+
+def _check_build_torch() -> None:
+    """Warn when the extension was compiled against another torch than the one running: the
+    C++ ABI of torch changes between minor versions (crashes or wrong symbols)."""
+    import warnings
+    info = build_info()
+    built, running = info["torch_version"], torch.__version__.split("+")[0]
+    if built.split(".")[:2] != running.split(".")[:2]:
+        warnings.warn(f"amaml_ext was built against torch {built} but torch {running} is running; rebuild it "
+                      f"against this torch: pip install --no-build-isolation --force-reinstall --no-deps .",
+                      RuntimeWarning, stacklevel=2)
+
+
+_check_build_torch()
