@@ -103,7 +103,7 @@ def _add_problem_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inner training")
     g.add_argument("--inner-steps", type=_positive_int, default=200,
                    help="GD steps for fomaml/reptile/imaml; A-MAML's T = inner-steps x inner-lr")
-    g.add_argument("--maml-steps", type=_positive_int, default=20, help="GD steps unrolled by maml")
+    g.add_argument("--maml-steps", type=_positive_int, default=20, help="GD steps unrolled by maml and anil")
     g.add_argument("--inner-lr", type=_positive_float, default=0.01, help="inner GD step (A-MAML's grid h)")
     g.add_argument("--solver", choices=FORWARD_METHODS, default="dopri5", help="A-MAML forward solver")
     g.add_argument("--adjoint", choices=ADJOINT_METHODS, default="heun", help="A-MAML adjoint scheme")
@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p = sub.add_parser("compare", help="train several methods on the same tasks; plot and table",
                        formatter_class=_Formatter)
-    p.add_argument("--methods", type=_methods, default=list(L.LEARNERS),
-                   help="comma-separated, default all: " + ",".join(L.LEARNERS))
+    p.add_argument("--methods", type=_methods, default=list(L.PAPER_METHODS),
+                   help="comma-separated subset of " + ",".join(L.LEARNERS))
     p.add_argument("--out", required=True, help="output directory (one run per method inside)")
     _add_problem_args(p)
     _add_eval_args(p)
@@ -236,6 +236,8 @@ def run_config(args, method: str) -> Dict:
         cfg.update(T=args.inner_steps * args.inner_lr, solver=args.solver, adjoint=args.adjoint,
                    memory=args.memory, rtol=args.rtol, atol=args.atol, compile=args.compile)
     elif method == "maml":
+        cfg["inner_steps"] = args.maml_steps
+    elif method == "anil":
         cfg["inner_steps"] = args.maml_steps
     elif method == "maml1":
         cfg["inner_steps"] = 1
@@ -360,7 +362,9 @@ def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.dev
     steps = cfg["test_steps"] if test_steps is None else test_steps
     batch = prob.test_pool.all(device=device, dtype=prob.dtype)
     t0 = time.perf_counter()
-    curve = meta_test(model, prob.loss, theta, batch, steps=steps, lr=cfg["inner_lr"], metric=prob.metric)
+    mask = L.head_mask(model) if cfg["method"] == "anil" else None      # ANIL adapts the head only
+    curve = meta_test(model, prob.loss, theta, batch, steps=steps, lr=cfg["inner_lr"], metric=prob.metric,
+                      adapt_mask=mask)
     curve.update(method=cfg["method"], test_tasks=batch.size, test_steps=steps, seconds=time.perf_counter() - t0)
     with open(os.path.join(run, EVAL), "w") as f:
         json.dump(curve, f, indent=1)
@@ -378,7 +382,7 @@ def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.dev
 
 # ---- compare outputs ----------------------------------------------------------------------------
 
-LABELS = {"amaml": "A-MAML", "maml": "MAML", "maml1": "MAML-1", "fomaml": "FOMAML", "reptile": "Reptile",
+LABELS = {"amaml": "A-MAML", "maml": "MAML", "maml1": "MAML-1", "anil": "ANIL", "fomaml": "FOMAML", "reptile": "Reptile",
           "imaml": "iMAML"}
 
 

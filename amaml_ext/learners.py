@@ -16,6 +16,8 @@ learner     meta-gradient of the mean query loss V(psi_b(theta))           secon
 ``AMAML``   exact gradient of the gradient flow up to T (adjoint ODE)      yes
 ``MAML``    autograd through K GD steps (``create_graph``)                 yes
 ``MAML1``   MAML with one GD step                                          yes
+``ANIL``    MAML adapting only the head in the inner loop; the body is     yes
+            meta-learned through it (Raghu et al. 2020)
 ``FOMAML``  ``grad V(psi)`` at the adapted parameters (Jacobian dropped)   no
 ``Reptile`` ``theta - psi`` (Nichol et al. 2018)                           no
 ``IMAML``   ``(I + H(psi) / lambda)^-1 grad V(psi)`` by CG, psi minimising  yes (implicit)
@@ -48,8 +50,8 @@ from .functional import second_order as _math_attention
 from .meta_grad import adjoint_meta_grad
 from .tasks import TaskBatch
 
-__all__ = ["MetaStep", "MetaLearner", "AMAML", "MAML", "MAML1", "FOMAML", "Reptile", "IMAML",
-           "LEARNERS", "make_learner"]
+__all__ = ["MetaStep", "MetaLearner", "AMAML", "MAML", "MAML1", "ANIL", "FOMAML", "Reptile", "IMAML",
+           "LEARNERS", "make_learner", "head_mask"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -193,10 +195,14 @@ class MAML(MetaLearner):
             u = th.expand(B, -1)
             for _ in range(self.steps):
                 (g,) = torch.autograd.grad(fns.losses(u, tasks.support).sum(), u, create_graph=True)
-                u = u - self.inner_lr * g
+                u = self._step(u, g)
             per_task = fns.losses(u, tasks.query)
             (grad,) = torch.autograd.grad(per_task.mean(), th)
         return MetaStep(grad, per_task.detach(), {"grad_evals": B * (self.steps + 1), "inner_steps": self.steps})
+
+
+    def _step(self, u, g):
+        return u - self.inner_lr * g
 
 
 class MAML1(MAML):
@@ -208,6 +214,47 @@ class MAML1(MAML):
         if steps != 1:
             raise ValueError(f"argument 'steps' of MAML1 must be 1, got {steps!r} (use MAML for more)")
         super().__init__(model, loss, inner_lr=inner_lr, steps=1)
+
+
+def head_mask(model: nn.Module, head=None) -> torch.Tensor:
+    """``[d]`` float mask over theta: 1 on the parameters of ``head`` (names or prefixes; default:
+    the last submodule that holds trainable parameters, e.g. ``Conv4.head`` or an MLP's last
+    Linear), 0 elsewhere."""
+    shapes = list(param_shapes(model))
+    if head is None:
+        owners = [n.rsplit(".", 1)[0] if "." in n else "" for n, _ in shapes]
+        head = [owners[-1]] if owners and owners[-1] else [shapes[-1][0]]
+    elif isinstance(head, str):
+        head = [head]
+    inside = lambda n: any(n == p or n.startswith(p + ".") for p in head)  # noqa: E731
+    mask = torch.cat([torch.full((math.prod(s),), 1.0 if inside(n) else 0.0) for n, s in shapes])
+    if not bool(mask.any()):
+        raise ValueError(f"argument 'head' must name trainable parameters of the model, got {head!r}; "
+                         f"its parameters are {[n for n, _ in shapes]}")
+    return mask
+
+
+class ANIL(MAML):
+    """ANIL (Raghu et al. 2020): MAML whose inner loop adapts only the head (``head``: names or
+    prefixes of parameters, default the last module with parameters); the meta-gradient covers
+    all of theta, the body learned through the head's adaptation. ``adapt`` also moves only the
+    head."""
+
+    name = "anil"
+    second_order = True
+
+    def __init__(self, model: nn.Module, loss: LossFn, *, inner_lr: float = 0.01, steps: int = 20, head=None):
+        super().__init__(model, loss, inner_lr=inner_lr, steps=steps)
+        self.mask = head_mask(model, head)
+
+    def _step(self, u, g):
+        return u - self.inner_lr * g * self.mask.to(g)
+
+    def _gd(self, fns, u, steps, lr, prox=None):
+        mask = self.mask.to(u)
+        for _ in range(steps):
+            u = u - lr * fns.grad(u) * mask
+        return u
 
 
 class FOMAML(MetaLearner):
@@ -294,13 +341,16 @@ class IMAML(MetaLearner):
         return f"IMAML(steps={self.steps}, inner_lr={self.inner_lr:g}, lam={self.lam:g}, cg_steps={self.cg_steps})"
 
 
-LEARNERS = {"amaml": AMAML, "maml": MAML, "maml1": MAML1, "fomaml": FOMAML, "reptile": Reptile, "imaml": IMAML}
+LEARNERS = {"amaml": AMAML, "maml": MAML, "maml1": MAML1, "fomaml": FOMAML, "reptile": Reptile, "imaml": IMAML,
+            "anil": ANIL}
+PAPER_METHODS = ("amaml", "maml", "maml1", "fomaml", "reptile", "imaml")
+"""The methods of the paper's comparisons (``amaml-ext compare``'s default)."""
 
 
 def make_learner(method: str, model: nn.Module, loss: LossFn, *, inner_steps: int = 200, maml_steps: int = 20,
                  inner_lr: float = 0.01, imaml_lambda: float = 1.0, cg_steps: int = 5, **amaml_options) -> MetaLearner:
     """A learner by name with the paper's conventions: A-MAML's ``T = inner_steps * inner_lr``
-    (``h = inner_lr``); MAML runs ``maml_steps``; MAML1 one step; the others ``inner_steps``.
+    (``h = inner_lr``); MAML and ANIL run ``maml_steps``; MAML1 one step; the others ``inner_steps``.
     ``amaml_options`` (solver, adjoint, memory, compile, rtol, atol) go to A-MAML."""
     if method not in LEARNERS:
         raise ValueError(f"argument 'method' must be one of {sorted(LEARNERS)}, got {method!r}")
@@ -313,6 +363,8 @@ def make_learner(method: str, model: nn.Module, loss: LossFn, *, inner_steps: in
         return MAML(model, loss, inner_lr=inner_lr, steps=maml_steps)
     if method == "maml1":
         return MAML1(model, loss, inner_lr=inner_lr)
+    if method == "anil":
+        return ANIL(model, loss, inner_lr=inner_lr, steps=maml_steps)
     if method == "imaml":
         return IMAML(model, loss, inner_lr=inner_lr, steps=inner_steps, lam=imaml_lambda, cg_steps=cg_steps)
     return LEARNERS[method](model, loss, inner_lr=inner_lr, steps=inner_steps)

@@ -358,11 +358,12 @@ METRICS_FNS = {"nrmse": nrmse, "accuracy": accuracy}
 
 def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatch, *, steps: int,
               lr: float = 0.01, record_every: int = 1, metric: str = "nrmse",
-              chunk: int = 100) -> Dict[str, List[float]]:
+              chunk: int = 100, adapt_mask: Optional[torch.Tensor] = None) -> Dict[str, List[float]]:
     """Adapt from ``theta`` on every task's support set with ``steps`` plain GD steps of ``lr``
     (``chunk`` tasks at a time, batched) and record the query ``metric`` (``"nrmse"`` or
     ``"accuracy"``; over the real points of ``tasks.query_mask`` when there is one) after every
-    ``record_every`` steps.
+    ``record_every`` steps. ``adapt_mask`` (``[d]``, 0/1) adapts only the marked parameters
+    (ANIL: the head).
 
     Returns ``{"metric", "step": [...], "mean": [...], "std": [...], "ci95": [...], "final":
     [per-task value]}`` (std over tasks, population; ``ci95 = 1.96 std / sqrt(tasks)``)."""
@@ -393,7 +394,8 @@ def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatc
             k = 1
         with torch.no_grad():
             for s in range(1, steps + 1):
-                u = u - lr * fns.grad(u)
+                g = fns.grad(u)
+                u = u - lr * (g if adapt_mask is None else g * adapt_mask.to(g))
                 if k < len(recorded) and s == recorded[k]:
                     per_task[k].append(value())
                     k += 1
