@@ -65,10 +65,13 @@ def _check_pair(name: str, pair, batched: bool):
                              f"got {x.shape[0]} and {y.shape[0]}")
     sample_dim = 1 if batched else 0
     if x.dim() <= sample_dim or y.dim() <= sample_dim:
-        raise ValueError(f"argument '{name}': x and y need a sample dimension, got x {tuple(x.shape)}, y {tuple(y.shape)}")
+        raise ValueError(f"argument '{name}': x and y need a sample dimension, got x {tuple(x.shape)}, y {tuple(y.shape)}"
+                         + (" (with batched=True: [tasks, samples, ...])" if batched else ""))
     if x.shape[sample_dim] != y.shape[sample_dim]:
+        layout = (" (with batched=True dimension 0 indexes tasks and dimension 1 samples: is the data "
+                  "batched?)" if batched else "")
         raise ValueError(f"argument '{name}': x and y must have the same number of samples, "
-                         f"got {x.shape[sample_dim]} and {y.shape[sample_dim]}")
+                         f"got {x.shape[sample_dim]} and {y.shape[sample_dim]}{layout}")
     return x, y
 
 

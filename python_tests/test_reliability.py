@@ -383,3 +383,11 @@ def test_anil_through_the_command(tmp_path):
     assert cli.main(["train", "--task", "cosmixture", "--method", "anil", "--maml-steps", "2", "--meta-steps", "2",
                      "--quiet", "--out", out]) == 0
     assert cli.main(["evaluate", "--run", out, "--quiet", "--test-steps", "3"]) == 0
+
+
+def test_batched_flag_with_unbatched_data_says_so():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    s, q = data(0), data(1)
+    with pytest.raises(ValueError, match="is the data batched"):
+        adjoint_meta_grad(m, F.mse_loss, flatten_params(m), 0.5, support=s, query=q, batched=True)
