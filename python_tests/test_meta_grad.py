@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from amaml_ext import adjoint_meta_grad, flatten_params, unflatten_params
+from amaml_ext.functional import compile_refusal
 
 from conftest import DEVICES
 
@@ -274,28 +275,41 @@ def test_device_mismatch_is_named():
 
 # ---- compile=True: torch.compile-d torch.func callbacks --------------------------------------
 
+# torch 2.13 refuses compile=True (its inductor segfaults on the compiled HVP): there the same
+# calls must warn, run eagerly and stay exact
+COMPILE_OK = compile_refusal() is None
+
+
 def test_compiled_callbacks_equal_autograd_unrolling_and_eager():
     """compile=True (forward-over-reverse HVPs) gives MAML's exact gradient, batched too, and
     agrees with the eager callbacks in the continuous mode."""
+    if not COMPILE_OK:
+        with pytest.warns(RuntimeWarning, match="segfaults"):
+            _compiled_callbacks_case()
+        return
+    _compiled_callbacks_case()
+
+
+def _compiled_callbacks_case():
     net = mlp(seed=4)
     theta = flatten_params(net)
     support, query = regression_task(1), regression_task(2)
     K, h = 12, 0.05
     r = adjoint_meta_grad(net, F.mse_loss, theta, K * h, support=support, query=query, h=h,
                           solver="euler", adjoint="discrete", compile=True)
-    assert r.stats["compiled"] is True
+    assert r.stats["compiled"] is COMPILE_OK
     ref, _ = unrolled_maml_grad(net, F.mse_loss, theta, support, query, K, h)
     assert rel(r.grad, ref) < 1e-10
     eager = adjoint_meta_grad(net, F.mse_loss, theta, K * h, support=support, query=query, h=h, rtol=1e-9, atol=1e-10)
     comp = adjoint_meta_grad(net, F.mse_loss, theta, K * h, support=support, query=query, h=h, rtol=1e-9,
                              atol=1e-10, compile=True)
-    assert eager.stats["compiled"] is False and comp.stats["compiled"] is True
+    assert eager.stats["compiled"] is False and comp.stats["compiled"] is COMPILE_OK
     assert rel(comp.grad, eager.grad) < 1e-10
     # a meta-batch, and new task data of the same shapes (reusing the compiled code)
     bsup, bqry, sup, qry = batch_of_tasks(2)
     rb = adjoint_meta_grad(net, F.mse_loss, theta, K * h, support=bsup, query=bqry, h=h, solver="euler",
                            adjoint="discrete", batched=True, compile=True)
-    assert rb.stats["compiled"] is True
+    assert rb.stats["compiled"] is COMPILE_OK
     for b in range(2):
         ref_b, _ = unrolled_maml_grad(net, F.mse_loss, theta, sup[b], qry[b], K, h)
         assert rel(rb.grad[b], ref_b) < 1e-10
@@ -310,7 +324,8 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     net = mlp(seed=5)  # a fresh module: no cached compiled callbacks
     theta = flatten_params(net)
     support, query = regression_task(1), regression_task(2)
-    with pytest.warns(RuntimeWarning, match="torch.compile of the model callbacks failed.*no compiler here"):
+    expect = "torch.compile of the model callbacks failed.*no compiler here" if COMPILE_OK else "segfaults"
+    with pytest.warns(RuntimeWarning, match=expect):
         r = adjoint_meta_grad(net, F.mse_loss, theta, 0.2, support=support, query=query, h=0.05,
                               solver="euler", adjoint="discrete", compile=True)
     assert r.stats["compiled"] is False
