@@ -92,7 +92,9 @@ class ErrorMonitor:
                 self.prev = (lam * (g if mask is None else g * mask)).sum(-1)
 
     def node(self, t: float, lam: torch.Tensor) -> None:
-        self.add(lam, self.grad_at(t).reshape(lam.shape))
+        g = self.grad_at(t)
+        if g is not None:       # the node's linearisation is the last one made (always, by the drivers)
+            self.add(lam, g.reshape(lam.shape))
 
     def relative_drift(self) -> torch.Tensor:
         if self.drift is None:

@@ -1,0 +1,65 @@
+"""Markdown table of finished `amaml-ext train` runs meta-tested with `amaml-ext evaluate` (each
+run with its own inner procedure), with paired per-task differences against a reference run
+(the runs must share their test tasks) and, where a run records it, the continuous adjoint's
+error estimate over meta-training:
+
+    python benchmarks/run_table.py --ref maml5 runs/omni/maml5 runs/omni/exact5 runs/omni/exact10 ...
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+
+
+def load(run):
+    with open(os.path.join(run, "eval.json")) as f:
+        curve = json.load(f)
+    with open(os.path.join(run, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(run, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    est = [float(r["adjoint_error_estimate"]) for r in rows if r.get("adjoint_error_estimate")]
+    return curve, cfg, rows, est
+
+
+def describe(cfg):
+    if cfg["method"] == "amaml":
+        steps = round(cfg["T"] / cfg["inner_lr"])
+        mode = "exact" if cfg["adjoint"] == "discrete" else f"{cfg['solver']}+{cfg['adjoint']}"
+        what = f"A-MAML {mode}, T = {cfg['T']:g} ({steps} x {cfg['inner_lr']:g})"
+    else:
+        what = f"{cfg['method'].upper()} {cfg['inner_steps']} x {cfg['inner_lr']:g}"
+    if cfg.get("activation"):
+        what += f", {cfg['activation']}/{cfg['pool']} Conv4"
+    return what
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--ref", required=True, help="name (last path component) of the reference run")
+    args = p.parse_args(argv)
+    data = {os.path.basename(r.rstrip("/")): load(r) for r in args.runs}
+    ref = data[args.ref][0]["final"]
+    print("| run | meta-test | accuracy (95% CI) | minus " + args.ref + " (paired 95% CI) | better on | "
+          "meta-steps | s / meta-step | adjoint error estimate (median / max) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (curve, cfg, rows, est) in data.items():
+        final = curve["final"]
+        d = [a - b for a, b in zip(final, ref)]
+        half = 1.96 * statistics.stdev(d) / math.sqrt(len(d)) if name != args.ref else 0.0
+        better = sum(x > 0 for x in d)
+        secs = statistics.median(float(r["seconds"]) for r in rows)
+        est_txt = f"{statistics.median(est):.1e} / {max(est):.1e}" if est else "exact (none needed)" \
+            if cfg.get("adjoint") == "discrete" else "–"
+        diff = "–" if name == args.ref else f"{100 * statistics.mean(d):+.2f} ± {100 * half:.2f} pp"
+        print(f"| {name}: {describe(cfg)} | {curve['test_steps']} GD steps of {cfg['inner_lr']:g} | "
+              f"{100 * curve['mean'][-1]:.2f} ± {100 * curve['ci95'][-1]:.2f}% | {diff} | "
+              f"{'–' if name == args.ref else f'{better}/{len(d)}'} | {len(rows)} | {secs:.2f} | {est_txt} |")
+
+
+if __name__ == "__main__":
+    main()
