@@ -15,7 +15,7 @@ from . import accuracy, ops, ode
 from ._build import build_info
 from .functional import flatten_params, unflatten_params
 from .accuracy import AdjointAccuracyError, AdjointAccuracyWarning
-from .meta_grad import MetaGradResult, adjoint_meta_grad
+from .metagrad import MetaGradResult, adjoint_meta_grad
 from . import learners, models, tasks, train
 
 __all__ = ["AdjointAccuracyError", "AdjointAccuracyWarning", "MetaGradResult", "adjoint_meta_grad", "accuracy", "build_info", "flatten_params", "learners", "models",

@@ -32,7 +32,7 @@ from . import models, tasks
 from .ratings import RATING_DATASETS, RATING_SETTINGS
 from .functional import flatten_params
 from .ode import ADJOINT_METHODS, FORWARD_METHODS
-from .meta_grad import MEMORY_MODES
+from .metagrad import MEMORY_MODES
 from .accuracy import AdjointAccuracyError
 from .train import (CONFIG, THETA, RunConfigMismatch, UnreadableRunFile, load_checkpoint, meta_test, meta_train,
                     read_json_file, read_torch_file)

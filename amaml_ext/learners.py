@@ -47,7 +47,7 @@ from torch import nn
 
 from .functional import TaskFunctions, param_shapes
 from .functional import second_order as _math_attention
-from .meta_grad import adjoint_meta_grad
+from .metagrad import adjoint_meta_grad
 from .tasks import TaskBatch
 
 __all__ = ["MetaStep", "MetaLearner", "AMAML", "MAML", "MAML1", "ANIL", "FOMAML", "Reptile", "IMAML",

@@ -152,6 +152,48 @@ def _as_2d(y: torch.Tensor, batched: bool) -> torch.Tensor:
     return flat.contiguous()
 
 
+# ---- row-range solves over the C++ drivers (what amaml_ext.metagrad builds on) ----------------
+# States are [rows, d] (rows = tasks); `times` are the grid times of the rows solved, and `shape`
+# is the shape the callbacks see.
+
+def forward_rows(f, y: torch.Tensor, shape, times: torch.Tensor, method: str, rtol: float = 1e-6,
+                 atol: float = 1e-8, max_steps: int = 10000):
+    """Grid states ``[len(times), rows, d]`` from ``y`` at ``times[0]`` by ``method``, and the
+    solver's counts."""
+    if method == "dopri5":
+        states, stats, _ = _C.dopri5_forward(f, y, list(shape), times, float(rtol), float(atol), int(max_steps), 0.0)
+        return states, stats
+    return _C.fixed_forward(f, y, list(shape), times, method)
+
+
+def dopri5_logged(f, y: torch.Tensor, shape, times: torch.Tensor, rtol: float, atol: float, max_steps: int,
+                  checkpoint_cap: int):
+    """dopri5 without a stored trajectory: ``(final state, counts, log)``; the log (steps, which
+    step wrote each grid row, at most ``checkpoint_cap`` step-start states) lets
+    :func:`dopri5_replay_rows` recompute any grid rows bit for bit."""
+    _, stats, log = _C.dopri5_forward(f, y, list(shape), times, float(rtol), float(atol), int(max_steps), 0.0,
+                                      False, int(checkpoint_cap))
+    return log["final"], stats, log
+
+
+def dopri5_replay_rows(f, log, shape, lo: int, hi: int) -> torch.Tensor:
+    """Grid rows ``lo..hi`` (of the logged solve) recomputed from the nearest checkpoint."""
+    s_lo = 0 if lo == 0 else int(log["row_step"][lo])
+    start = max(k for k in log["checkpoints"] if k <= s_lo)
+    s_hi = int(log["row_step"][hi])
+    return _C.dopri5_replay(f, log["checkpoints"][start], list(shape), log["step_t"], log["step_h"], start, s_hi,
+                            log["row_step"], log["row_theta"], lo, hi)
+
+
+def adjoint_rows(vjp, states: torch.Tensor, shape, times: torch.Tensor, lam: torch.Tensor, method: str,
+                 coarse: Optional[torch.Tensor] = None, row0: int = 0, node=None):
+    """The adjoint from ``times[-1]`` down to ``times[0]`` over ``states`` (``[len(times), rows,
+    d]``): ``(lam at times[0], counts, coarse)``. ``coarse`` carries the step-doubling companion
+    (:mod:`amaml_ext.accuracy`), ``row0`` is the absolute grid row of ``times[0]``, ``node(t, lam)``
+    is called where lam is final at a node."""
+    return _C.adjoint_solve(vjp, states, list(shape), times, lam, method, coarse, int(row0), node)
+
+
 def solve_forward(f: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Tensor, T: float,
                   h: float, *, method: str = "dopri5", rtol: float = 1e-6, atol: float = 1e-8,
                   batched: bool = False, max_steps: Optional[int] = None,
@@ -196,7 +238,7 @@ def solve_forward(f: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Te
             h0 = 0.0 if initial_step is None else _check_positive_real("initial_step", initial_step)
             states, stats, _ = _C.dopri5_forward(f, y2, shape, times, rtol, atol, int(max_steps), h0)
         else:
-            states, stats = _C.fixed_forward(f, y2, shape, times, method)
+            states, stats = forward_rows(f, y2, shape, times, method)
     return Trajectory(times=times, states=states.view([n + 1] + shape), stats=SolverStats(**stats),
                       method=method, batched=batched)
 
@@ -242,7 +284,7 @@ def solve_adjoint(vjp: Callable[[float, torch.Tensor, torch.Tensor], torch.Tenso
     lam2 = _as_2d(lam_T, trajectory.batched)
     with torch.no_grad():
         coarse = lam2.clone() if error_estimate and method != "discrete" else None
-        lam0, stats, coarse = _C.adjoint_solve(vjp, traj3, list(state_shape), trajectory.times, lam2, method, coarse)
+        lam0, stats, coarse = adjoint_rows(vjp, traj3, state_shape, trajectory.times, lam2, method, coarse)
         if coarse is not None:
             from .accuracy import richardson
             stats["error_estimate"] = float(richardson(lam0, coarse, method).max())

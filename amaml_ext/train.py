@@ -194,111 +194,36 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
         raise ValueError(f"argument 'meta_batch' must be at most the pool size {len(pool)}, got {meta_batch}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"argument 'lr' must be a positive finite number, got {lr!r}")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".tmp-probe-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"argument 'out_dir': cannot write the run directory {out_dir!r}: {e.strerror or e}") from None
-    config = dict(config or {})
-    config.update(meta_batch=meta_batch, lr=lr, seed=seed)
-    cfg_path = os.path.join(out_dir, CONFIG)
-
-    ckpt = load_checkpoint(out_dir)
-    if ckpt is not None and not resume:
-        raise FileExistsError(f"argument 'out_dir': {out_dir!r} already holds a run (step {ckpt['step']}); "
-                              f"pass resume=True (--resume) to continue it, or choose another directory")
-    if resume and ckpt is not None:
-        if os.path.exists(cfg_path):
-            old = read_json_file(cfg_path, "the run's settings")
-            diff = {k: (old.get(k), config.get(k)) for k in set(old) | set(config)
-                    if k not in ("meta_steps", "data_root") and old.get(k) != config.get(k)}
-            if diff:
-                raise RunConfigMismatch(f"cannot resume the run in {out_dir!r}: its settings differ "
-                                        f"(saved vs now): {diff}")
-    atomic_write_bytes(cfg_path, (json.dumps(dict(config, meta_steps=meta_steps), indent=2) + "\n").encode())
-
-    if theta0 is None:
-        theta0 = flatten_params(learner.model)
-    theta = torch.nn.Parameter(theta0.detach().to(device=device, dtype=dtype).clone())
-    opt = torch.optim.Adam([theta], lr=lr)
-    rows: List[Dict] = []
-    start = 0
-    if resume and ckpt is not None:
-        if not isinstance(ckpt["theta"], torch.Tensor) or ckpt["theta"].shape != theta.shape:
-            got = tuple(ckpt["theta"].shape) if isinstance(ckpt["theta"], torch.Tensor) else type(ckpt["theta"]).__name__
-            raise UnreadableRunFile(f"{os.path.join(out_dir, CHECKPOINT)} (checkpoint) holds a theta of shape {got}, "
-                                    f"the model has {tuple(theta.shape)}: it belongs to another model. It was left as it is")
-        with torch.no_grad():
-            theta.copy_(ckpt["theta"].to(device=device, dtype=dtype))
-        opt.load_state_dict(ckpt["optimizer"])
-        rows = list(ckpt["metrics"])
-        start = int(ckpt["step"])
-
-    last_save = [time.monotonic()]
-
-    def save(step: int) -> None:
-        last_save[0] = time.monotonic()
-        state = {"theta": theta.detach().cpu().clone(), "optimizer": opt.state_dict(), "step": step,
-                 "metrics": rows}
-        atomic_write_bytes(os.path.join(out_dir, CHECKPOINT), _torch_bytes(state))
-        atomic_write_bytes(os.path.join(out_dir, METRICS), _csv_bytes(rows))
-
+    config = dict(config or {}, meta_batch=meta_batch, lr=lr, seed=seed)
+    ckpt = _open_run(out_dir, resume, config, meta_steps)
+    run = _RunState(out_dir, learner, theta0, lr, device, dtype, ckpt)
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=meta_steps, initial=start, desc=f"{learner.name} meta-train", unit="step",
+        bar = tqdm(total=meta_steps, initial=run.start, desc=f"{learner.name} meta-train", unit="step",
                    dynamic_ncols=True, leave=True)
-    step = start
     previous = _sigterm_as_interrupt()
     try:
-        for step in range(start, meta_steps):
+        for step in range(run.start, meta_steps):
             idx = task_indices(seed, step, len(pool), meta_batch)
             draw = getattr(pool, "draw", None)      # pools that draw fresh data per visit (RatingPool)
             batch = (draw(idx, step=step, seed=seed, device=device, dtype=dtype) if draw is not None
                      else pool.batch(idx, device=device, dtype=dtype))
-            t0 = time.perf_counter()
-            out = learner.meta_grad(theta.detach(), batch)
-            bad = [what for what, v in (("meta-gradient", out.grad), ("query loss", out.query_loss))
-                   if not bool(torch.isfinite(v).all())]
-            if not bad and not math.isfinite(float(out.grad.norm())):
-                bad = ["meta-gradient norm"]
-            if bad:
-                save(len(rows))
-                raise FloatingPointError(
-                    f"meta_train: the {' and the '.join(bad)} of meta-step {step + 1} (method {learner.name}, "
-                    f"tasks {idx.tolist()}) is not finite: the inner training diverged (lower the inner step "
-                    f"size or the horizon). Stopped; the checkpoint in {out_dir!r} holds the {len(rows)} "
-                    f"meta-steps before it.")
-            opt.zero_grad(set_to_none=True)
-            theta.grad = out.grad.detach().to(theta.dtype).reshape(theta.shape).clone()
-            opt.step()
-            row = {"step": step + 1, "query_loss": float(out.query_loss.mean()),
-                   "grad_norm": float(out.grad.norm()), "seconds": time.perf_counter() - t0}
-            for k in OPTIONAL_METRIC_FIELDS:     # e.g. A-MAML's adjoint error estimate
-                if out.stats.get(k) is not None:
-                    row[k] = float(out.stats[k])
-            rows.append(row)
+            row = run.step(learner, batch, step, idx)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(query_loss=f"{row['query_loss']:.4g}")
             if ((step + 1) % checkpoint_every == 0 or step + 1 == meta_steps
-                    or (checkpoint_seconds is not None and time.monotonic() - last_save[0] >= checkpoint_seconds)):
-                save(step + 1)
+                    or (checkpoint_seconds is not None and time.monotonic() - run.last_save >= checkpoint_seconds)):
+                run.save(step + 1)
             if on_step is not None:
                 on_step(step + 1, row)
     except AdjointAccuracyError as e:
-        done = len(rows)
-        save(done)
-        if bar is not None:
-            bar.close()
+        done = run.save_done(bar)
         raise AdjointAccuracyError(f"meta_train stopped at meta-step {done + 1} (strict): {e} The checkpoint in "
                                    f"{out_dir!r} holds the {done} meta-steps before it.") from None
     except KeyboardInterrupt as e:
-        done = len(rows)
-        save(done)
-        if bar is not None:
-            bar.close()
+        done = run.save_done(bar)
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         raise KeyboardInterrupt(f"meta_train {what} after meta-step {done}; checkpoint saved in "
                                 f"{out_dir!r}: run again with resume=True (--resume) to continue") from None
@@ -306,11 +231,103 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
         _restore_sigterm(previous)
     if bar is not None:
         bar.close()
-    if start >= meta_steps:  # nothing left to do: make sure the final files exist
-        save(start)
-    result = theta.detach().cpu().clone()
+    if run.start >= meta_steps:  # nothing left to do: make sure the final files exist
+        run.save(run.start)
+    result = run.theta.detach().cpu().clone()
     atomic_write_bytes(os.path.join(out_dir, THETA), _torch_bytes(result))
     return result
+
+
+def _open_run(out_dir: str, resume: bool, config: Dict, meta_steps: int) -> Optional[Dict]:
+    """Create (or check) the run directory, refuse to overwrite a run or to resume one made with
+    other settings, write config.json; the checkpoint to resume from (or None)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".tmp-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"argument 'out_dir': cannot write the run directory {out_dir!r}: {e.strerror or e}") from None
+    cfg_path = os.path.join(out_dir, CONFIG)
+    ckpt = load_checkpoint(out_dir)
+    if ckpt is not None and not resume:
+        raise FileExistsError(f"argument 'out_dir': {out_dir!r} already holds a run (step {ckpt['step']}); "
+                              f"pass resume=True (--resume) to continue it, or choose another directory")
+    if resume and ckpt is not None and os.path.exists(cfg_path):
+        old = read_json_file(cfg_path, "the run's settings")
+        diff = {k: (old.get(k), config.get(k)) for k in set(old) | set(config)
+                if k not in ("meta_steps", "data_root") and old.get(k) != config.get(k)}
+        if diff:
+            raise RunConfigMismatch(f"cannot resume the run in {out_dir!r}: its settings differ (saved vs now): {diff}")
+    atomic_write_bytes(cfg_path, (json.dumps(dict(config, meta_steps=meta_steps), indent=2) + "\n").encode())
+    return ckpt if resume else None
+
+
+class _RunState:
+    """theta, its Adam state and the metric rows of a run, restored from ``ckpt`` if given;
+    ``step`` makes one meta-step, ``save`` writes the checkpoint and metrics atomically."""
+
+    def __init__(self, out_dir: str, learner: MetaLearner, theta0, lr: float, device, dtype, ckpt: Optional[Dict]):
+        self.out_dir = out_dir
+        theta0 = flatten_params(learner.model) if theta0 is None else theta0
+        self.theta = torch.nn.Parameter(theta0.detach().to(device=device, dtype=dtype).clone())
+        self.opt = torch.optim.Adam([self.theta], lr=lr)
+        self.rows: List[Dict] = []
+        self.start = 0
+        self.last_save = time.monotonic()
+        if ckpt is None:
+            return
+        saved = ckpt["theta"]
+        if not isinstance(saved, torch.Tensor) or saved.shape != self.theta.shape:
+            got = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
+            raise UnreadableRunFile(f"{os.path.join(out_dir, CHECKPOINT)} (checkpoint) holds a theta of shape {got}, "
+                                    f"the model has {tuple(self.theta.shape)}: it belongs to another model. It was "
+                                    f"left as it is")
+        with torch.no_grad():
+            self.theta.copy_(saved.to(device=device, dtype=dtype))
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.rows = list(ckpt["metrics"])
+        self.start = int(ckpt["step"])
+
+    def save(self, step: int) -> None:
+        self.last_save = time.monotonic()
+        state = {"theta": self.theta.detach().cpu().clone(), "optimizer": self.opt.state_dict(), "step": step,
+                 "metrics": self.rows}
+        atomic_write_bytes(os.path.join(self.out_dir, CHECKPOINT), _torch_bytes(state))
+        atomic_write_bytes(os.path.join(self.out_dir, METRICS), _csv_bytes(self.rows))
+
+    def save_done(self, bar) -> int:
+        """Save every finished step (on an interruption); their number."""
+        self.save(len(self.rows))
+        if bar is not None:
+            bar.close()
+        return len(self.rows)
+
+    def step(self, learner: MetaLearner, batch, step: int, idx) -> Dict:
+        """One Adam step on the meta-gradient of ``batch``; its metrics row. A non-finite
+        meta-gradient, norm or query loss stops the run after saving the steps before it."""
+        t0 = time.perf_counter()
+        out = learner.meta_grad(self.theta.detach(), batch)
+        bad = [what for what, v in (("meta-gradient", out.grad), ("query loss", out.query_loss))
+               if not bool(torch.isfinite(v).all())]
+        if not bad and not math.isfinite(float(out.grad.norm())):
+            bad = ["meta-gradient norm"]
+        if bad:
+            self.save(len(self.rows))
+            raise FloatingPointError(
+                f"meta_train: the {' and the '.join(bad)} of meta-step {step + 1} (method {learner.name}, "
+                f"tasks {idx.tolist()}) is not finite: the inner training diverged (lower the inner step "
+                f"size or the horizon). Stopped; the checkpoint in {self.out_dir!r} holds the {len(self.rows)} "
+                f"meta-steps before it.")
+        self.opt.zero_grad(set_to_none=True)
+        self.theta.grad = out.grad.detach().to(self.theta.dtype).reshape(self.theta.shape).clone()
+        self.opt.step()
+        row = {"step": step + 1, "query_loss": float(out.query_loss.mean()),
+               "grad_norm": float(out.grad.norm()), "seconds": time.perf_counter() - t0}
+        for k in OPTIONAL_METRIC_FIELDS:     # e.g. A-MAML's adjoint error estimate
+            if out.stats.get(k) is not None:
+                row[k] = float(out.stats[k])
+        self.rows.append(row)
+        return row
 
 
 class Terminated(KeyboardInterrupt):
