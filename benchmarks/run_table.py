@@ -37,12 +37,33 @@ def describe(cfg):
     return what
 
 
+def plot(data, path):
+    """Meta-test curves of the runs, each against the fraction of its own inner run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.8, 4.4), dpi=120)
+    for name, (curve, cfg, _, _) in data.items():
+        frac = [s / curve["step"][-1] for s in curve["step"]]
+        ax.plot(frac, [100 * m for m in curve["mean"]], label=f"{name}: {describe(cfg)}", lw=1.5)
+    ax.set_xlabel("fraction of the run's own meta-test inner run")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+")
     p.add_argument("--ref", required=True, help="name (last path component) of the reference run")
+    p.add_argument("--plot", default=None, help="also draw the meta-test curves into this PNG")
     args = p.parse_args(argv)
     data = {os.path.basename(r.rstrip("/")): load(r) for r in args.runs}
+    if args.plot:
+        plot(data, args.plot)
     ref = data[args.ref][0]["final"]
     print("| run | meta-test | accuracy (95% CI) | minus " + args.ref + " (paired 95% CI) | better on | "
           "meta-steps | s / meta-step | adjoint error estimate (median / max) |")
