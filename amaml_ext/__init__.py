@@ -18,8 +18,8 @@ from .accuracy import AdjointAccuracyError, AdjointAccuracyWarning
 from .metagrad import MetaGradResult, adjoint_meta_grad
 from . import learners, models, tasks, train
 
-__all__ = ["AdjointAccuracyError", "AdjointAccuracyWarning", "MetaGradResult", "adjoint_meta_grad", "accuracy", "build_info", "flatten_params", "learners", "models",
-           "ode", "ops", "tasks", "train", "unflatten_params"]
+__all__ = ["AdjointAccuracyError", "AdjointAccuracyWarning", "MetaGradResult", "accuracy", "adjoint_meta_grad",
+           "build_info", "flatten_params", "learners", "models", "ode", "ops", "tasks", "train", "unflatten_params"]
 __version__ = "0.1.0"
 
 

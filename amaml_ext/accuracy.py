@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 __all__ = ["AdjointAccuracyWarning", "AdjointAccuracyError", "ORDERS", "STABILITY_BOUNDS",
-           "ErrorMonitor", "lambda_max", "advice"]
+           "ErrorMonitor", "lambda_max", "advice", "stability_bound"]
 
 ORDERS = {"heun": 2, "rk4": 4, "euler": 1, "dopri5": 5}
 """Order of each scheme."""
@@ -64,9 +64,6 @@ class ErrorMonitor:
         self.drift: Optional[torch.Tensor] = None
         self.scale: Optional[torch.Tensor] = None
         self.mask: Optional[torch.Tensor] = None
-
-    def start(self, lam: torch.Tensor, g: torch.Tensor) -> None:
-        self.add(lam, g)
 
     def add(self, lam: torch.Tensor, g: torch.Tensor) -> None:
         if self.mask is not None:
@@ -145,6 +142,11 @@ def nonsmooth_modules(model: torch.nn.Module) -> List[str]:
             if isinstance(m, NONSMOOTH_MODULES)]
 
 
+def stability_bound(solver: str, adjoint: str) -> float:
+    """The tighter of the forward's and the adjoint's bound (dopri5 has none: it steps itself)."""
+    return min(STABILITY_BOUNDS.get(adjoint, math.inf), STABILITY_BOUNDS.get(solver, math.inf))
+
+
 def suggested_h(*, estimate: float, tol: float, h: float, T: float, adjoint: str,
                 h_lambda: Optional[float], bound: float) -> float:
     """A grid step expected to bring the estimate to half the tolerance (order p: error ~ h^p),
@@ -174,7 +176,7 @@ def advice(stats: Dict[str, Any], *, tol: float, h: float, T: float, solver: str
     """The text of the warning/error: the numbers and what to do."""
     estimate, drift, rich = stats["adjoint_error_estimate"], stats["invariant_drift"], stats.get("richardson_estimate")
     h_lambda = stats.get("h_lambda_max")
-    bound = min(STABILITY_BOUNDS.get(adjoint, math.inf), STABILITY_BOUNDS.get(solver, math.inf))
+    bound = stability_bound(solver, adjoint)
     scheme = f"solver={solver!r}, adjoint={adjoint!r}"
     how = f"invariant drift {drift:.3g}" + ("" if rich is None else f", step-doubling estimate {rich:.3g}")
     parts = [f"the continuous adjoint meta-gradient ({scheme}, h={h:g}, T={T:g}) has an estimated "

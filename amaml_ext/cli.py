@@ -34,7 +34,7 @@ from .functional import flatten_params
 from .ode import ADJOINT_METHODS, FORWARD_METHODS
 from .metagrad import MEMORY_MODES
 from .accuracy import AdjointAccuracyError
-from .train import (CONFIG, THETA, RunConfigMismatch, UnreadableRunFile, load_checkpoint, meta_test, meta_train,
+from .train import (CONFIG, THETA, RunConfigMismatch, RunFileError, UnreadableRunFile, load_checkpoint, meta_test, meta_train,
                     read_json_file, read_torch_file)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -235,9 +235,7 @@ def run_config(args, method: str) -> Dict:
     if method == "amaml":
         cfg.update(T=args.inner_steps * args.inner_lr, solver=args.solver, adjoint=args.adjoint,
                    memory=args.memory, rtol=args.rtol, atol=args.atol, compile=args.compile)
-    elif method == "maml":
-        cfg["inner_steps"] = args.maml_steps
-    elif method == "anil":
+    elif method in ("maml", "anil"):
         cfg["inner_steps"] = args.maml_steps
     elif method == "maml1":
         cfg["inner_steps"] = 1
@@ -514,10 +512,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _main(args)
-    except (UnreadableRunFile, ValueError) as e:
-        if isinstance(e, UnreadableRunFile) or str(e).startswith("argument 'out_dir'"):
-            raise SystemExit(f"amaml-ext: {e}") from None
-        raise
+    except RunFileError as e:
+        raise SystemExit(f"amaml-ext: {e}") from None
 
 
 def _main(args) -> int:
@@ -538,11 +534,7 @@ def _main(args) -> int:
             print(f"wrote {os.path.join(args.out, THETA)}")
         else:
             compare(args)
-    except RunConfigMismatch as e:
-        raise SystemExit(f"amaml-ext: {e}") from None
-    except AdjointAccuracyError as e:
-        raise SystemExit(f"amaml-ext: {e}") from None
-    except FloatingPointError as e:
+    except (RunConfigMismatch, AdjointAccuracyError, FloatingPointError) as e:
         raise SystemExit(f"amaml-ext: {e}") from None
     except KeyboardInterrupt as e:
         print(f"\namaml-ext: {e or 'interrupted'}", file=sys.stderr)

@@ -22,7 +22,8 @@ With ``compile=True`` the gradient and the HVP are instead ``torch.compile``-d f
 (``torch.func.grad`` of the summed task loss, and forward-over-reverse ``jvp(grad)``): for small
 models, where eager PyTorch overhead dominates, they are 4-6x faster per gradient or HVP call
 (2.4-3.5x per meta-gradient, docs/benchmarks.md) after a one-off compilation of seconds (per
-model, loss and input shape; later calls with new task data of the same shapes reuse it). If compilation fails, a warning is issued and the eager callbacks are used.
+model, loss and input shape; later calls with new task data of the same shapes reuse it). If
+compilation fails, a warning is issued and the eager callbacks are used.
 """
 
 import copy

@@ -83,6 +83,9 @@ class MetaLearner:
     name = "base"
     second_order = False
 
+    adapt_mask: Optional[torch.Tensor] = None
+    """``[d]`` 0/1 over theta: the parameters the inner loop moves (None: all; ANIL: the head)."""
+
     def __init__(self, model: nn.Module, loss: LossFn, *, inner_lr: float = 0.01, steps: int = 200):
         if not isinstance(model, nn.Module):
             raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
@@ -119,7 +122,7 @@ class MetaLearner:
             if prox is not None:
                 lam, anchor = prox
                 g = g + lam * (u - anchor)
-            u = u - lr * g
+            u = u - lr * (g if self.adapt_mask is None else g * self.adapt_mask.to(g))
         return u
 
     def _adapt_batch(self, theta: torch.Tensor, tasks: TaskBatch) -> Tuple[TaskFunctions, torch.Tensor]:
@@ -195,14 +198,10 @@ class MAML(MetaLearner):
             u = th.expand(B, -1)
             for _ in range(self.steps):
                 (g,) = torch.autograd.grad(fns.losses(u, tasks.support).sum(), u, create_graph=True)
-                u = self._step(u, g)
+                u = u - self.inner_lr * (g if self.adapt_mask is None else g * self.adapt_mask.to(g))
             per_task = fns.losses(u, tasks.query)
             (grad,) = torch.autograd.grad(per_task.mean(), th)
         return MetaStep(grad, per_task.detach(), {"grad_evals": B * (self.steps + 1), "inner_steps": self.steps})
-
-
-    def _step(self, u, g):
-        return u - self.inner_lr * g
 
 
 class MAML1(MAML):
@@ -245,16 +244,7 @@ class ANIL(MAML):
 
     def __init__(self, model: nn.Module, loss: LossFn, *, inner_lr: float = 0.01, steps: int = 20, head=None):
         super().__init__(model, loss, inner_lr=inner_lr, steps=steps)
-        self.mask = head_mask(model, head)
-
-    def _step(self, u, g):
-        return u - self.inner_lr * g * self.mask.to(g)
-
-    def _gd(self, fns, u, steps, lr, prox=None):
-        mask = self.mask.to(u)
-        for _ in range(steps):
-            u = u - lr * fns.grad(u) * mask
-        return u
+        self.adapt_mask = head_mask(model, head)
 
 
 class FOMAML(MetaLearner):

@@ -2,7 +2,5 @@
 
 from .metagrad.adjoint import MetaGradResult, adjoint_meta_grad  # noqa: F401
 from .metagrad.plan import MEMORY_MODES  # noqa: F401
-from .metagrad.plan import segment_length as _segment_length  # noqa: F401
-from .metagrad.plan import segments as _segments  # noqa: F401
 
 __all__ = ["MEMORY_MODES", "MetaGradResult", "adjoint_meta_grad"]

@@ -30,6 +30,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from . import _C
+from .accuracy import richardson
 
 FORWARD_METHODS = ("dopri5", "rk4", "euler")
 """Forward methods: adaptive Dormand-Prince 5(4) with dense output onto the grid, and
@@ -286,7 +287,6 @@ def solve_adjoint(vjp: Callable[[float, torch.Tensor, torch.Tensor], torch.Tenso
         coarse = lam2.clone() if error_estimate and method != "discrete" else None
         lam0, stats, coarse = adjoint_rows(vjp, traj3, state_shape, trajectory.times, lam2, method, coarse)
         if coarse is not None:
-            from .accuracy import richardson
             stats["error_estimate"] = float(richardson(lam0, coarse, method).max())
     lam0 = lam0.view(state_shape)
     if return_stats:

@@ -38,7 +38,7 @@ from .learners import MetaLearner
 from .tasks import TaskBatch, TaskPool
 
 __all__ = ["meta_train", "meta_test", "nrmse", "accuracy", "task_indices", "atomic_write_bytes", "load_checkpoint",
-           "RunConfigMismatch", "UnreadableRunFile"]
+           "RunConfigMismatch", "RunFileError", "UnreadableRunFile"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
@@ -87,7 +87,11 @@ def _csv_bytes(rows: List[Dict]) -> bytes:
     return buf.getvalue().encode()
 
 
-class UnreadableRunFile(ValueError):
+class RunFileError(ValueError):
+    """The run directory cannot be written, or one of its files read."""
+
+
+class UnreadableRunFile(RunFileError):
     """A run file (checkpoint.pt, config.json, theta.pt) that cannot be read; it is left as it is."""
 
 
@@ -246,7 +250,7 @@ def _open_run(out_dir: str, resume: bool, config: Dict, meta_steps: int) -> Opti
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".tmp-probe-"):
             pass
     except OSError as e:
-        raise ValueError(f"argument 'out_dir': cannot write the run directory {out_dir!r}: {e.strerror or e}") from None
+        raise RunFileError(f"argument 'out_dir': cannot write the run directory {out_dir!r}: {e.strerror or e}") from None
     cfg_path = os.path.join(out_dir, CONFIG)
     ckpt = load_checkpoint(out_dir)
     if ckpt is not None and not resume:
@@ -307,10 +311,9 @@ class _RunState:
         meta-gradient, norm or query loss stops the run after saving the steps before it."""
         t0 = time.perf_counter()
         out = learner.meta_grad(self.theta.detach(), batch)
-        bad = [what for what, v in (("meta-gradient", out.grad), ("query loss", out.query_loss))
-               if not bool(torch.isfinite(v).all())]
-        if not bad and not math.isfinite(float(out.grad.norm())):
-            bad = ["meta-gradient norm"]
+        grad_norm = float(out.grad.norm())      # inf or NaN for any non-finite entry, or on overflow
+        bad = [what for what, ok in (("meta-gradient", math.isfinite(grad_norm)),
+                                     ("query loss", bool(torch.isfinite(out.query_loss).all()))) if not ok]
         if bad:
             self.save(len(self.rows))
             raise FloatingPointError(
@@ -322,7 +325,7 @@ class _RunState:
         self.theta.grad = out.grad.detach().to(self.theta.dtype).reshape(self.theta.shape).clone()
         self.opt.step()
         row = {"step": step + 1, "query_loss": float(out.query_loss.mean()),
-               "grad_norm": float(out.grad.norm()), "seconds": time.perf_counter() - t0}
+               "grad_norm": grad_norm, "seconds": time.perf_counter() - t0}
         for k in OPTIONAL_METRIC_FIELDS:     # e.g. A-MAML's adjoint error estimate
             if out.stats.get(k) is not None:
                 row[k] = float(out.stats[k])

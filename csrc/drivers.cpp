@@ -435,9 +435,7 @@ py::tuple adjoint_solve(py::function vjp, const at::Tensor& traj, std::vector<in
   while (hi_c > 0 && !is_coarse(hi_c)) --hi_c;
   while (lo_c < n && !is_coarse(lo_c)) ++lo_c;
   const bool coarse_ok = est && hi_c - lo_c >= stride;
-  auto sync = [&](const at::Tensor& before) {  // lc += lam - before (fine increment)
-    if (est) lc.add_(lam).sub_(before);
-  };
+  auto sync = [&](const at::Tensor& before) { lc.add_(lam).sub_(before); };  // the fine increment
 
   auto heun_interval = [&](int64_t j) {  // lam_{j+1} -> lam_j
     const double h = tv[j + 1] - tv[j];
@@ -461,7 +459,6 @@ py::tuple adjoint_solve(py::function vjp, const at::Tensor& traj, std::vector<in
     stage_combine(lam, {k1, k2, k3, k4}, {1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0}, H, lam);
     ++steps;
   };
-  (void)rk4_step;
 
   if (method == "discrete") {
     for (int64_t j = n - 1; j >= 0; --j) {

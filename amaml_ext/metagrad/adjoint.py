@@ -175,7 +175,7 @@ def _past_tolerance(result: MetaGradResult, plan: Plan, call: Dict[str, Any], re
     """An estimate past the tolerance: solve again on a finer grid (``refine``, smooth models, up
     to 3 times), or raise (``strict``), or warn."""
     stats, tol, solver, adjoint = result.stats, call["error_tol"], call["solver"], call["adjoint"]
-    bound = min(accuracy.STABILITY_BOUNDS[adjoint], accuracy.STABILITY_BOUNDS.get(solver, math.inf))
+    bound = accuracy.stability_bound(solver, adjoint)
     if call["refine"] and not accuracy.is_nonsmooth(stats, tol, bound) and refinements < 3:
         h_new = accuracy.suggested_h(estimate=stats["adjoint_error_estimate"], tol=tol, h=plan.h, T=plan.T,
                                      adjoint=adjoint, h_lambda=stats["h_lambda_max"], bound=bound)

@@ -125,7 +125,7 @@ def backward(fns: TaskFunctions, fwd: Forward, lam: torch.Tensor, u_T: torch.Ten
         monitor = accuracy.ErrorMonitor(fns.grad_at)
         monitor.mask = p.phases[-1][2]
         with torch.no_grad():
-            monitor.start(lam, fns.grad(u_T).reshape(p.rows, -1))
+            monitor.add(lam, fns.grad(u_T).reshape(p.rows, -1))
     steps = 0
     with torch.no_grad():
         for phase in reversed(p.phases):
