@@ -38,23 +38,21 @@ to ``T``; its ``adapt`` runs ``T / h`` GD steps of ``h``). Tasks are evaluated t
 """
 
 import math
-import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .functional import TaskFunctions, param_shapes
+from . import _checks
+from .data.batch import TaskBatch
+from .functional import LossFn, TaskFunctions, param_shapes
 from .functional import second_order as _math_attention
 from .metagrad import adjoint_meta_grad
-from .tasks import TaskBatch
 
 __all__ = ["MetaStep", "MetaLearner", "AMAML", "MAML", "MAML1", "ANIL", "FOMAML", "Reptile", "IMAML",
-           "LEARNERS", "make_learner", "head_mask"]
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
+           "METHODS", "Method", "LEARNERS", "LABELS", "PAPER_METHODS", "make_learner",
+           "method_steps", "head_mask"]
 
 @dataclass
 class MetaStep:
@@ -67,14 +65,6 @@ class MetaStep:
     grad: torch.Tensor
     query_loss: torch.Tensor
     stats: Dict[str, Any] = field(default_factory=dict)
-
-
-def _positive(name: str, value, integer: bool = False):
-    ok = isinstance(value, numbers.Integral) if integer else isinstance(value, numbers.Real)
-    if isinstance(value, bool) or not ok or not math.isfinite(float(value)) or value <= 0:
-        kind = "a positive int" if integer else "a positive finite number"
-        raise ValueError(f"argument '{name}' must be {kind}, got {value!r}")
-    return int(value) if integer else float(value)
 
 
 class MetaLearner:
@@ -92,8 +82,8 @@ class MetaLearner:
         if not callable(loss):
             raise TypeError(f"argument 'loss' must be callable loss(pred, target), got {type(loss).__name__}")
         self.model, self.loss = model, loss
-        self.inner_lr = _positive("inner_lr", inner_lr)
-        self.steps = _positive("steps", steps, integer=True)
+        self.inner_lr = _checks.positive("inner_lr", inner_lr)
+        self.steps = _checks.positive("steps", steps, integer=True)
         self.d = sum(math.prod(s) for _, s in param_shapes(model))
 
     # -- helpers -------------------------------------------------------------------------------
@@ -137,8 +127,8 @@ class MetaLearner:
               lr: Optional[float] = None) -> torch.Tensor:
         """Plain GD from ``theta`` on ``support`` for ``steps`` (default: the learner's inner
         steps) of ``lr`` (default ``inner_lr``): ``[d]``, or ``[B, d]`` with ``batched``."""
-        steps = self.steps if steps is None else _positive("steps", steps, integer=True)
-        lr = self.inner_lr if lr is None else _positive("lr", lr)
+        steps = self.steps if steps is None else _checks.positive("steps", steps, integer=True)
+        lr = self.inner_lr if lr is None else _checks.positive("lr", lr)
         fns = TaskFunctions(self.model, self.loss, support, support, batched)
         u = self._start(theta, support[0].shape[0]) if batched else theta.detach().clone()
         with torch.no_grad():
@@ -163,8 +153,8 @@ class AMAML(MetaLearner):
 
     def __init__(self, model: nn.Module, loss: LossFn, *, T: float = 2.0, h: float = 0.01,
                  solver: str = "dopri5", adjoint: str = "heun", **options):
-        T = _positive("T", T)
-        h = _positive("h", h)
+        T = _checks.positive("T", T)
+        h = _checks.positive("h", h)
         steps = round(T / h)
         if steps < 1 or abs(steps * h - T) > 1e-9 * max(1.0, T):
             raise ValueError(f"argument 'T' must be a whole multiple of h={h:g}, got T={T:g}")
@@ -285,8 +275,8 @@ class IMAML(MetaLearner):
     def __init__(self, model: nn.Module, loss: LossFn, *, inner_lr: float = 0.01, steps: int = 200,
                  lam: float = 1.0, cg_steps: int = 5):
         super().__init__(model, loss, inner_lr=inner_lr, steps=steps)
-        self.lam = _positive("lam", lam)
-        self.cg_steps = _positive("cg_steps", cg_steps, integer=True)
+        self.lam = _checks.positive("lam", lam)
+        self.cg_steps = _checks.positive("cg_steps", cg_steps, integer=True)
 
     def adapt_prox(self, theta: torch.Tensor, fns: TaskFunctions, batch: int) -> torch.Tensor:
         anchor = theta.detach().expand(batch, -1)
@@ -331,30 +321,57 @@ class IMAML(MetaLearner):
         return f"IMAML(steps={self.steps}, inner_lr={self.inner_lr:g}, lam={self.lam:g}, cg_steps={self.cg_steps})"
 
 
-LEARNERS = {"amaml": AMAML, "maml": MAML, "maml1": MAML1, "fomaml": FOMAML, "reptile": Reptile, "imaml": IMAML,
-            "anil": ANIL}
-PAPER_METHODS = ("amaml", "maml", "maml1", "fomaml", "reptile", "imaml")
+@dataclass(frozen=True)
+class Method:
+    """A learner of the registry: its class, its label in tables and plots, which of
+    :func:`make_learner`'s step counts it runs (``"inner_steps"``, ``"maml_steps"``, or None: its
+    own fixed count), its other options (``make_learner`` keyword -> constructor keyword), and
+    whether it is one of the paper's comparisons."""
+
+    cls: type
+    label: str
+    steps: Optional[str] = "inner_steps"
+    options: Dict[str, str] = field(default_factory=dict)
+    paper: bool = True
+
+
+METHODS: Dict[str, Method] = {
+    "amaml": Method(AMAML, "A-MAML"),
+    "maml": Method(MAML, "MAML", steps="maml_steps"),
+    "maml1": Method(MAML1, "MAML-1", steps=None),
+    "fomaml": Method(FOMAML, "FOMAML"),
+    "reptile": Method(Reptile, "Reptile"),
+    "imaml": Method(IMAML, "iMAML", options={"imaml_lambda": "lam", "cg_steps": "cg_steps"}),
+    "anil": Method(ANIL, "ANIL", steps="maml_steps", paper=False),
+}
+"""Every learner by name: adding one is its class and an entry here."""
+
+LEARNERS = {name: m.cls for name, m in METHODS.items()}
+LABELS = {name: m.label for name, m in METHODS.items()}
+PAPER_METHODS = tuple(name for name, m in METHODS.items() if m.paper)
 """The methods of the paper's comparisons (``amaml-ext compare``'s default)."""
+
+
+def method_steps(method: str, inner_steps: int, maml_steps: int) -> int:
+    """The inner GD steps ``method`` runs given the two step options (MAML-1: 1)."""
+    which = METHODS[method].steps
+    return {"inner_steps": inner_steps, "maml_steps": maml_steps, None: 1}[which]
 
 
 def make_learner(method: str, model: nn.Module, loss: LossFn, *, inner_steps: int = 200, maml_steps: int = 20,
                  inner_lr: float = 0.01, imaml_lambda: float = 1.0, cg_steps: int = 5, **amaml_options) -> MetaLearner:
     """A learner by name with the paper's conventions: A-MAML's ``T = inner_steps * inner_lr``
     (``h = inner_lr``); MAML and ANIL run ``maml_steps``; MAML1 one step; the others ``inner_steps``.
-    ``amaml_options`` (solver, adjoint, memory, compile, rtol, atol) go to A-MAML."""
-    if method not in LEARNERS:
-        raise ValueError(f"argument 'method' must be one of {sorted(LEARNERS)}, got {method!r}")
+    ``amaml_options`` (solver, adjoint, memory, compile, rtol, atol, ...) go to A-MAML."""
+    _checks.choice("method", method, sorted(METHODS))
     if method == "amaml":
-        inner_steps = _positive("inner_steps", inner_steps, integer=True)
+        inner_steps = _checks.positive("inner_steps", inner_steps, integer=True)
         return AMAML(model, loss, T=inner_steps * inner_lr, h=inner_lr, **amaml_options)
     if amaml_options:
         raise ValueError(f"options {sorted(amaml_options)} apply to method 'amaml' only, got method {method!r}")
-    if method == "maml":
-        return MAML(model, loss, inner_lr=inner_lr, steps=maml_steps)
-    if method == "maml1":
-        return MAML1(model, loss, inner_lr=inner_lr)
-    if method == "anil":
-        return ANIL(model, loss, inner_lr=inner_lr, steps=maml_steps)
-    if method == "imaml":
-        return IMAML(model, loss, inner_lr=inner_lr, steps=inner_steps, lam=imaml_lambda, cg_steps=cg_steps)
-    return LEARNERS[method](model, loss, inner_lr=inner_lr, steps=inner_steps)
+    m = METHODS[method]
+    given = {"imaml_lambda": imaml_lambda, "cg_steps": cg_steps}
+    kw = {to: given[opt] for opt, to in m.options.items()}
+    if m.steps is not None:
+        kw["steps"] = method_steps(method, inner_steps, maml_steps)
+    return m.cls(model, loss, inner_lr=inner_lr, **kw)

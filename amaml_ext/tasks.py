@@ -1,207 +1,30 @@
-"""Synthetic task families of the paper (Sec. 5.1): CosMixture and Alpine regression.
+"""Every task family and dataset in one namespace (they live in :mod:`amaml_ext.data`).
 
-A task family draws *tasks* (function parameters) and, for each task, a support set (the
-inner training data, k shots) and a query set (the validation data, k val points). Batches of
-tasks are tensors with a leading task dimension, ready for ``adjoint_meta_grad(...,
-batched=True)``:
+    >>> from amaml_ext import tasks
+    >>> train_pool, test_pool = tasks.train_test_pools(tasks.CosMixture(shots=50, val=50))
+    >>> ml = tasks.MovieLens100K("/data")          # or root=None: $AMAML_DATA_ROOT
+    >>> om = tasks.Omniglot("/data")
 
-    >>> fam = CosMixture(shots=50, val=50)
-    >>> pool = fam.pool(100, seed=0)             # a fixed pool of 100 tasks, data included
-    >>> batch = pool.batch(torch.tensor([3, 7])) # support x [2, 50, 2], y [2, 50, 1]
-    >>> batch.support[0].shape
-    torch.Size([2, 50, 2])
-
-* :class:`CosMixture`: ``f(x) = -0.1 sum_i A cos(w x_i + phi) - sum_i x_i^2``, ``x in [-1, 1]^2``,
-  ``A ~ U[0.1, 1]``, ``w ~ U[0.5 pi, 2 pi]``, ``phi ~ U[3, 6]``.
-* :class:`Alpine`: ``f(x) = sum_i |x_i sin(x_i + phi_i) + 0.1 x_i|``, ``x in [-10, 10]^2``,
-  ``phi_1, phi_2 ~ U[-5 pi / 12, 5 pi / 12]`` independently. The model sees ``x / 10`` (in
-  ``[-1, 1]^2``; ``input_scale=0.1``): with raw inputs the gradient flow of the paper's MLP is
-  stiff (dopri5 needs ~600 steps for T = 2, and GD with step 0.01 is at the edge of stability,
-  so its exact meta-gradient has norm ~1e5 and the Heun adjoint at h = 0.01 overflows).
-  ``Alpine(input_scale=1.0)`` gives the raw inputs.
-
-The stored support/query ``x`` is what the model sees: ``input_scale * x``; ``y = f(x)``.
-
-Pools are seeded: ``family.pool(100, seed=0)`` and ``family.pool(100, seed=1)`` are the
-meta-training and the meta-test tasks of :func:`train_test_pools` (disjoint seeds, so the
-test tasks are new tasks). Everything is generated in float64 on the CPU from a
-``torch.Generator`` and cast on request, so a pool is the same on every machine and device.
+The synthetic families are :mod:`amaml_ext.data.synthetic`; the rating datasets
+(MovieLens-100K/1M, Jester; pandas) :mod:`amaml_ext.data.ratings`; the image datasets
+(Omniglot, Mini-ImageNet; Pillow) :mod:`amaml_ext.data.images`. The last two are imported on
+first use, so ``import amaml_ext`` does not load pandas or Pillow.
 """
 
-import math
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+import importlib
 
-import torch
+from .data.batch import TaskBatch, TaskPool
+from .data.synthetic import FAMILIES, SETTINGS, Alpine, CosMixture, TaskFamily, make_family, train_test_pools
 
 __all__ = ["TaskBatch", "TaskPool", "TaskFamily", "CosMixture", "Alpine", "FAMILIES", "SETTINGS",
            "make_family", "train_test_pools"]
 
-
-@dataclass
-class TaskBatch:
-    """B tasks: ``support = (x [B, k, in], y [B, k, 1])``, ``query`` likewise.
-
-    ``query_mask`` (``[B, v]`` bool, optional) marks the real query points when the tasks'
-    query sets have different sizes and are padded to the largest (the rating test pools,
-    whose query is each test user's remaining ratings). Only meta-testing reads it; the
-    learners refuse a masked batch rather than train on padding."""
-
-    support: Tuple[torch.Tensor, torch.Tensor]
-    query: Tuple[torch.Tensor, torch.Tensor]
-    query_mask: Optional[torch.Tensor] = None
-
-    @property
-    def size(self) -> int:
-        return self.support[0].shape[0]
-
-    def to(self, device=None, dtype=None) -> "TaskBatch":
-        cast = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None)  # noqa: E731
-        mask = None if self.query_mask is None else self.query_mask.to(device=device)
-        return TaskBatch(tuple(map(cast, self.support)), tuple(map(cast, self.query)), mask)
-
-    def select(self, index) -> "TaskBatch":
-        """Tasks ``index`` (a 1-D index tensor or a slice), keeping the task dimension."""
-        mask = None if self.query_mask is None else self.query_mask[index]
-        return TaskBatch(tuple(t[index] for t in self.support), tuple(t[index] for t in self.query), mask)
-
-    def task(self, b: int) -> "TaskBatch":
-        """Task ``b`` alone (no task dimension)."""
-        mask = None if self.query_mask is None else self.query_mask[b]
-        return TaskBatch(tuple(t[b] for t in self.support), tuple(t[b] for t in self.query), mask)
-
-
-class TaskPool:
-    """A fixed set of tasks with their data (float64, CPU); index it to get a batch."""
-
-    def __init__(self, family: "TaskFamily", params: torch.Tensor, batch: TaskBatch):
-        self.family = family
-        self.params = params
-        self.data = batch
-
-    def __len__(self) -> int:
-        return self.params.shape[0]
-
-    def batch(self, index: torch.Tensor, device=None, dtype=None) -> TaskBatch:
-        """Tasks ``index`` (a 1-D tensor of indices) as a batch, cast to ``device``/``dtype``."""
-        return self.data.select(torch.as_tensor(index, dtype=torch.long)).to(device=device, dtype=dtype)
-
-    def all(self, device=None, dtype=None) -> TaskBatch:
-        return self.batch(torch.arange(len(self)), device=device, dtype=dtype)
-
-
-class TaskFamily:
-    """Base class: subclasses define ``name``, ``low/high`` (the input box), ``sample_params``
-    and ``function``."""
-
-    name = "family"
-    in_dim = 2
-    low, high = -1.0, 1.0
-    default_input_scale = 1.0
-
-    def __init__(self, shots: int = 50, val: int = 50, input_scale: Optional[float] = None):
-        for arg, v in (("shots", shots), ("val", val)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"argument '{arg}' must be a positive int, got {v!r}")
-        self.shots, self.val = shots, val
-        scale = self.default_input_scale if input_scale is None else input_scale
-        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
-            raise ValueError(f"argument 'input_scale' must be a positive finite number, got {input_scale!r}")
-        self.input_scale = float(scale)
-
-    def sample_params(self, n: int, g: torch.Generator) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def function(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        """``x [B, k, in]``, ``params [B, p]`` -> ``y [B, k, 1]``."""
-        raise NotImplementedError
-
-    def _inputs(self, n: int, k: int, g: torch.Generator) -> torch.Tensor:
-        u = torch.rand(n, k, self.in_dim, generator=g, dtype=torch.float64)
-        return self.low + (self.high - self.low) * u
-
-    def pool(self, n: int, seed: int) -> TaskPool:
-        """``n`` tasks with their support and query data, all drawn from ``seed``."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"argument 'n' must be a positive int, got {n!r}")
-        g = torch.Generator().manual_seed(int(seed))
-        params = self.sample_params(n, g)
-        xs = self._inputs(n, self.shots, g)
-        xq = self._inputs(n, self.val, g)
-        c = self.input_scale
-        batch = TaskBatch((c * xs, self.function(xs, params)), (c * xq, self.function(xq, params)))
-        return TaskPool(self, params, batch)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(shots={self.shots}, val={self.val}, input_scale={self.input_scale:g})"
-
-
-def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
-
-
-class CosMixture(TaskFamily):
-    """``f(x) = -0.1 sum_i A cos(w x_i + phi) - sum_i x_i^2`` on ``[-1, 1]^2``; params (A, w, phi)."""
-
-    name = "cosmixture"
-    low, high = -1.0, 1.0
-
-    def sample_params(self, n, g):
-        A = _uniform(n, 0.1, 1.0, g)
-        w = _uniform(n, 0.5 * math.pi, 2 * math.pi, g)
-        phi = _uniform(n, 3.0, 6.0, g)
-        return torch.stack([A, w, phi], dim=1)
-
-    def function(self, x, params):
-        A, w, phi = (params[:, i, None, None] for i in range(3))
-        return (-0.1 * (A * torch.cos(w * x + phi)).sum(-1, keepdim=True)
-                - (x ** 2).sum(-1, keepdim=True))
-
-
-class Alpine(TaskFamily):
-    """``f(x) = sum_i |x_i sin(x_i + phi_i) + 0.1 x_i|`` on ``[-10, 10]^2``; params (phi_1, phi_2)."""
-
-    name = "alpine"
-    low, high = -10.0, 10.0
-    default_input_scale = 0.1
-
-    def sample_params(self, n, g):
-        lim = 5 * math.pi / 12
-        return torch.stack([_uniform(n, -lim, lim, g), _uniform(n, -lim, lim, g)], dim=1)
-
-    def function(self, x, params):
-        phi = params[:, None, :]
-        return (x * torch.sin(x + phi) + 0.1 * x).abs().sum(-1, keepdim=True)
-
-
-FAMILIES: Dict[str, type] = {"cosmixture": CosMixture, "alpine": Alpine}
-#: the paper's k-shot / k-val settings
-SETTINGS: Dict[str, Tuple[int, int]] = {"50shot-50val": (50, 50), "100shot-100val": (100, 100)}
-
-
-def make_family(name: str, shots: int = 50, val: int = 50) -> TaskFamily:
-    """A task family by name (``"cosmixture"`` or ``"alpine"``)."""
-    if name not in FAMILIES:
-        raise ValueError(f"argument 'task' must be one of {sorted(FAMILIES)}, got {name!r}")
-    return FAMILIES[name](shots=shots, val=val)
-
-
-def train_test_pools(family: TaskFamily, n_train: int = 100, n_test: int = 100,
-                     seed: int = 0) -> Tuple[TaskPool, TaskPool]:
-    """The fixed meta-training pool and the pool of new test tasks (seeds ``2 seed`` and
-    ``2 seed + 1``: disjoint for every seed)."""
-    return family.pool(n_train, 2 * seed), family.pool(n_test, 2 * seed + 1)
-
-
-# The real-data task families live in amaml_ext.ratings (MovieLens-100K/1M, Jester) and
-# amaml_ext.images (Omniglot, Mini-ImageNet); they are also reachable here, e.g.
-# ``amaml_ext.tasks.MovieLens100K(root)``, imported on first use (pandas/Pillow load lazily).
-_LAZY = {"MovieLens100K": "ratings", "MovieLens1M": "ratings", "Jester": "ratings",
-         "RATING_SETTINGS": "ratings", "Omniglot": "images", "MiniImageNet": "images"}
+_LAZY = {"MovieLens100K": "ratings", "MovieLens1M": "ratings", "Jester": "ratings", "RATING_SETTINGS": "ratings",
+         "RatingPool": "ratings", "make_rating_dataset": "ratings", "Omniglot": "images", "MiniImageNet": "images",
+         "EpisodePool": "images"}
 
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __package__), name)
+        return getattr(importlib.import_module(f".data.{_LAZY[name]}", __package__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

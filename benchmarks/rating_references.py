@@ -22,7 +22,7 @@ import json
 
 import torch
 
-from amaml_ext.ratings import make_rating_dataset
+from amaml_ext.data.ratings import make_rating_dataset
 
 
 def references(ds, setting: str, seed: int = 0):

@@ -1,4 +1,4 @@
-"""Few-shot image task families (amaml_ext.images): Omniglot and Mini-ImageNet readers on tiny
+"""Few-shot image task families (amaml_ext.data.images): Omniglot and Mini-ImageNet readers on tiny
 fixtures written in the original formats, N-way K-shot sampling, errors; plus one test on the real
 Omniglot zips when $AMAML_DATA_ROOT holds them."""
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from amaml_ext import images
-from amaml_ext.images import MiniImageNet, Omniglot, confidence_interval
+from amaml_ext.data.images import MiniImageNet, Omniglot, sources
+from amaml_ext.train import confidence_interval
 from amaml_ext.models import Conv4
 
 # ------------------------------------------------------------------------------------------------
@@ -370,7 +370,7 @@ def test_mini_lazy_preload_and_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     eager = MiniImageNet(tmp_path, image_size=32, preload=True, cache_dir=cache)
     assert set(eager._data) == {"train", "val", "test"} and len(os.listdir(cache)) == 3
-    monkeypatch.setattr(images, "_decode", lambda *a, **k: pytest.fail("decoded again despite the cache"))
+    monkeypatch.setattr(sources, "decode", lambda *a, **k: pytest.fail("decoded again despite the cache"))
     again = MiniImageNet(tmp_path, image_size=32, preload=True, cache_dir=cache)
     for s in again.splits:
         assert torch.equal(again._data[s], eager._data[s])
@@ -386,12 +386,12 @@ def test_omniglot_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     a = Omniglot(tmp_path, n_train=5, cache_dir=cache)
     assert os.path.isfile(a.cache_file) and os.path.dirname(a.cache_file) == str(cache)
-    real_decode = images._decode
-    monkeypatch.setattr(images, "_decode", lambda *a, **k: pytest.fail("decoded again despite the cache"))
+    real_decode = sources.decode
+    monkeypatch.setattr(sources, "decode", lambda *a, **k: pytest.fail("decoded again despite the cache"))
     b = Omniglot(tmp_path, n_train=5, cache_dir=cache)
     assert torch.equal(a.raw_images, b.raw_images) and a.characters == b.characters
     # other preprocessing settings: another cache file
-    monkeypatch.setattr(images, "_decode", real_decode)
+    monkeypatch.setattr(sources, "decode", real_decode)
     c = Omniglot(tmp_path, n_train=5, cache_dir=cache, image_size=20)
     assert c.cache_file != a.cache_file and len(os.listdir(cache)) == 2
     # a corrupt cache is ignored with a warning and rewritten

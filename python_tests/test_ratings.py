@@ -1,4 +1,4 @@
-"""Collaborative-filtering task families (amaml_ext.ratings) on small fixtures written in each
+"""Collaborative-filtering task families (amaml_ext.data.ratings) on small fixtures written in each
 original format, plus checks on the real files when $AMAML_DATA_ROOT holds them (optional data:
 those tests are skipped without it)."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from amaml_ext.ratings import (RATING_SETTINGS, Jester, MovieLens1M, MovieLens100K, RatingPool,
+from amaml_ext.data.ratings import (RATING_SETTINGS, Jester, MovieLens1M, MovieLens100K, RatingPool,
                                make_rating_dataset)
 from amaml_ext.tasks import TaskBatch, TaskPool
 

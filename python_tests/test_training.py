@@ -290,10 +290,10 @@ def test_command_compare_on_a_movielens_fixture(tmp_path):
 
 def test_command_compare_on_an_omniglot_fixture(tmp_path, monkeypatch):
     from test_images import make_omniglot
-    from amaml_ext import cli, images
+    from amaml_ext.data import benchmarks, images
     make_omniglot(str(tmp_path))
     # the fixture has 8 characters, not 1,623: train on 6 of them (the real default is 1,200)
-    monkeypatch.setattr(cli, "_dataset", lambda task, root: images.Omniglot(str(tmp_path), n_train=6))
+    monkeypatch.setitem(benchmarks._DATASETS, ("omniglot", None), images.Omniglot(str(tmp_path), n_train=6))
     out = str(tmp_path / "cmp")
     assert main(["compare", "--task", "omniglot", "--methods", "amaml,maml1", "--solver", "euler", "--adjoint",
                  "discrete", "--channels", "4", "--ways", "3", "--meta-steps", "2", "--inner-steps", "2",

@@ -10,7 +10,6 @@ Hessian-vector products; ``dJ/dtheta = lam(0)``. No autograd graph spans the run
 gradient-descent steps with step size h, which is what MAML computes by unrolling.
 """
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Union
@@ -74,29 +73,19 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
         solver: ``"dopri5"``, ``"rk4"`` or ``"euler"`` (:data:`amaml_ext.ode.FORWARD_METHODS`).
         adjoint: ``"heun"``, ``"rk4"`` or ``"discrete"`` (:data:`amaml_ext.ode.ADJOINT_METHODS`).
         rtol, atol: dopri5 tolerances.
-        memory: ``"store"`` keeps all N+1 grid states; ``"checkpoint"`` keeps about
-            ``2 sqrt(N)`` and recomputes segments (same gradient, bit for bit on the CPU);
-            ``"auto"`` stores when the trajectory fits ``memory_budget`` bytes (default: half
-            the free GPU memory, or a quarter of the RAM) and checkpoints otherwise.
+        memory: ``"store"`` keeps all N+1 grid states; ``"checkpoint"`` about ``2 sqrt(N)``,
+            recomputing segments (the same gradient); ``"auto"`` stores when the trajectory fits
+            ``memory_budget`` bytes (default: half the free GPU memory, or a quarter of the RAM).
         memory_budget: bytes for ``memory="auto"``.
-        max_steps: dopri5 step limit, accepted + rejected (default ``max(1000, 10 N)``: on a
-            smooth loss dopri5 needs fewer steps than the grid has intervals); exceeding it raises.
-        compile: evaluate the training-loss gradient and HVPs with ``torch.compile``-d
-            ``torch.func`` functions (forward-over-reverse HVPs). For small models, where eager
-            PyTorch overhead dominates, 4-6x faster per gradient/HVP call and 2.4-3.5x per meta-gradient
-            (docs/benchmarks.md) after a one-off compilation of
-            seconds per model and input shape (reused across calls with new data of the same
-            shapes); no gain for convolutional nets on the CPU. Falls back to eager with a
-            warning if compilation fails. ``stats["compiled"]`` says which ran.
-        error_estimate: estimate the relative error of a continuous adjoint (``heun``/``rk4``)
-            by the drift of the invariant ``lam . grad L``, which the exact flow and adjoint
-            conserve (:mod:`amaml_ext.accuracy`; one gradient and a dot product per node,
-            about 1% of a meta-gradient). ``"richardson"`` adds step doubling on the stored states
-            (one more HVP per interval, no extra linearisation) and reports the larger of the two;
-            ``False`` turns the estimate off. The exact mode (``adjoint="discrete"``) has none.
+        max_steps: dopri5 step limit, accepted + rejected (default ``max(1000, 10 N)``).
+        compile: gradients and HVPs from ``torch.compile``-d ``torch.func`` functions: 2.4-3.5x
+            per meta-gradient for small models after a one-off compilation (docs/benchmarks.md);
+            falls back to eager with a warning. ``stats["compiled"]`` says which ran.
+        error_estimate: estimate the relative error of a continuous adjoint by the drift of the
+            invariant ``lam . grad L`` (:mod:`amaml_ext.accuracy`; about 3% of a meta-gradient);
+            ``"richardson"`` adds step doubling; ``False`` turns it off. Exact mode has none.
         error_tol: relative error above which :class:`amaml_ext.AdjointAccuracyWarning` is
-            issued, naming the estimate, ``h * lambda_max`` against the scheme's stability bound
-            and what to do.
+            issued, naming the estimate, ``h * lambda_max`` and what to do.
         strict: raise :class:`amaml_ext.AdjointAccuracyError` instead of warning.
         refine: when the estimate exceeds ``error_tol`` on a smooth flow, solve again on the
             finer grid the estimate suggests (up to 3 times); ``stats["h"]`` is the grid used.
@@ -114,6 +103,7 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
         >>> r.grad.shape
         torch.Size([...])
     """
+    call = {k: v for k, v in locals().items() if k not in ("h", "_refinements")}  # for a refined re-solve
     d, batch, error_tol = check_call(model, loss, theta, support, query, solver=solver, adjoint=adjoint,
                                      memory=memory, batched=batched, compile=compile, strict=strict, refine=refine,
                                      error_estimate=error_estimate, error_tol=error_tol, memory_modes=MEMORY_MODES)
@@ -142,7 +132,18 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
     finally:
         fns.release()
 
-    stats = {
+    stats = _stats(fns, fwd, out, plan, solver, adjoint, error_tol if estimate else None)
+    stats.update(checks)
+    result = MetaGradResult(grad=out["lam"].view(plan.shape), loss=val_loss, params=u_T, stats=stats)
+    if not estimate or stats["adjoint_error_estimate"] <= error_tol:
+        return result
+    return _past_tolerance(result, plan, dict(call, error_tol=error_tol), _refinements)
+
+
+def _stats(fns: TaskFunctions, fwd: Forward, out: Dict[str, Any], plan: Plan, solver: str, adjoint: str,
+           error_tol: Optional[float]) -> Dict[str, Any]:
+    """``MetaGradResult.stats`` of a solve, before the accuracy statistics are added."""
+    return {
         "grad_evals": fns.grad_evals + 1,  # + the validation gradient
         "hvps": fns.hvp_evals,
         "linearisations": fns.linearisations,
@@ -156,19 +157,10 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
         "solver": solver,
         "adjoint": adjoint,
         "h": plan.h,
-        "error_tol": error_tol if estimate else None,
+        "error_tol": error_tol,
         "adjoint_error_estimate": None, "richardson_estimate": None, "invariant_drift": None,
         "h_lambda_max": None, "nonsmooth_modules": None,
     }
-    stats.update(checks)
-    result = MetaGradResult(grad=out["lam"].view(plan.shape), loss=val_loss, params=u_T, stats=stats)
-    if not estimate or stats["adjoint_error_estimate"] <= error_tol:
-        return result
-    return _past_tolerance(result, plan, dict(model=model, loss=loss, theta=theta, T=T, support=support, query=query,
-                                              solver=solver, adjoint=adjoint, rtol=rtol, atol=atol, memory=memory,
-                                              batched=batched, memory_budget=memory_budget, max_steps=max_steps,
-                                              compile=compile, error_estimate=error_estimate, error_tol=error_tol,
-                                              strict=strict, refine=refine), _refinements)
 
 
 def _past_tolerance(result: MetaGradResult, plan: Plan, call: Dict[str, Any], refinements: int) -> MetaGradResult:

@@ -3,7 +3,7 @@ expects and what it got)."""
 
 import math
 import numbers
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn

@@ -1,0 +1,124 @@
+"""Runs of the command: a run's settings (config.json), its task problem and learner, training
+one method and meta-testing a finished run."""
+
+import json
+import os
+import time
+from typing import Dict, Optional
+
+import torch
+
+from .. import learners as L
+from ..data.benchmarks import BENCHMARKS
+from ..functional import flatten_params
+from ..train import CONFIG, THETA, UnreadableRunFile, load_checkpoint, meta_test, meta_train, read_json_file, read_torch_file
+from .options import DTYPES, device_of
+from .report import compare_plot
+
+EVAL = "eval.json"
+
+
+def run_config(args, method: str) -> Dict:
+    """The JSON-able settings that define a training run (stored in config.json)."""
+    bench = BENCHMARKS[args.task]
+    cfg = {"method": method, "task": args.task, "kind": bench.kind, "pool_seed": args.pool_seed,
+           "inner_lr": args.inner_lr, "dtype": args.dtype, "device": str(args.device),
+           # meta-test adaptation length, the same for every method (the paper: the inner steps)
+           "test_steps": args.inner_steps}
+    cfg.update(bench.config(**vars(args)))
+    if method == "amaml":
+        cfg.update(T=args.inner_steps * args.inner_lr, solver=args.solver, adjoint=args.adjoint,
+                   memory=args.memory, rtol=args.rtol, atol=args.atol, compile=args.compile)
+    else:
+        cfg["inner_steps"] = L.method_steps(method, args.inner_steps, args.maml_steps)
+    cfg.update({opt: getattr(args, opt) for opt in L.METHODS[method].options})
+    return cfg
+
+
+class RunProblem:
+    """The benchmark of a run's settings: its pools, model, loss and metric, on a device and dtype."""
+
+    def __init__(self, cfg: Dict, device: torch.device, data_root: Optional[str] = None):
+        self.cfg, self.device, self.dtype = cfg, device, DTYPES[cfg["dtype"]]
+        self.bench = BENCHMARKS[cfg["task"]]
+        self.kind, self.loss, self.metric = self.bench.kind, self.bench.loss, self.bench.metric
+        try:
+            self.family, self.train_pool, self.test_pool = self.bench.pools(cfg, data_root or cfg.get("data_root"))
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"amaml-ext: --task {cfg['task']}: {e}") from None
+
+    def model(self, seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        net = self.bench.model(self.cfg, self.family, self.train_pool)
+        return net.to(device=self.device, dtype=self.dtype)
+
+
+def make_run_learner(cfg: Dict, model, loss, accuracy: Optional[Dict] = None) -> L.MetaLearner:
+    """The learner of a run; ``accuracy`` (A-MAML: error_tol, strict, refine) is not part of the
+    run's settings, so it may change when a run is resumed."""
+    m = cfg["method"]
+    if m == "amaml":
+        steps = round(cfg["T"] / cfg["inner_lr"])
+        return L.make_learner("amaml", model, loss, inner_steps=steps, inner_lr=cfg["inner_lr"],
+                              solver=cfg["solver"], adjoint=cfg["adjoint"], memory=cfg["memory"],
+                              rtol=cfg["rtol"], atol=cfg["atol"], compile=cfg["compile"], **(accuracy or {}))
+    options = {opt: cfg[opt] for opt in L.METHODS[m].options if opt in cfg}
+    return L.make_learner(m, model, loss, inner_steps=cfg["inner_steps"], maml_steps=cfg["inner_steps"],
+                          inner_lr=cfg["inner_lr"], **options)
+
+
+def train_one(args, method: str, out: str, resume: bool) -> torch.Tensor:
+    cfg = run_config(args, method)
+    prob = RunProblem(cfg, args.device, args.data_root)
+    model = prob.model(args.seed)
+    acc = {"error_tol": args.error_tol, "strict": args.strict, "refine": args.refine} if method == "amaml" else None
+    learner = make_run_learner(cfg, model, prob.loss, acc)
+    return meta_train(learner, prob.train_pool, meta_steps=args.meta_steps, out_dir=out, meta_batch=args.meta_batch,
+                      lr=args.lr, seed=args.seed, resume=resume, checkpoint_every=args.checkpoint_every,
+                      device=args.device, dtype=prob.dtype, config=cfg, progress=not args.quiet)
+
+
+def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.device] = None,
+                 quiet: bool = False, data_root: Optional[str] = None) -> Dict:
+    cfg_path = os.path.join(run, CONFIG)
+    if not os.path.exists(cfg_path):
+        raise SystemExit(f"amaml-ext: argument --run: {run!r} has no {CONFIG}; is it a directory written by 'train'?")
+    cfg = read_json_file(cfg_path, "the run's settings")
+    theta_path = os.path.join(run, THETA)
+    if not os.path.exists(theta_path):
+        ck = load_checkpoint(run)
+        at = f"it stopped at meta-step {ck['step']} of {cfg.get('meta_steps')}" if ck else "no checkpoint either"
+        raise SystemExit(f"amaml-ext: argument --run: {run!r} has no {THETA} ({at}); finish it with "
+                         f"'amaml-ext train ... --out {run} --resume'")
+    device = device or device_of(cfg.get("device", "cpu"))
+    prob = RunProblem(cfg, device, data_root)
+    model = prob.model(0)
+    theta = read_torch_file(theta_path, "the learned theta")
+    if not isinstance(theta, torch.Tensor):
+        raise UnreadableRunFile(f"{theta_path} (the learned theta) is unreadable: it holds a {type(theta).__name__}, "
+                                f"not a tensor. It was left as it is")
+    theta = theta.to(device=device, dtype=prob.dtype)
+    if theta.numel() != flatten_params(model).numel():
+        raise SystemExit(f"amaml-ext: {theta_path} holds {theta.numel()} parameters, the model {cfg['model']} "
+                         f"has {flatten_params(model).numel()}")
+    steps = cfg["test_steps"] if test_steps is None else test_steps
+    batch = prob.test_pool.all(device=device, dtype=prob.dtype)
+    t0 = time.perf_counter()
+    mask = L.head_mask(model) if cfg["method"] == "anil" else None      # ANIL adapts the head only
+    curve = meta_test(model, prob.loss, theta, batch, steps=steps, lr=cfg["inner_lr"], metric=prob.metric,
+                      adapt_mask=mask)
+    curve.update(method=cfg["method"], test_tasks=batch.size, test_steps=steps, seconds=time.perf_counter() - t0)
+    with open(os.path.join(run, EVAL), "w") as f:
+        json.dump(curve, f, indent=1)
+    compare_plot({cfg["method"]: curve}, os.path.join(run, "eval.png"),
+                 f"{cfg['task']}: {cfg['method']}, {batch.size} test tasks, {steps} GD steps of {cfg['inner_lr']:g}")
+    if not quiet:
+        if prob.metric == "accuracy":
+            print(f"{cfg['method']}: meta-test accuracy over {batch.size} test tasks after {steps} steps: "
+                  f"{100 * curve['mean'][-1]:.2f} ± {100 * curve['ci95'][-1]:.2f}% (95% CI)")
+        else:
+            print(f"{cfg['method']}: meta-test nRMSE over {batch.size} test tasks: step 0 {curve['mean'][0]:.4f}, "
+                  f"step {steps} {curve['mean'][-1]:.4f} ± {curve['std'][-1]:.4f}")
+    return curve
+
+

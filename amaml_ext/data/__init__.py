@@ -1,0 +1,10 @@
+"""Task sources: the batch and pool protocol (:mod:`.batch`), the synthetic regression families
+(:mod:`.synthetic`), the rating datasets (:mod:`.ratings`, pandas) and the few-shot image datasets
+(:mod:`.images`, Pillow), and the benchmark registry (:mod:`.benchmarks`) that wires each to its
+model, loss and metric. ``ratings`` and ``images`` are imported on first use."""
+
+from .batch import TaskBatch, TaskPool, task_indices, task_seed
+from .synthetic import FAMILIES, SETTINGS, Alpine, CosMixture, TaskFamily, make_family, train_test_pools
+
+__all__ = ["TaskBatch", "TaskPool", "task_indices", "task_seed", "TaskFamily", "CosMixture", "Alpine", "FAMILIES",
+           "SETTINGS", "make_family", "train_test_pools"]

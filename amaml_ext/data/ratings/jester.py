@@ -1,0 +1,105 @@
+"""Jester dataset 1 (ratings -10..10 of 100 jokes; 99 = not rated)."""
+
+import os
+import warnings
+import zipfile
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from ... import _checks
+from .dataset import RatingDataset
+from .readers import first_bad, numeric, read_csv
+
+
+class Jester(RatingDataset):
+    """Jester dataset 1, part ``part`` (1, 2 or 3; the paper's Jester-1 is part 1), from
+    ``root/jester/``: ``jester-data-<part>.xls`` (as released), else ``jester-data-<part>.csv``
+    (its header-less CSV export), else that CSV inside ``jester-data-<part>.zip``.
+
+    One row per user (user id = row number, from 1): column 0 the number of rated jokes, then the
+    ratings of jokes 1..100 in [-10, 10], ``99`` = not rated. Targets ``r / 10`` in [-1, 1]. Keeps
+    the ``top_items=100`` most-rated jokes (all of them) and the users with at least
+    ``min_ratings=1`` rating (all users). ``root`` defaults to ``$AMAML_DATA_ROOT``."""
+
+    name = "jester"
+    default_min_ratings = 1
+    NOT_RATED = 99.0
+
+    def __init__(self, root=None, *, part: int = 1, top_items: int = 100, min_ratings: Optional[int] = None,
+                 num_test: int = 100):
+        if not _checks.is_int(part) or part not in (1, 2, 3):
+            raise ValueError(f"argument 'part' must be 1, 2 or 3, got {part!r}")
+        self.part = int(part)
+        self.name = f"jester-{self.part}"
+        super().__init__(root, top_items=top_items, min_ratings=min_ratings, num_test=num_test)
+
+    @staticmethod
+    def scale(r):
+        """-10..10 -> ``r / 10`` in [-1, 1]."""
+        return r / 10.0
+
+    @staticmethod
+    def unscale(y):
+        return 10.0 * y
+
+    def candidates(self):
+        stem = os.path.join(self.root, "jester", f"jester-data-{self.part}")
+        return [stem + ".xls", stem + ".csv", stem + ".zip"]
+
+    def _load(self):
+        what = ("the Jester ratings matrix: one row per user, 101 numeric columns (the number of rated jokes, "
+                "then the ratings of jokes 1..100 in [-10, 10], 99 = not rated), no header")
+        found = [p for p in self.candidates() if os.path.isfile(p)]
+        if not found:
+            where = "" if os.path.isdir(self.root) else f" (the root directory {self.root!r} does not exist)"
+            raise FileNotFoundError(f"{self.name}: expected one of {self.candidates()} ({what}); none exists{where}")
+        path = self.path = found[0]
+        if path.endswith(".xls"):
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*xlrd.*")
+                    df = pd.read_excel(path, header=None, engine="xlrd")
+            except ImportError as e:
+                raise ImportError(f"reading {path!r} needs the xlrd package ({e}); or export the sheet to "
+                                  f"jester-data-{self.part}.csv") from None
+            except Exception as e:  # xlrd raises its own XLRDError (and others) on a corrupt file
+                raise ValueError(f"{path!r} is not a readable .xls file ({type(e).__name__}: {e}); "
+                                 f"expected {what}") from None
+        elif path.endswith(".csv"):
+            df = read_csv(path, path, what, engine="c")
+        else:
+            member_name = f"jester-data-{self.part}.csv"
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    csvs = [n for n in zf.namelist() if n.lower().endswith(".csv") and not n.startswith("__MACOSX")]
+                    named = [n for n in csvs if os.path.basename(n) == member_name]
+                    member = named[0] if named else (csvs[0] if len(csvs) == 1 else None)
+                    if member is None:
+                        raise ValueError(f"{path!r} holds no {member_name} (its .csv members: {csvs}); "
+                                         f"expected {what}")
+                    with zf.open(member) as f:
+                        df = read_csv(f, f"{path}:{member}", what, engine="c")
+            except zipfile.BadZipFile as e:
+                raise ValueError(f"{path!r} is not a valid zip file ({e}); expected {what}") from None
+        if df.shape[1] != 101:
+            raise ValueError(f"{path!r} has {df.shape[1]} column(s), not 101; expected {what}")
+        a = numeric(df, path, what)
+        count, m = a[:, 0], a[:, 1:]
+        rated = m != self.NOT_RATED
+        bad = rated & ((m < -10) | (m > 10))
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise ValueError(f"{path!r}: rating {m[i, j]:g} in row {i + 1}, column {j + 2} (joke {j + 1}) is out "
+                             f"of range; expected {what}")
+        mism = count != rated.sum(1)
+        if mism.any():
+            i = first_bad(mism)
+            raise ValueError(f"{path!r}: row {i + 1} says {count[i]:g} rated jokes in column 1 but has "
+                             f"{int(rated[i].sum())} ratings other than 99; expected {what}")
+        rows, cols = np.nonzero(rated)
+        users = (rows + 1).astype(np.int64)
+        items = (cols + 1).astype(np.int64)
+        return users, items, m[rows, cols], int(m.shape[0]), int(m.shape[1])
+

@@ -1,0 +1,119 @@
+"""Meta-testing: adapt from a learned initialisation on new tasks and score the query sets; the
+per-task metrics and the confidence intervals reported with them."""
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..data.batch import TaskBatch
+from ..functional import TaskFunctions, unflatten_params
+
+#: the normal quantile of a two-sided 95% interval (``mean ± Z95 * std / sqrt(n)``)
+Z95 = 1.96
+
+
+def half_width(std: float, n: int, z: float = Z95) -> float:
+    """Half-width ``z * std / sqrt(n)`` of the confidence interval of a mean over ``n`` values."""
+    return z * std / math.sqrt(n)
+
+
+def nrmse(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Normalised RMSE per task: ``||pred - y|| / ||y||`` over each task's points
+    (``[B, k, 1]`` -> ``[B]``); with ``mask`` (``[B, k]`` bool) over the marked points only."""
+    err, ref = (pred - target).pow(2), target.pow(2)
+    if mask is not None:
+        m = mask.reshape(mask.shape + (1,) * (pred.dim() - mask.dim())).to(err.dtype)
+        err, ref = err * m, ref * m
+    dims = tuple(range(1, pred.dim()))
+    return err.sum(dims).sqrt() / ref.sum(dims).sqrt().clamp_min(1e-30)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Classification accuracy per task (``[B, k, classes]``, ``[B, k]`` -> ``[B]``); with
+    ``mask`` (``[B, k]`` bool) over the marked points only."""
+    hit = (logits.argmax(-1) == labels).to(torch.float64)
+    if mask is None:
+        return hit.mean(-1)
+    m = mask.to(torch.float64)
+    return (hit * m).sum(-1) / m.sum(-1).clamp_min(1)
+
+
+METRICS_FNS = {"nrmse": nrmse, "accuracy": accuracy}
+
+
+def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatch, *, steps: int,
+              lr: float = 0.01, record_every: int = 1, metric: str = "nrmse",
+              chunk: int = 100, adapt_mask: Optional[torch.Tensor] = None) -> Dict[str, List[float]]:
+    """Adapt from ``theta`` on every task's support set with ``steps`` plain GD steps of ``lr``
+    (``chunk`` tasks at a time, batched) and record the query ``metric`` (``"nrmse"`` or
+    ``"accuracy"``; over the real points of ``tasks.query_mask`` when there is one) after every
+    ``record_every`` steps. ``adapt_mask`` (``[d]``, 0/1) adapts only the marked parameters
+    (ANIL: the head).
+
+    Returns ``{"metric", "step": [...], "mean": [...], "std": [...], "ci95": [...], "final":
+    [per-task value]}`` (std over tasks, population; ``ci95 = Z95 std / sqrt(tasks)``, ``Z95 = 1.96``)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"argument 'steps' must be a non-negative int, got {steps!r}")
+    if metric not in METRICS_FNS:
+        raise ValueError(f"argument 'metric' must be one of {sorted(METRICS_FNS)}, got {metric!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"argument 'chunk' must be a positive int, got {chunk!r}")
+    score = METRICS_FNS[metric]
+    recorded = [s for s in range(steps + 1) if s % record_every == 0 or s == steps]
+    per_task: List[List[torch.Tensor]] = [[] for _ in recorded]
+    B = tasks.size
+    for a in range(0, B, chunk):
+        part = tasks.select(slice(a, a + chunk))
+        fns = TaskFunctions(model, loss, part.support, part.query, batched=True)
+        u = theta.detach().to(part.support[0].dtype).expand(part.size, -1).clone()
+
+        def value():
+            with torch.no_grad():
+                pred = torch.func.vmap(lambda w, x: torch.func.functional_call(
+                    fns.module, (unflatten_params(fns.model, w), fns.buffers), (x,)))(u, part.query[0])
+                return score(pred, part.query[1], part.query_mask)
+
+        k = 0
+        if recorded[0] == 0:
+            per_task[0].append(value())
+            k = 1
+        with torch.no_grad():
+            for s in range(1, steps + 1):
+                g = fns.grad(u)
+                u = u - lr * (g if adapt_mask is None else g * adapt_mask.to(g))
+                if k < len(recorded) and s == recorded[k]:
+                    per_task[k].append(value())
+                    k += 1
+    out = {"metric": metric, "step": recorded, "mean": [], "std": [], "ci95": []}
+    for vals in per_task:
+        e = torch.cat(vals)
+        sd = float(e.std(unbiased=False))
+        out["mean"].append(float(e.mean()))
+        out["std"].append(sd)
+        out["ci95"].append(half_width(sd, e.numel()))
+    out["final"] = torch.cat(per_task[-1]).tolist()
+    return out
+
+
+def confidence_interval(accuracies, z: float = Z95) -> Tuple[float, float]:
+    """``(mean, z * std / sqrt(n))`` over per-task accuracies: the 95% confidence interval reported
+    for few-shot benchmarks (``std`` with ``ddof=0``, i.e. ``np.std``, as MAML's evaluation code)."""
+    if isinstance(accuracies, torch.Tensor):
+        accuracies = accuracies.detach().cpu().double().numpy()
+    try:
+        a = np.asarray(accuracies, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"argument 'accuracies' must be a sequence of numbers, got {accuracies!r}") from e
+    if a.size == 0:
+        raise ValueError("argument 'accuracies' must hold at least one value, got an empty sequence")
+    if not np.isfinite(a).all():
+        raise ValueError(f"argument 'accuracies' must be finite, got {a[~np.isfinite(a)][:3].tolist()} among its values")
+    if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z <= 0:
+        raise ValueError(f"argument 'z' must be a positive finite number, got {z!r}")
+    return float(a.mean()), float(half_width(a.std(), a.size, z))
+
+
+# ----------------------------------------------------------------------------------------------
+# a fixed, indexable set of episodes (for meta_train / meta_test)

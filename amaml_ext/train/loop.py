@@ -1,0 +1,233 @@
+"""The outer loop: Adam on theta over meta-batches of a pool, with checkpoints, resume and a clean
+stop on Ctrl-C / SIGTERM (see :mod:`amaml_ext.train`)."""
+
+import json
+import math
+import os
+import signal
+import tempfile
+import threading
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .. import _checks
+from ..accuracy import AdjointAccuracyError
+from ..data.batch import TaskPool, task_indices
+from ..functional import flatten_params
+from ..learners import MetaLearner
+from .io import (CHECKPOINT, CONFIG, METRICS, OPTIONAL_METRIC_FIELDS, THETA, RunConfigMismatch, RunFileError,
+                 UnreadableRunFile, atomic_write_bytes, csv_bytes, load_checkpoint, read_json_file, torch_bytes)
+
+
+def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir: Optional[str] = None,
+               theta0: Optional[torch.Tensor] = None,
+               meta_batch: int = 5, lr: float = 1e-3, seed: int = 0, resume: bool = False,
+               checkpoint_every: int = 50, device="cpu", dtype=torch.float32, config: Optional[Dict] = None,
+               progress: bool = True, on_step: Optional[Callable[[int, Dict], None]] = None,
+               checkpoint_seconds: Optional[float] = 600.0) -> torch.Tensor:
+    """Meta-train ``learner`` on ``pool`` for ``meta_steps`` Adam steps; returns the learned theta.
+
+    Args:
+        learner: a :class:`amaml_ext.learners.MetaLearner`.
+        pool: the meta-training tasks (a pool with a ``draw(index, step=, seed=, device=,
+            dtype=)`` method, like a resampling ``RatingPool``, is asked for each step's data
+            through it; otherwise ``pool.batch(index)``).
+        meta_steps: total number of outer steps (a resumed run continues up to it).
+        out_dir: run directory (created); see the module doc for its files. None: no files are
+            kept (a temporary directory holds the checkpoints during the run; nothing to resume).
+        theta0: initial theta ``[d]`` (default: the learner's model's parameters).
+        meta_batch: tasks per step (at most the pool size).
+        lr: Adam's learning rate.
+        seed: seeds the task draws.
+        resume: continue from ``out_dir/checkpoint.pt`` (an error if ``out_dir`` holds a run with
+            another ``config``); without it, an existing checkpoint is an error, not overwritten.
+        checkpoint_every: steps between checkpoints.
+        checkpoint_seconds: also save a checkpoint when this long has passed since the last one
+            (None: by step count only).
+        config: the run's settings (JSON-able), stored in ``config.json`` and compared on resume.
+        progress: show a progress bar (tqdm).
+        on_step: called as ``on_step(step, row)`` after every step (tests use it to interrupt).
+
+    Interrupted (Ctrl-C, or SIGTERM, which schedulers send before they preempt a job), it saves
+    a checkpoint of every finished step and raises KeyboardInterrupt; ``resume=True`` continues
+    to exactly the theta of an uninterrupted run. A meta-step whose meta-gradient or query loss is
+    not finite stops the run with FloatingPointError, after saving the steps before it.
+    """
+    if out_dir is None:
+        if resume:
+            raise ValueError("argument 'resume' needs an 'out_dir' to resume from, got out_dir=None")
+        with tempfile.TemporaryDirectory(prefix="amaml-run-") as tmp:
+            return meta_train(learner, pool, meta_steps=meta_steps, out_dir=tmp, theta0=theta0, meta_batch=meta_batch,
+                              lr=lr, seed=seed, checkpoint_every=checkpoint_every, device=device, dtype=dtype,
+                              config=config, progress=progress, on_step=on_step, checkpoint_seconds=None)
+    _check_options(pool, meta_steps, meta_batch, checkpoint_every, lr)
+    config = dict(config or {}, meta_batch=meta_batch, lr=lr, seed=seed)
+    ckpt = _open_run(out_dir, resume, config, meta_steps)
+    run = _RunState(out_dir, learner, theta0, lr, device, dtype, ckpt)
+    bar = _progress_bar(meta_steps, run.start, learner.name) if progress else None
+    previous = _sigterm_as_interrupt()
+    try:
+        for step in range(run.start, meta_steps):
+            idx = task_indices(seed, step, len(pool), meta_batch)
+            row = run.step(learner, _meta_batch(pool, idx, step, seed, device, dtype), step, idx)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(query_loss=f"{row['query_loss']:.4g}")
+            if ((step + 1) % checkpoint_every == 0 or step + 1 == meta_steps
+                    or (checkpoint_seconds is not None and time.monotonic() - run.last_save >= checkpoint_seconds)):
+                run.save(step + 1)
+            if on_step is not None:
+                on_step(step + 1, row)
+    except AdjointAccuracyError as e:
+        done = run.save_done(bar)
+        raise AdjointAccuracyError(f"meta_train stopped at meta-step {done + 1} (strict): {e} The checkpoint in "
+                                   f"{out_dir!r} holds the {done} meta-steps before it.") from None
+    except KeyboardInterrupt as e:
+        done = run.save_done(bar)
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        raise KeyboardInterrupt(f"meta_train {what} after meta-step {done}; checkpoint saved in "
+                                f"{out_dir!r}: run again with resume=True (--resume) to continue") from None
+    finally:
+        _restore_sigterm(previous)
+    if bar is not None:
+        bar.close()
+    if run.start >= meta_steps:  # nothing left to do: make sure the final files exist
+        run.save(run.start)
+    result = run.theta.detach().cpu().clone()
+    atomic_write_bytes(os.path.join(out_dir, THETA), torch_bytes(result))
+    return result
+
+
+def _check_options(pool, meta_steps, meta_batch, checkpoint_every, lr) -> None:
+    for name, v in (("meta_steps", meta_steps), ("meta_batch", meta_batch), ("checkpoint_every", checkpoint_every)):
+        _checks.integer(name, v)
+    if meta_batch > len(pool):
+        raise ValueError(f"argument 'meta_batch' must be at most the pool size {len(pool)}, got {meta_batch}")
+    _checks.positive("lr", lr)
+
+
+def _progress_bar(total: int, start: int, name: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, desc=f"{name} meta-train", unit="step", dynamic_ncols=True, leave=True)
+
+
+def _meta_batch(pool, idx: torch.Tensor, step: int, seed: int, device, dtype):
+    """The tasks ``idx`` of a step; a pool that draws fresh data per visit (a resampling
+    ``RatingPool``) has a ``draw`` method and is asked through it."""
+    draw = getattr(pool, "draw", None)
+    if draw is not None:
+        return draw(idx, step=step, seed=seed, device=device, dtype=dtype)
+    return pool.batch(idx, device=device, dtype=dtype)
+
+
+def _open_run(out_dir: str, resume: bool, config: Dict, meta_steps: int) -> Optional[Dict]:
+    """Create (or check) the run directory, refuse to overwrite a run or to resume one made with
+    other settings, write config.json; the checkpoint to resume from (or None)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".tmp-probe-"):
+            pass
+    except OSError as e:
+        raise RunFileError(f"argument 'out_dir': cannot write the run directory {out_dir!r}: {e.strerror or e}") from None
+    cfg_path = os.path.join(out_dir, CONFIG)
+    ckpt = load_checkpoint(out_dir)
+    if ckpt is not None and not resume:
+        raise FileExistsError(f"argument 'out_dir': {out_dir!r} already holds a run (step {ckpt['step']}); "
+                              f"pass resume=True (--resume) to continue it, or choose another directory")
+    if resume and ckpt is not None and os.path.exists(cfg_path):
+        old = read_json_file(cfg_path, "the run's settings")
+        diff = {k: (old.get(k), config.get(k)) for k in set(old) | set(config)
+                if k not in ("meta_steps", "data_root") and old.get(k) != config.get(k)}
+        if diff:
+            raise RunConfigMismatch(f"cannot resume the run in {out_dir!r}: its settings differ (saved vs now): {diff}")
+    atomic_write_bytes(cfg_path, (json.dumps(dict(config, meta_steps=meta_steps), indent=2) + "\n").encode())
+    return ckpt if resume else None
+
+
+class _RunState:
+    """theta, its Adam state and the metric rows of a run, restored from ``ckpt`` if given;
+    ``step`` makes one meta-step, ``save`` writes the checkpoint and metrics atomically."""
+
+    def __init__(self, out_dir: str, learner: MetaLearner, theta0, lr: float, device, dtype, ckpt: Optional[Dict]):
+        self.out_dir = out_dir
+        theta0 = flatten_params(learner.model) if theta0 is None else theta0
+        self.theta = torch.nn.Parameter(theta0.detach().to(device=device, dtype=dtype).clone())
+        self.opt = torch.optim.Adam([self.theta], lr=lr)
+        self.rows: List[Dict] = []
+        self.start = 0
+        self.last_save = time.monotonic()
+        if ckpt is None:
+            return
+        saved = ckpt["theta"]
+        if not isinstance(saved, torch.Tensor) or saved.shape != self.theta.shape:
+            got = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
+            raise UnreadableRunFile(f"{os.path.join(out_dir, CHECKPOINT)} (checkpoint) holds a theta of shape {got}, "
+                                    f"the model has {tuple(self.theta.shape)}: it belongs to another model. It was "
+                                    f"left as it is")
+        with torch.no_grad():
+            self.theta.copy_(saved.to(device=device, dtype=dtype))
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.rows = list(ckpt["metrics"])
+        self.start = int(ckpt["step"])
+
+    def save(self, step: int) -> None:
+        self.last_save = time.monotonic()
+        state = {"theta": self.theta.detach().cpu().clone(), "optimizer": self.opt.state_dict(), "step": step,
+                 "metrics": self.rows}
+        atomic_write_bytes(os.path.join(self.out_dir, CHECKPOINT), torch_bytes(state))
+        atomic_write_bytes(os.path.join(self.out_dir, METRICS), csv_bytes(self.rows))
+
+    def save_done(self, bar) -> int:
+        """Save every finished step (on an interruption); their number."""
+        self.save(len(self.rows))
+        if bar is not None:
+            bar.close()
+        return len(self.rows)
+
+    def step(self, learner: MetaLearner, batch, step: int, idx) -> Dict:
+        """One Adam step on the meta-gradient of ``batch``; its metrics row. A non-finite
+        meta-gradient, norm or query loss stops the run after saving the steps before it."""
+        t0 = time.perf_counter()
+        out = learner.meta_grad(self.theta.detach(), batch)
+        grad_norm = float(out.grad.norm())      # inf or NaN for any non-finite entry, or on overflow
+        bad = [what for what, ok in (("meta-gradient", math.isfinite(grad_norm)),
+                                     ("query loss", bool(torch.isfinite(out.query_loss).all()))) if not ok]
+        if bad:
+            self.save(len(self.rows))
+            raise FloatingPointError(
+                f"meta_train: the {' and the '.join(bad)} of meta-step {step + 1} (method {learner.name}, "
+                f"tasks {idx.tolist()}) is not finite: the inner training diverged (lower the inner step "
+                f"size or the horizon). Stopped; the checkpoint in {self.out_dir!r} holds the {len(self.rows)} "
+                f"meta-steps before it.")
+        self.opt.zero_grad(set_to_none=True)
+        self.theta.grad = out.grad.detach().to(self.theta.dtype).reshape(self.theta.shape).clone()
+        self.opt.step()
+        row = {"step": step + 1, "query_loss": float(out.query_loss.mean()),
+               "grad_norm": grad_norm, "seconds": time.perf_counter() - t0}
+        for k in OPTIONAL_METRIC_FIELDS:     # e.g. A-MAML's adjoint error estimate
+            if out.stats.get(k) is not None:
+                row[k] = float(out.stats[k])
+        self.rows.append(row)
+        return row
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received: handled like Ctrl-C (a checkpoint is saved)."""
+
+
+def _sigterm_as_interrupt():
+    """Make SIGTERM raise :class:`Terminated` in the main thread; returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated()
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
