@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from helpers import DEVICES  # noqa: F401  (its home is helpers.py; kept importable from here)
 
 
 def pytest_collection_modifyitems(config, items):

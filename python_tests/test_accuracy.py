@@ -12,7 +12,7 @@ from torch.nn import functional as F
 import amaml_ext
 from amaml_ext import AdjointAccuracyError, AdjointAccuracyWarning, adjoint_meta_grad, flatten_params, models, ode
 
-F64 = torch.float64
+from helpers import F64, rel
 
 
 def mlp(seed=0, width=16):
@@ -51,10 +51,6 @@ def images(seed, n=40):
     protos = torch.randn(10, 1, 16, 16, generator=g, dtype=F64)
     y = torch.arange(n) % 10
     return protos[y] + 0.5 * torch.randn(n, 1, 16, 16, generator=g, dtype=F64), y
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def scaled(loss, c):

@@ -14,7 +14,7 @@ from amaml_ext import flatten_params, unflatten_params
 from amaml_ext import learners as L
 from amaml_ext.tasks import TaskBatch
 
-F64 = torch.float64
+from helpers import F64, rel
 
 
 def tiny_net(seed=0):
@@ -68,10 +68,6 @@ def finite_difference(fn, theta, eps=1e-6):
         e[i] = eps
         out[i] = (fn(theta + e) - fn(theta - e)) / (2 * eps)
     return out
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,7 @@ from torch.nn import functional as F
 from amaml_ext import adjoint_meta_grad, flatten_params, unflatten_params
 from amaml_ext.functional import compile_refusal
 
-from conftest import DEVICES
-
-F64 = torch.float64
+from helpers import DEVICES, F64, rel
 
 
 def mlp(seed=0, width=16):
@@ -56,10 +54,6 @@ def unrolled_maml_grad(model, loss, theta, support, query, steps, lr):
     val = loss(torch.func.functional_call(model, unflatten_params(model, u), (query[0],)), query[1])
     (grad,) = torch.autograd.grad(val, th)
     return grad, val.detach()
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 # ---- exact discrete mode = unrolled MAML ------------------------------------------------

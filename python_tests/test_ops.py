@@ -7,7 +7,7 @@ import torch
 import amaml_ext
 from amaml_ext import ops, reference
 
-from conftest import DEVICES
+from helpers import DEVICES
 
 SHAPES = [(1000,), (3, 4099), (2, 70001)]  # [d] and [B, d]; odd sizes leave vector tails
 DTYPES = [torch.float32, torch.float64]

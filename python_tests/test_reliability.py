@@ -16,7 +16,7 @@ from torch.nn import functional as F
 import amaml_ext
 from amaml_ext import adjoint_meta_grad, flatten_params, learners, tasks, train, unflatten_params
 
-F64 = torch.float64
+from helpers import F64, rel
 
 
 def data(seed, n=12):
@@ -48,10 +48,6 @@ def unrolled(model, loss, theta, support, query, steps, lr):
             u = u - lr * g
         (grad,) = torch.autograd.grad(loss(f(u, query[0]), query[1]), th)
     return grad
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 class Scaled(nn.Module):
