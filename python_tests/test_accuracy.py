@@ -12,13 +12,7 @@ from torch.nn import functional as F
 import amaml_ext
 from amaml_ext import AdjointAccuracyError, AdjointAccuracyWarning, adjoint_meta_grad, flatten_params, models, ode
 
-from helpers import F64, rel
-
-
-def mlp(seed=0, width=16):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                         nn.Linear(width, 1)).double()
+from helpers import F64, mlp, rel
 
 
 def regression(seed, n=30):
