@@ -10,14 +10,7 @@ from torch.nn import functional as F
 from amaml_ext import adjoint_meta_grad, flatten_params, unflatten_params
 from amaml_ext.functional import compile_refusal
 
-from helpers import DEVICES, F64, mlp, rel, small_conv4
-
-
-def regression_task(seed, n=20, dtype=F64, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 2, generator=g, dtype=dtype) * 2 - 1
-    y = torch.cos(3 * x[:, :1]) + 0.5 * x[:, 1:] ** 2
-    return x.to(device), y.to(device)
+from helpers import DEVICES, F64, mlp, regression_task, rel, small_conv4, stack_tasks
 
 
 def unrolled_maml_grad(model, loss, theta, support, query, steps, lr):
@@ -104,8 +97,7 @@ def test_dopri5_heun_default_matches_fine_reference():
 def batch_of_tasks(B, device="cpu"):
     sup = [regression_task(10 + b, device=device) for b in range(B)]
     qry = [regression_task(20 + b, device=device) for b in range(B)]
-    stack = lambda ts, i: torch.stack([t[i] for t in ts])  # noqa: E731
-    return (stack(sup, 0), stack(sup, 1)), (stack(qry, 0), stack(qry, 1)), sup, qry
+    return stack_tasks(sup), stack_tasks(qry), sup, qry
 
 
 @pytest.mark.parametrize("device", DEVICES)

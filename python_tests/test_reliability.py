@@ -16,7 +16,7 @@ from torch.nn import functional as F
 import amaml_ext
 from amaml_ext import adjoint_meta_grad, flatten_params, learners, tasks, train, unflatten_params
 
-from helpers import F64, mlp, rel
+from helpers import F64, mlp, rel, stack_tasks
 
 
 def data(seed, n=12):
@@ -107,7 +107,7 @@ def test_frozen_parameters_are_constants():
     r2 = adjoint_meta_grad(m, F.mse_loss, theta, 0.5, support=s, query=q, **EXACT)
     assert rel(r2.grad, unrolled(m, F.mse_loss, theta, s, q, 5, 0.1)) < 1e-10
     # every learner follows the same rule
-    xs, ys = torch.stack([data(i)[0] for i in range(3)]), torch.stack([data(i)[1] for i in range(3)])
+    xs, ys = stack_tasks(data(i) for i in range(3))
     batch = tasks.TaskBatch((xs, ys), (xs, ys))
     for name in ("maml", "fomaml", "reptile", "imaml", "amaml"):
         step = learners.make_learner(name, m, F.mse_loss, inner_steps=3, maml_steps=3, inner_lr=0.1).meta_grad(theta, batch)
@@ -296,7 +296,7 @@ def test_solver_option_and_model_errors():
 
 def test_float32_per_task_horizons_accepted():
     m = mlp(width=4, depth=1)
-    xs, ys = torch.stack([data(i)[0] for i in range(3)]), torch.stack([data(i)[1] for i in range(3)])
+    xs, ys = stack_tasks(data(i) for i in range(3))
     kw = dict(support=(xs, ys), query=(xs, ys), batched=True, h=0.1, solver="euler", adjoint="discrete")
     T32 = torch.tensor([0.3, 0.7, 1.1], dtype=torch.float32)
     a = adjoint_meta_grad(m, F.mse_loss, flatten_params(m), T32, **kw)
@@ -344,8 +344,8 @@ def test_anil_adapts_only_the_head():
     theta = flatten_params(m)
     mask = learners.head_mask(m)
     assert mask.tolist() == [0.0] * 18 + [1.0] * 7                 # "2.weight", "2.bias"
-    xs, ys = torch.stack([data(i)[0] for i in range(2)]), torch.stack([data(i)[1] for i in range(2)])
-    xq, yq = torch.stack([data(i + 5)[0] for i in range(2)]), torch.stack([data(i + 5)[1] for i in range(2)])
+    xs, ys = stack_tasks(data(i) for i in range(2))
+    xq, yq = stack_tasks(data(i + 5) for i in range(2))
     step = learners.make_learner("anil", m, F.mse_loss, maml_steps=3, inner_lr=0.1).meta_grad(
         theta, tasks.TaskBatch((xs, ys), (xq, yq)))
     # reference: per task, autograd through 3 head-only GD steps (body constant inside, but in the graph)
