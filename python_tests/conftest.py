@@ -13,11 +13,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture
-def gen():
-    """A fresh generator per test, seeded from the test's own randomness for new inputs."""
-    g = torch.Generator()
-    g.manual_seed(torch.randint(0, 2**31 - 1, ()).item())
-    return g
