@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from helpers import DEVICES  # noqa: F401  (its home is helpers.py; kept importable from here)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -13,11 +13,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture
-def gen():
-    """A fresh generator per test, seeded from the test's own randomness for new inputs."""
-    g = torch.Generator()
-    g.manual_seed(torch.randint(0, 2**31 - 1, ()).item())
-    return g

@@ -12,19 +12,11 @@ from torch.nn import functional as F
 import amaml_ext
 from amaml_ext import AdjointAccuracyError, AdjointAccuracyWarning, adjoint_meta_grad, flatten_params, models, ode
 
-F64 = torch.float64
+from helpers import F64, mlp, regression_task, rel, stack_tasks
 
 
-def mlp(seed=0, width=16):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                         nn.Linear(width, 1)).double()
-
-
-def regression(seed, n=30):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 2, generator=g, dtype=F64) * 2 - 1
-    return x, torch.cos(3 * x[:, :1]) + 0.5 * x[:, 1:] ** 2
+def regression(seed):
+    return regression_task(seed, n=30)
 
 
 class SmallConv(nn.Module):
@@ -51,10 +43,6 @@ def images(seed, n=40):
     protos = torch.randn(10, 1, 16, 16, generator=g, dtype=F64)
     y = torch.arange(n) % 10
     return protos[y] + 0.5 * torch.randn(n, 1, 16, 16, generator=g, dtype=F64), y
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def scaled(loss, c):
@@ -203,8 +191,7 @@ def test_checkpoint_and_per_task_horizons_estimate(adjoint, T):
     """Segments and phases start off the coarse grid: the estimate is the same with checkpoints,
     and still tracks the true error with per-task horizons."""
     net = mlp()
-    xs = torch.stack([regression(i)[0] for i in range(3)])
-    ys = torch.stack([regression(i)[1] for i in range(3)])
+    xs, ys = stack_tasks(regression(i) for i in range(3))
     theta = flatten_params(net)
     kw = dict(support=(xs, ys), query=(xs, ys), h=0.05, batched=True, adjoint=adjoint, error_tol=1.0,
               error_estimate="richardson")

@@ -7,19 +7,13 @@ that loop (float64), and iMAML's implicit system is solved with a dense Hessian.
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from amaml_ext import flatten_params, unflatten_params
 from amaml_ext import learners as L
 from amaml_ext.tasks import TaskBatch
 
-F64 = torch.float64
-
-
-def tiny_net(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()  # d = 13
+from helpers import F64, mlp, rel
 
 
 def tiny_tasks(B=2, n=6, seed=0):
@@ -70,13 +64,9 @@ def finite_difference(fn, theta, eps=1e-6):
     return out
 
 
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.fixture(scope="module")
 def problem():
-    net = tiny_net()
+    net = mlp(width=3, depth=1)  # d = 13
     return net, flatten_params(net), tiny_tasks()
 
 

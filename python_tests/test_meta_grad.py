@@ -5,44 +5,12 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from amaml_ext import adjoint_meta_grad, flatten_params, unflatten_params
 from amaml_ext.functional import compile_refusal
 
-from conftest import DEVICES
-
-F64 = torch.float64
-
-
-def mlp(seed=0, width=16):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                         nn.Linear(width, 1)).double()
-
-
-class Conv4(nn.Module):
-    """The few-shot conv net (4 x conv3x3-BN-ReLU-maxpool), narrow for tests."""
-
-    def __init__(self, channels=4, ways=3):
-        super().__init__()
-        layers, c_in = [], 1
-        for _ in range(4):
-            layers += [nn.Conv2d(c_in, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2)]
-            c_in = channels
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(channels, ways)
-
-    def forward(self, x):
-        return self.head(self.features(x).flatten(1))
-
-
-def regression_task(seed, n=20, dtype=F64, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 2, generator=g, dtype=dtype) * 2 - 1
-    y = torch.cos(3 * x[:, :1]) + 0.5 * x[:, 1:] ** 2
-    return x.to(device), y.to(device)
+from helpers import DEVICES, F64, mlp, regression_task, rel, small_conv4, stack_tasks
 
 
 def unrolled_maml_grad(model, loss, theta, support, query, steps, lr):
@@ -56,10 +24,6 @@ def unrolled_maml_grad(model, loss, theta, support, query, steps, lr):
     val = loss(torch.func.functional_call(model, unflatten_params(model, u), (query[0],)), query[1])
     (grad,) = torch.autograd.grad(val, th)
     return grad, val.detach()
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 # ---- exact discrete mode = unrolled MAML ------------------------------------------------
@@ -81,7 +45,7 @@ def test_euler_discrete_equals_autograd_unrolling_mlp(device, memory):
 
 def test_euler_discrete_equals_autograd_unrolling_conv4_batchnorm():
     torch.manual_seed(0)
-    net = Conv4().double().train()
+    net = small_conv4().double().train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     theta = flatten_params(net)
     g = torch.Generator().manual_seed(3)
@@ -90,7 +54,7 @@ def test_euler_discrete_equals_autograd_unrolling_conv4_batchnorm():
     K, h = 6, 0.1
     r = adjoint_meta_grad(net, F.cross_entropy, theta, K * h, support=(xs, ys), query=(xq, yq), h=h,
                           solver="euler", adjoint="discrete")
-    ref_net = Conv4().double().train()
+    ref_net = small_conv4().double().train()
     ref_net.load_state_dict(before)
     ref, val = unrolled_maml_grad(ref_net, F.cross_entropy, theta, (xs, ys), (xq, yq), K, h)
     assert rel(r.grad, ref) < 1e-10
@@ -133,8 +97,7 @@ def test_dopri5_heun_default_matches_fine_reference():
 def batch_of_tasks(B, device="cpu"):
     sup = [regression_task(10 + b, device=device) for b in range(B)]
     qry = [regression_task(20 + b, device=device) for b in range(B)]
-    stack = lambda ts, i: torch.stack([t[i] for t in ts])  # noqa: E731
-    return (stack(sup, 0), stack(sup, 1)), (stack(qry, 0), stack(qry, 1)), sup, qry
+    return stack_tasks(sup), stack_tasks(qry), sup, qry
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -340,7 +303,7 @@ def test_dopri5_warns_when_its_steps_collapse_below_the_grid():
     has intervals: the user is told to switch solver or loosen the tolerances, and a run past
     max_steps stops with an error saying so instead of running for hours."""
     torch.manual_seed(0)
-    net = Conv4(channels=2, ways=2).double().train()
+    net = small_conv4(channels=2, ways=2).double().train()
     theta = flatten_params(net)
     g = torch.Generator().manual_seed(3)
     xs, ys = torch.randn(4, 1, 16, 16, generator=g, dtype=F64), torch.tensor([0, 1, 0, 1])

@@ -7,9 +7,7 @@ import torch
 
 from amaml_ext import ode
 
-from conftest import DEVICES
-
-F64 = torch.float64
+from helpers import DEVICES, F64, rel
 
 
 # ---- problems with closed forms -------------------------------------------------------------
@@ -35,10 +33,6 @@ def appendix_a_grad(trajectory, method):
     return ode.solve_adjoint(appendix_a_vjp, trajectory, lam_T, method=method), exact
 
 
-def rel_err(a, b):
-    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
-
-
 @pytest.mark.parametrize("T", [0.5, 1.0, 2.0])
 def test_appendix_a_forward_matches_closed_form(T):
     y0 = torch.tensor([0.3], dtype=F64)
@@ -55,7 +49,7 @@ def test_appendix_a_forward_matches_closed_form(T):
 def test_appendix_a_gradient_matches_closed_form(T, method):
     traj = ode.solve_forward(appendix_a_f, torch.tensor([1.0], dtype=F64), T, T / 400, rtol=1e-11, atol=1e-12)
     lam0, exact = appendix_a_grad(traj, method)
-    assert rel_err(lam0, exact) < (3e-4 if method == "heun" else 1e-7)
+    assert rel(lam0, exact) < (3e-4 if method == "heun" else 1e-7)
     # and lam_T itself came from y(T) = 1 - T^2, so the gradient matches the closed form in y0
     closed = 6 * (appendix_a_exact(1.0, T) - 3) ** 5 * math.exp(-T * T)
     assert abs(lam0.item() - closed) / abs(closed) < (3e-4 if method == "heun" else 1e-7)
@@ -68,7 +62,7 @@ def test_higher_order_adjoint_beats_heun_at_every_n(T):
         traj = ode.solve_forward(appendix_a_f, torch.tensor([1.0], dtype=F64), T, T / n, rtol=1e-12, atol=1e-12)
         lam_heun, exact = appendix_a_grad(traj, "heun")
         lam_rk4, _ = appendix_a_grad(traj, "rk4")
-        e_heun, e_rk4 = rel_err(lam_heun, exact), rel_err(lam_rk4, exact)
+        e_heun, e_rk4 = rel(lam_heun, exact), rel(lam_rk4, exact)
         assert e_rk4 < e_heun, f"T={T} N={n}: rk4 error {e_rk4:.3e} >= heun error {e_heun:.3e}"
         traj_fine = traj
     assert traj_fine is not None
@@ -120,7 +114,7 @@ def test_adjoint_convergence_order_nonlinear(method, order, ns):
     errors = []
     for n in ns:
         traj = ode.solve_forward(pendulum_f, y0, T, T / n, rtol=1e-13, atol=1e-13)
-        errors.append(rel_err(ode.solve_adjoint(pendulum_vjp, traj, lam_T, method=method), reference))
+        errors.append(rel(ode.solve_adjoint(pendulum_vjp, traj, lam_T, method=method), reference))
     assert abs(observed_order(errors, ns) - order) < 0.3, errors
 
 
@@ -154,7 +148,7 @@ def test_linear_system_gradient_matches_matrix_exponential(method):
     lam_T = traj.states[-1] - target
     lam0 = ode.solve_adjoint(lambda t, y, v: A.T @ v, traj, lam_T, method=method)
     exact = expm.T @ (expm @ y0 - target)
-    assert rel_err(lam0, exact) < (1e-5 if method == "heun" else 1e-10)
+    assert rel(lam0, exact) < (1e-5 if method == "heun" else 1e-10)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -201,7 +195,7 @@ def test_discrete_adjoint_equals_autograd_through_euler():
         z = z + h * f(j * h, z)
     torch.testing.assert_close(traj.states[-1], z.detach(), rtol=1e-14, atol=1e-14)
     (auto,) = torch.autograd.grad((c * torch.sin(z)).sum(), y)
-    assert rel_err(ours, auto) < 1e-12
+    assert rel(ours, auto) < 1e-12
 
 
 # ---- DOPRI5 against torchdiffeq -------------------------------------------------------------

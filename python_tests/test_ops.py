@@ -7,7 +7,7 @@ import torch
 import amaml_ext
 from amaml_ext import ops, reference
 
-from conftest import DEVICES
+from helpers import DEVICES
 
 SHAPES = [(1000,), (3, 4099), (2, 70001)]  # [d] and [B, d]; odd sizes leave vector tails
 DTYPES = [torch.float32, torch.float64]
@@ -31,16 +31,32 @@ def stages(n, shape, dtype, device, noncontig=False):
     return [rand(shape, dtype, device, noncontig) for _ in range(n)]
 
 
+def sample_inputs(op, shape, dtype, device, noncontig=False, count=7):
+    """Random inputs of the fused op ``op`` in the order amaml_ext.ops and amaml_ext.reference
+    share, outputs left out: the one builder behind the comparisons with the reference and
+    opcheck. ``count``: stage_combine's number of stages (the DOPRI5 ops take 7)."""
+    y = rand(shape, dtype, device, noncontig)
+    if op == "stage_combine":
+        coeffs = torch.randn(count, dtype=torch.float64).tolist()
+        return y, stages(count, shape, dtype, device, noncontig), coeffs, 0.37
+    if op == "dopri5_finish":
+        return y, stages(7, shape, dtype, device, noncontig), 0.013, 1e-3, 1e-4
+    if op == "dopri5_dense":
+        y1, ks = rand(shape, dtype, device, noncontig), stages(7, shape, dtype, device, noncontig)
+        return y, y1, ks, 0.05, torch.rand(3, dtype=torch.float64).tolist() + [1.0]
+    if op == "heun_update":
+        a, b = stages(2, shape, dtype, device, noncontig)
+        return y, a, b, 0.01
+    raise ValueError(f"no sample inputs for op {op!r}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("noncontig", [False, True])
 @pytest.mark.parametrize("count", [1, 4, 7])
 def test_stage_combine_matches_reference(device, dtype, shape, noncontig, count):
-    y = rand(shape, dtype, device, noncontig)
-    ks = stages(count, shape, dtype, device, noncontig)
-    coeffs = torch.randn(count, dtype=torch.float64).tolist()
-    h = 0.37
+    y, ks, coeffs, h = sample_inputs("stage_combine", shape, dtype, device, noncontig, count)
     out = torch.full(shape, float("nan"), dtype=dtype, device=device)
     if noncontig:
         out = torch.full((*shape[:-1], 2 * shape[-1]), float("nan"), dtype=dtype, device=device)[..., ::2]
@@ -63,11 +79,10 @@ def test_stage_combine_in_place(device, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("noncontig", [False, True])
 def test_dopri5_finish_matches_reference(device, dtype, shape, noncontig):
-    y0 = rand(shape, dtype, device, noncontig)
-    ks = stages(7, shape, dtype, device, noncontig)
-    h, rtol, atol = 0.013, 1e-3, 1e-4
-    y1, err, norm = ops.dopri5_finish(y0, ks, h, rtol, atol)
-    ry1, rerr, rnorm = reference.dopri5_finish(y0, ks, h, rtol, atol)
+    args = sample_inputs("dopri5_finish", shape, dtype, device, noncontig)
+    y0 = args[0]
+    y1, err, norm = ops.dopri5_finish(*args)
+    ry1, rerr, rnorm = reference.dopri5_finish(*args)
     torch.testing.assert_close(y1, ry1, **tol(dtype))
     torch.testing.assert_close(err, rerr, **tol(dtype))
     torch.testing.assert_close(norm, rnorm, **tol(dtype))
@@ -92,16 +107,13 @@ def test_dopri5_finish_y1_is_bitwise_the_seventh_stage_point(device, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("noncontig", [False, True])
 def test_dopri5_dense_matches_reference(device, dtype, shape, noncontig):
-    y0 = rand(shape, dtype, device, noncontig)
-    y1 = rand(shape, dtype, device, noncontig)
-    ks = stages(7, shape, dtype, device, noncontig)
-    thetas = torch.rand(3, dtype=torch.float64).tolist() + [1.0]
+    y0, y1, ks, h, thetas = sample_inputs("dopri5_dense", shape, dtype, device, noncontig)
     traj = torch.full((len(thetas) + 3, *shape), float("nan"), dtype=dtype, device=device)
     if noncontig:
         traj = traj.transpose(0, -1).contiguous().transpose(0, -1)  # same values, strided
         assert not traj.is_contiguous()
-    ops.dopri5_dense(y0, y1, ks, 0.05, thetas, traj, first_row=2)
-    expect = reference.dopri5_dense(y0, y1, ks, 0.05, thetas)
+    ops.dopri5_dense(y0, y1, ks, h, thetas, traj, first_row=2)
+    expect = reference.dopri5_dense(y0, y1, ks, h, thetas)
     torch.testing.assert_close(traj[2:2 + len(thetas)], expect, **tol(dtype))
     assert torch.equal(traj[2 + len(thetas) - 1], y1)  # theta = 1 is y1 exactly
     assert torch.isnan(traj[:2]).all() and torch.isnan(traj[-1]).all()  # other rows untouched
@@ -124,10 +136,10 @@ def test_dopri5_dense_many_rows(device):
 @pytest.mark.parametrize("noncontig", [False, True])
 @pytest.mark.parametrize("corrector", [False, True])
 def test_heun_update_matches_reference(device, dtype, shape, noncontig, corrector):
-    lam, a, b = (rand(shape, dtype, device, noncontig) for _ in range(3))
+    lam, a, b, h = sample_inputs("heun_update", shape, dtype, device, noncontig)
     b = b if corrector else None
-    out = ops.heun_update(lam, a, b, 0.01)
-    torch.testing.assert_close(out, reference.heun_update(lam, a, b, 0.01), **tol(dtype))
+    out = ops.heun_update(lam, a, b, h)
+    torch.testing.assert_close(out, reference.heun_update(lam, a, b, h), **tol(dtype))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -141,13 +153,18 @@ def test_heun_update_in_place(device):
 # ---- opcheck: schema, fake implementations, autograd registration, aot dispatch ----------
 
 def _opcheck_samples(device):
-    y = torch.randn(3, 257, device=device, dtype=torch.float64)
-    ks = [torch.randn_like(y) for _ in range(7)]
-    yield "stage_combine", (y, ks[:3], [0.1, 0.2, 0.3], 0.5, torch.empty_like(y))
-    yield "dopri5_finish", (y, ks, 0.1, 1e-6, 1e-8, torch.empty_like(y), torch.empty_like(y), y.new_empty(3))
-    yield "dopri5_dense", (y, torch.randn_like(y), ks, 0.1, [0.5, 1.0], 1, torch.empty(4, *y.shape, dtype=y.dtype, device=device))
-    yield "heun_update", (y, ks[0], ks[1], 0.1, torch.empty_like(y))
-    yield "heun_update", (y[0], ks[0][0], None, 0.1, torch.empty_like(y[0]))
+    """(op name, the raw op's arguments: sample inputs and outputs)."""
+    shape, f64 = (3, 257), torch.float64
+    y, ks, coeffs, h = sample_inputs("stage_combine", shape, f64, device, count=3)
+    yield "stage_combine", (y, ks, coeffs, h, torch.empty_like(y))
+    y0, ks, h, rtol, atol = sample_inputs("dopri5_finish", shape, f64, device)
+    yield "dopri5_finish", (y0, ks, h, rtol, atol, torch.empty_like(y0), torch.empty_like(y0), y0.new_empty(3))
+    y0, y1, ks, h, thetas = sample_inputs("dopri5_dense", shape, f64, device)
+    yield "dopri5_dense", (y0, y1, ks, h, thetas, 1, torch.empty(len(thetas) + 2, *shape, dtype=f64, device=device))
+    lam, a, b, h = sample_inputs("heun_update", shape, f64, device)
+    yield "heun_update", (lam, a, b, h, torch.empty_like(lam))
+    lam, a, _, h = sample_inputs("heun_update", shape[-1:], f64, device)
+    yield "heun_update", (lam, a, None, h, torch.empty_like(lam))
 
 
 @pytest.mark.parametrize("device", DEVICES)

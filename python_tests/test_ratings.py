@@ -38,20 +38,26 @@ ML = _ml_ratings()
 ML_KEPT_USERS = [1, 3] + list(range(4, 14))
 
 
-def _write_ml100k(root, ratings=ML):
-    d = root / "ml-100k"
+def _dataset_dir(root, name):
+    d = root / name
     d.mkdir(parents=True, exist_ok=True)
-    lines = [f"{u}\t{i}\t{r}\t{881250949 + n}" for n, ((u, i), r) in enumerate(ratings.items())]
-    (d / "u.data").write_text("\n".join(lines) + "\n")
-    return d / "u.data"
+    return d
+
+
+def _write_movielens(root, name, file, sep, first_time, ratings):
+    """``ratings`` as lines ``user sep item sep rating sep timestamp`` in ``root/name/file``."""
+    path = _dataset_dir(root, name) / file
+    lines = [sep.join(str(v) for v in (u, i, r, first_time + n)) for n, ((u, i), r) in enumerate(ratings.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _write_ml100k(root, ratings=ML):
+    return _write_movielens(root, "ml-100k", "u.data", "\t", 881250949, ratings)
 
 
 def _write_ml1m(root, ratings=ML):
-    d = root / "ml-1m"
-    d.mkdir(parents=True, exist_ok=True)
-    lines = [f"{u}::{i}::{r}::{978300760 + n}" for n, ((u, i), r) in enumerate(ratings.items())]
-    (d / "ratings.dat").write_text("\n".join(lines) + "\n")
-    return d / "ratings.dat"
+    return _write_movielens(root, "ml-1m", "ratings.dat", "::", 978300760, ratings)
 
 
 def _jester_matrix(n_users=12, seed=0):
@@ -78,15 +84,13 @@ def _jester_csv_text(rows):
 
 
 def _write_jester_csv(root, rows=None):
-    d = root / "jester"
-    d.mkdir(parents=True, exist_ok=True)
+    d = _dataset_dir(root, "jester")
     (d / "jester-data-1.csv").write_text(_jester_csv_text(_jester_rows() if rows is None else rows))
     return d / "jester-data-1.csv"
 
 
 def _write_jester_zip(root, rows=None, member="jester-data-1.csv"):
-    d = root / "jester"
-    d.mkdir(parents=True, exist_ok=True)
+    d = _dataset_dir(root, "jester")
     with zipfile.ZipFile(d / "jester-data-1.zip", "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr(member, _jester_csv_text(_jester_rows() if rows is None else rows))
     return d / "jester-data-1.zip"
@@ -102,8 +106,7 @@ def _write_jester_xls(root, rows=None):
         for j, v in enumerate(row):
             b += rec(0x0003, struct.pack("<HH3sd", i, j, b"\0\0\0", float(v)))
     b += rec(0x000A, b"")
-    d = root / "jester"
-    d.mkdir(parents=True, exist_ok=True)
+    d = _dataset_dir(root, "jester")
     (d / "jester-data-1.xls").write_bytes(b)
     return d / "jester-data-1.xls"
 
@@ -168,21 +171,30 @@ def _check_pool(pool, ratings, to_item, scale, shots, val):
             assert y.squeeze(1).tolist() == want
 
 
+def _check_pools(ds, setting, seed, eligible, ratings, to_item, scale):
+    """``ds.pools(setting)`` (query: ``val`` ratings) splits the eligible users into disjoint train
+    and test pools, each holding its users' ratings (checked by _check_pool). Returns the pools."""
+    shots, val = RATING_SETTINGS[setting]
+    train, test = ds.pools(setting, seed=seed, test_query="val")
+    assert not set(train.users.tolist()) & set(test.users.tolist())
+    assert sorted(train.users.tolist() + test.users.tolist()) == eligible
+    for pool in (train, test):
+        _check_pool(pool, ratings, to_item, scale, shots, val)
+    return train, test
+
+
 @pytest.mark.parametrize("setting", list(RATING_SETTINGS))
 def test_movielens_pools(tmp_path, setting):
     _write_ml100k(tmp_path)
     ds = MovieLens100K(tmp_path, num_test=3)
     shots, val = RATING_SETTINGS[setting]
-    train, test = ds.pools(setting, seed=0, test_query="val")
     # user 3 (20 ratings) is never used; user 1 (30) only when shots + val <= 30
     eligible = ([1] if shots + val <= 30 else []) + list(range(4, 14))
     assert ds.eligible_users(setting).tolist() == eligible
+    train, test = _check_pools(ds, setting, 0, eligible, ML, lambda j: int(ds.items[j]), lambda r: (r - 3) / 2)
     assert len(test) == 3 and len(train) == len(eligible) - 3
-    assert not set(train.users.tolist()) & set(test.users.tolist())
-    assert sorted(train.users.tolist() + test.users.tolist()) == eligible
     for pool in (train, test):
         assert (pool.shots, pool.val, pool.setting) == (shots, val, setting)
-        _check_pool(pool, ML, lambda j: int(ds.items[j]), lambda r: (r - 3) / 2, shots, val)
 
 
 def test_same_seed_same_pools(tmp_path):
@@ -250,13 +262,10 @@ def test_jester_pools(tmp_path, setting):
     _write_jester_zip(tmp_path)
     ds = Jester(tmp_path, num_test=4)
     shots, val = RATING_SETTINGS[setting]
-    train, test = ds.pools(setting, seed=1, test_query="val")
     eligible = [u for u in range(1, 13) if (JM[u - 1] != 99).sum() >= shots + val]
-    assert sorted(train.users.tolist() + test.users.tolist()) == eligible
-    assert len(test) == 4 and not set(train.users.tolist()) & set(test.users.tolist())
     ratings = {(u + 1, j + 1): JM[u, j] for u, j in zip(*np.nonzero(JM != 99))}
-    for pool in (train, test):
-        _check_pool(pool, ratings, lambda j: j + 1, lambda r: r / 10, shots, val)
+    _, test = _check_pools(ds, setting, 1, eligible, ratings, lambda j: j + 1, lambda r: r / 10)
+    assert len(test) == 4
 
 
 # --------------------------------------------------------------------------------------------

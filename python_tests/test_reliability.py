@@ -16,7 +16,7 @@ from torch.nn import functional as F
 import amaml_ext
 from amaml_ext import adjoint_meta_grad, flatten_params, learners, tasks, train, unflatten_params
 
-F64 = torch.float64
+from helpers import F64, mlp, rel, stack_tasks
 
 
 def data(seed, n=12):
@@ -50,15 +50,10 @@ def unrolled(model, loss, theta, support, query, steps, lr):
     return grad
 
 
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
 class Scaled(nn.Module):
     def __init__(self):
         super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+        self.net = mlp(width=8, depth=1)
         self.register_buffer("scale", torch.tensor(1.0, dtype=F64))
 
     def forward(self, x):
@@ -98,8 +93,7 @@ def test_batchnorm_eval_running_stats_updated_between_calls():
 
 
 def test_frozen_parameters_are_constants():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    m = mlp(width=8, depth=1)
     m[0].weight.requires_grad_(False)
     theta = flatten_params(m)
     assert theta.numel() == 8 + 8 + 1                           # bias of layer 0 and layer 2
@@ -113,7 +107,7 @@ def test_frozen_parameters_are_constants():
     r2 = adjoint_meta_grad(m, F.mse_loss, theta, 0.5, support=s, query=q, **EXACT)
     assert rel(r2.grad, unrolled(m, F.mse_loss, theta, s, q, 5, 0.1)) < 1e-10
     # every learner follows the same rule
-    xs, ys = torch.stack([data(i)[0] for i in range(3)]), torch.stack([data(i)[1] for i in range(3)])
+    xs, ys = stack_tasks(data(i) for i in range(3))
     batch = tasks.TaskBatch((xs, ys), (xs, ys))
     for name in ("maml", "fomaml", "reptile", "imaml", "amaml"):
         step = learners.make_learner(name, m, F.mse_loss, inner_steps=3, maml_steps=3, inner_lr=0.1).meta_grad(theta, batch)
@@ -124,8 +118,7 @@ def test_frozen_parameters_are_constants():
 
 
 def test_loss_must_be_a_scalar_and_sets_non_empty():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    m = mlp(width=4, depth=1)
     theta = flatten_params(m)
     s, q = data(0), data(1)
     per_sample = lambda p, y: F.mse_loss(p, y, reduction="none")  # noqa: E731
@@ -155,8 +148,7 @@ def test_dropout_in_training_mode_warns_naming_the_module():
 
 
 def test_diverging_inner_run_stops_with_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+    m = mlp(width=8, depth=1, dtype=None)
     pool = tasks.CosMixture(10, 10).pool(4, seed=0)
     learner = learners.make_learner("maml", m, F.mse_loss, maml_steps=3, inner_lr=1e6)
     with pytest.raises(FloatingPointError, match="meta-step 1 .*not finite.*0 meta-steps before it"):
@@ -193,8 +185,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
 
 
 def test_checkpoint_by_time(tmp_path):
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+    m = mlp(width=8, depth=1, dtype=None)
     pool = tasks.CosMixture(10, 10).pool(4, seed=0)
     learner = learners.make_learner("fomaml", m, F.mse_loss, inner_steps=2)
 
@@ -284,7 +275,7 @@ def test_checkpoint_missing_keys_or_wrong_size(tmp_path):
 def test_unwritable_run_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    m = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
+    m = mlp(seed=None, width=4, depth=1, dtype=None)
     learner = learners.make_learner("fomaml", m, F.mse_loss, inner_steps=2)
     with pytest.raises(ValueError, match="argument 'out_dir': cannot write"):
         train.meta_train(learner, tasks.CosMixture(10, 10).pool(4, seed=0), meta_steps=1,
@@ -292,8 +283,7 @@ def test_unwritable_run_directory(tmp_path):
 
 
 def test_solver_option_and_model_errors():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    m = mlp(width=4, depth=1)
     theta = flatten_params(m)
     s, q = data(0), data(1)
     for kw, match in ((dict(rtol=0.0), "rtol"), (dict(atol=-1e-8), "atol"), (dict(rtol=5.0), "rtol"),
@@ -305,9 +295,8 @@ def test_solver_option_and_model_errors():
 
 
 def test_float32_per_task_horizons_accepted():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).double()
-    xs, ys = torch.stack([data(i)[0] for i in range(3)]), torch.stack([data(i)[1] for i in range(3)])
+    m = mlp(width=4, depth=1)
+    xs, ys = stack_tasks(data(i) for i in range(3))
     kw = dict(support=(xs, ys), query=(xs, ys), batched=True, h=0.1, solver="euler", adjoint="discrete")
     T32 = torch.tensor([0.3, 0.7, 1.1], dtype=torch.float32)
     a = adjoint_meta_grad(m, F.mse_loss, flatten_params(m), T32, **kw)
@@ -326,8 +315,7 @@ def test_import_warns_when_built_against_another_torch(monkeypatch):
 
 def test_meta_train_without_out_dir_and_learners_doc_example():
     import doctest
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
+    m = mlp(width=4, depth=1, dtype=None)
     learner = learners.make_learner("fomaml", m, F.mse_loss, inner_steps=2)
     pool = tasks.CosMixture(10, 10).pool(4, seed=0)
     a = train.meta_train(learner, pool, meta_steps=2, meta_batch=2, progress=False)
@@ -352,13 +340,12 @@ def test_help_shows_defaults_and_evaluate_plots(tmp_path, capsys):
 
 
 def test_anil_adapts_only_the_head():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    m = mlp(width=6, depth=1)
     theta = flatten_params(m)
     mask = learners.head_mask(m)
     assert mask.tolist() == [0.0] * 18 + [1.0] * 7                 # "2.weight", "2.bias"
-    xs, ys = torch.stack([data(i)[0] for i in range(2)]), torch.stack([data(i)[1] for i in range(2)])
-    xq, yq = torch.stack([data(i + 5)[0] for i in range(2)]), torch.stack([data(i + 5)[1] for i in range(2)])
+    xs, ys = stack_tasks(data(i) for i in range(2))
+    xq, yq = stack_tasks(data(i + 5) for i in range(2))
     step = learners.make_learner("anil", m, F.mse_loss, maml_steps=3, inner_lr=0.1).meta_grad(
         theta, tasks.TaskBatch((xs, ys), (xq, yq)))
     # reference: per task, autograd through 3 head-only GD steps (body constant inside, but in the graph)
@@ -388,8 +375,7 @@ def test_anil_through_the_command(tmp_path):
 
 
 def test_batched_flag_with_unbatched_data_says_so():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    m = mlp(width=4, depth=1)
     s, q = data(0), data(1)
     with pytest.raises(ValueError, match="is the data batched"):
         adjoint_meta_grad(m, F.mse_loss, flatten_params(m), 0.5, support=s, query=q, batched=True)
