@@ -328,6 +328,13 @@ class TaskFunctions:
                 self.linearisations += 1  # each forward-over-reverse HVP linearises anew
                 self._grad_key, self._grad_at_key = key, out[0]
                 return out[1]
+        leaf, g = self.linearise(u, key)
+        (hv,) = torch.autograd.grad(g, leaf, v, retain_graph=True)
+        return hv
+
+    def linearise(self, u: torch.Tensor, key=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The training-loss gradient at ``u`` with its graph, ``(leaf, g)``, kept for the next
+        calls with the same ``key`` (a new key, or None, builds it anew)."""
         if key is None or key != self._lin_key or self._lin is None:
             self.linearisations += 1
             with torch.enable_grad(), second_order():
@@ -335,9 +342,17 @@ class TaskFunctions:
                 (g,) = torch.autograd.grad(self.losses(leaf, self.support).sum(), leaf, create_graph=True)
             self._lin, self._lin_key = (leaf, g), key
             self._grad_key, self._grad_at_key = key, g.detach()
-        leaf, g = self._lin
-        (hv,) = torch.autograd.grad(g, leaf, v, retain_graph=True)
-        return hv
+        return self._lin
+
+    def param_vjp(self, w: torch.Tensor, params: Sequence[torch.Tensor], key) -> Tuple[torch.Tensor, ...]:
+        """``d (grad L(u) . w) / d params`` at the state linearised last with ``key``: the
+        training loss's dependence on tensors of its closure (``adjoint_params``). One backward
+        pass through the kept linearisation, like an HVP; zeros for a tensor it does not use."""
+        if key is None or key != self._lin_key or self._lin is None:
+            raise RuntimeError(f"TaskFunctions.param_vjp: no linearisation kept for key {key!r}")
+        _, g = self._lin
+        grads = torch.autograd.grad(g, list(params), w, retain_graph=True, allow_unused=True)
+        return tuple(torch.zeros_like(p) if d is None else d for p, d in zip(params, grads))
 
     def release(self) -> None:
         """Drop the cached linearisation (its graph holds activations)."""

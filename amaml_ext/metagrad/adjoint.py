@@ -21,8 +21,9 @@ from .. import accuracy
 from ..accuracy import AdjointAccuracyError, AdjointAccuracyWarning
 from ..functional import TaskFunctions
 from .checks import check_call, check_solver_options
-from .passes import Forward, accuracy_stats, backward, explain_forward_failure, warn_if_dopri5_collapsed
-from .plan import MEMORY_MODES, Plan, make_plan
+from .flow import FlowSolve
+from .passes import Forward, accuracy_stats
+from .plan import MEMORY_MODES, Plan
 
 
 @dataclass
@@ -108,27 +109,19 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
                                      memory=memory, batched=batched, compile=compile, strict=strict, refine=refine,
                                      error_estimate=error_estimate, error_tol=error_tol, memory_modes=MEMORY_MODES)
     check_solver_options(rtol, atol, max_steps, memory_budget)
-    u0 = theta.detach().expand(batch, d).contiguous() if batched else theta.detach().clone()
-    plan = make_plan(u0, T, h, batched=batched, batch=batch, memory=memory, memory_budget=memory_budget,
-                     max_steps=max_steps)
     estimate = error_estimate if error_estimate is not False and adjoint != "discrete" else False
     fns = TaskFunctions(model, loss, support, query, batched, compile=compile)
-
-    fwd = Forward(fns, plan, solver, rtol, atol)
-    try:
-        y = fwd.run(u0)
-    except ValueError as e:
-        raise explain_forward_failure(e, rtol, atol, plan.h) from None
-    if solver == "dopri5":
-        warn_if_dopri5_collapsed(fwd.stats, plan.n, plan.h, rtol, atol)
-    u_T = y.reshape(plan.shape).clone()
+    flow = FlowSolve(fns, theta, T, h=h, solver=solver, adjoint=adjoint, rtol=rtol, atol=atol, memory=memory,
+                     batched=batched, batch=batch, memory_budget=memory_budget, max_steps=max_steps)
+    plan, fwd = flow.plan, flow.fwd
+    u_T = flow.forward()
     val_loss, lam_T = fns.value_and_grad_val(u_T)
     if not bool(torch.isfinite(val_loss).all()) or not bool(torch.isfinite(lam_T).all()):
         raise ValueError(f"adjoint_meta_grad: the validation loss at u(T) (t={plan.T}, step {plan.n}) is "
                          f"non-finite: {val_loss.tolist()}")
     try:
-        out = backward(fns, fwd, lam_T.reshape(plan.rows, -1).contiguous(), u_T, adjoint, estimate)
-        checks = accuracy_stats(fns, out, u0, u_T, plan, adjoint, error_tol) if estimate else {}
+        out = flow.backward(lam_T, estimate=estimate)
+        checks = accuracy_stats(fns, out, flow.u0, u_T, plan, adjoint, error_tol) if estimate else {}
     finally:
         fns.release()
 

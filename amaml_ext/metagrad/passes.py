@@ -4,7 +4,7 @@ from), and the adjoint solve backward over them. The compiled core is reached th
 :mod:`amaml_ext.ode` only."""
 
 import warnings
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -13,18 +13,25 @@ from ..functional import TaskFunctions
 from .plan import Plan, segments
 
 
-def flow_rhs(fns: TaskFunctions, mask: Optional[torch.Tensor]):
-    """``f(t, u) = -grad L(u)`` (frozen tasks: 0)."""
+def flow_rhs(fns: TaskFunctions, mask: Optional[torch.Tensor], lr: Optional[torch.Tensor] = None):
+    """``f(t, u) = -lr * grad L(u)`` (``lr`` None: 1; frozen tasks: 0)."""
     def f(t: float, u: torch.Tensor) -> torch.Tensor:
         g = fns.grad(u).neg_()
+        if lr is not None:
+            g = g.mul_(lr)
         return g if mask is None else g.mul_(mask)
     return f
 
 
-def adjoint_rhs(fns: TaskFunctions, mask: Optional[torch.Tensor]):
-    """``vjp(t, u, v) = -H(u) v``, one linearisation per grid time (frozen tasks: 0)."""
+def adjoint_rhs(fns: TaskFunctions, mask: Optional[torch.Tensor], lr: Optional[torch.Tensor] = None,
+                on_vjp: Optional[Callable] = None):
+    """``vjp(t, u, v) = (df/du)^T v = -H(u) (lr * v)``, one linearisation per grid time (frozen
+    tasks: 0). ``on_vjp(t, u, v)``, if given, is called after each, with the linearisation at
+    ``u`` kept (the exact sums of the discrete adjoint's parameter gradients)."""
     def vjp(t: float, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        hv = fns.hvp(u, v, key=t).neg_()
+        hv = fns.hvp(u, v if lr is None else v * lr, key=t).neg_()
+        if on_vjp is not None:
+            on_vjp(t, u, v)
         return hv if mask is None else hv.mul_(mask)
     return vjp
 
@@ -34,8 +41,10 @@ class Forward:
     hands the backward the grid states ``c..e`` (stored, replayed from a dopri5 log, or
     recomputed from a fixed-step checkpoint), top segment first."""
 
-    def __init__(self, fns: TaskFunctions, plan: Plan, solver: str, rtol: float, atol: float):
-        self.fns, self.plan, self.solver, self.rtol, self.atol = fns, plan, solver, rtol, atol
+    def __init__(self, fns: TaskFunctions, plan: Plan, solver: str, rtol: float, atol: float,
+                 lr: Optional[torch.Tensor] = None):
+        self.fns, self.plan, self.solver, self.rtol, self.atol, self.lr = fns, plan, solver, rtol, atol, lr
+        self.reusable = False    # True: rows() keeps the stored states for another backward pass
         self.kept: Dict = {}     # store: (c, e) -> states; fixed-step checkpoint: row -> state
         self.logs: Dict = {}     # dopri5 checkpoint: (a, b) -> step log
         self.stats = {"function_evals": 0, "accepted_steps": 0, "rejected_steps": 0}
@@ -43,7 +52,7 @@ class Forward:
 
     def _solve(self, mask, y, c, e):
         p = self.plan
-        return ode.forward_rows(flow_rhs(self.fns, mask), y, p.shape, p.times[c:e + 1], self.solver, self.rtol,
+        return ode.forward_rows(flow_rhs(self.fns, mask, self.lr), y, p.shape, p.times[c:e + 1], self.solver, self.rtol,
                                 self.atol, p.max_steps)
 
     def _count(self, st) -> None:
@@ -59,7 +68,7 @@ class Forward:
         with torch.no_grad():
             for a, b, mask in p.phases:
                 if p.memory == "checkpoint" and self.solver == "dopri5":
-                    y, st, self.logs[(a, b)] = ode.dopri5_logged(flow_rhs(self.fns, mask), y, p.shape,
+                    y, st, self.logs[(a, b)] = ode.dopri5_logged(flow_rhs(self.fns, mask, self.lr), y, p.shape,
                                                                  p.times[a:b + 1], self.rtol, self.atol,
                                                                  p.max_steps, p.m)
                     self._count(st)
@@ -85,10 +94,10 @@ class Forward:
 
     def rows(self, phase, c: int, e: int) -> torch.Tensor:
         a, b, mask = phase
-        if self.plan.memory == "store":
-            return self.kept.pop((c, e))
+        if self.plan.memory == "store":    # handed over (freed as the adjoint goes) unless reusable
+            return self.kept[(c, e)] if self.reusable else self.kept.pop((c, e))
         if self.solver == "dopri5":
-            return ode.dopri5_replay_rows(flow_rhs(self.fns, mask), self.logs[(a, b)], self.plan.shape, c - a, e - a)
+            return ode.dopri5_replay_rows(flow_rhs(self.fns, mask, self.lr), self.logs[(a, b)], self.plan.shape, c - a, e - a)
         return self._solve(mask, self.kept[c], c, e)[0]
 
 
@@ -115,30 +124,60 @@ def warn_if_dopri5_collapsed(stats, n: int, h: float, rtol: float, atol: float) 
 
 
 def backward(fns: TaskFunctions, fwd: Forward, lam: torch.Tensor, u_T: torch.Tensor, adjoint: str,
-             error_estimate) -> Dict:
+             error_estimate, sens=None) -> Dict:
     """The adjoint from ``lam = lam(T)`` (``[rows, d]``) down to t = 0 over the forward's states:
-    ``{"lam", "steps", "coarse", "monitor"}`` (the last two with the error estimate on)."""
-    p = fwd.plan
+    ``{"lam", "steps", "coarse", "monitor"}`` (the last two with the error estimate on).
+    ``sens`` (a :class:`~amaml_ext.metagrad.flow.Sensitivities`) collects the gradients of the
+    step sizes and of ``adjoint_params`` along the way."""
+    p, lr = fwd.plan, fwd.lr
     coarse = monitor = None
+    grad_T = None
+    if sens is not None:         # linearises at u(T): its gradient comes with it
+        key = float(p.times[-1])
+        sens.top(lam, u_T, key, p.phases[-1][2])
+        grad_T = fns.grad_at(key).reshape(p.rows, -1)
+    elif error_estimate:
+        grad_T = fns.grad(u_T).reshape(p.rows, -1)
     if error_estimate:
         coarse = lam.clone() if error_estimate == "richardson" else None
-        monitor = accuracy.ErrorMonitor(fns.grad_at)
+        monitor = accuracy.ErrorMonitor(fns.grad_at if lr is None else lambda t: _scaled(fns.grad_at(t), lr))
         monitor.mask = p.phases[-1][2]
         with torch.no_grad():
-            monitor.add(lam, fns.grad(u_T).reshape(p.rows, -1))
+            monitor.add(lam, grad_T if lr is None else grad_T * lr)
+    nodes = [h for h in (monitor and monitor.node, sens and sens.node) if h]
     steps = 0
     with torch.no_grad():
         for phase in reversed(p.phases):
             a, b, mask = phase
             if monitor is not None:
                 monitor.set_mask(mask, lam, float(p.times[b]))
+            if sens is not None:
+                sens.mask = mask
+            rhs = adjoint_rhs(fns, mask, lr, sens.vjp if sens is not None and adjoint == "discrete" else None)
             for c, e in fwd.pieces(a, b):
                 seg = fwd.rows(phase, c, e)
-                lam, st, coarse = ode.adjoint_rows(adjoint_rhs(fns, mask), seg, p.shape, p.times[c:e + 1], lam,
-                                                   adjoint, coarse, c, None if monitor is None else monitor.node)
+                lam, st, coarse = ode.adjoint_rows(rhs, seg, p.shape, p.times[c:e + 1], lam, adjoint, coarse, c,
+                                                   _each(nodes))
                 steps += st["steps"]
                 del seg
-    return {"lam": lam, "steps": steps, "coarse": coarse, "monitor": monitor}
+    return {"lam": lam, "steps": steps, "coarse": coarse, "monitor": monitor, "grad_T": grad_T}
+
+
+def _scaled(g: Optional[torch.Tensor], lr: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if g is None else g * lr
+
+
+def _each(hooks):
+    """One node callback calling each of ``hooks`` (None when there are none)."""
+    if not hooks:
+        return None
+    if len(hooks) == 1:
+        return hooks[0]
+
+    def node(t: float, lam: torch.Tensor) -> None:
+        for hook in hooks:
+            hook(t, lam)
+    return node
 
 
 def accuracy_stats(fns: TaskFunctions, out: Dict, u0, u_T, plan: Plan, adjoint: str, tol: float) -> Dict:

@@ -1,0 +1,180 @@
+"""``gradient_flow``: the adapted parameters ``u(T)`` as a tensor in the autograd graph, whose
+backward is the adjoint over the stored trajectory (:mod:`.flow`)."""
+
+import numbers
+import warnings
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .. import accuracy
+from ..accuracy import AdjointAccuracyError, AdjointAccuracyWarning
+from ..functional import LossFn, TaskFunctions
+from .checks import check_call, check_solver_options
+from .flow import FlowSolve
+from .passes import accuracy_stats
+from .plan import MEMORY_MODES
+
+
+def _check_lr(lr, theta: torch.Tensor) -> Optional[torch.Tensor]:
+    """``lr`` as a detached tensor (0-dim or ``[d]``) on theta's device and dtype, or None."""
+    if lr is None:
+        return None
+    if isinstance(lr, numbers.Real) and not isinstance(lr, bool):
+        lr = torch.tensor(float(lr))
+    if not isinstance(lr, torch.Tensor):
+        raise TypeError(f"argument 'lr' must be None, a positive number or a tensor (0-dim or [d]), "
+                        f"got {type(lr).__name__}")
+    d = theta.numel()
+    if lr.dim() != 0 and tuple(lr.shape) != (d,):
+        raise ValueError(f"argument 'lr' must be a scalar or have theta's shape [{d}] (one step size per "
+                         f"parameter), got shape {tuple(lr.shape)}")
+    value = lr.detach().to(device=theta.device, dtype=theta.dtype)
+    bad = ~torch.isfinite(value) | (value <= 0)
+    if bool(bad.any()):
+        first = int(bad.reshape(-1).nonzero()[0])
+        raise ValueError(f"argument 'lr' must be finite and > 0 everywhere (it scales the gradient of the "
+                         f"training loss), got {value.reshape(-1)[first].item()!r} at index {first}")
+    return value
+
+
+def _check_extras(T, theta: torch.Tensor, adjoint_params, adjoint: str, compile: bool):
+    """``adjoint_params`` as a tuple; a differentiable T refused where it has no derivative."""
+    if isinstance(adjoint_params, torch.Tensor):
+        adjoint_params = (adjoint_params,)
+    try:
+        params = tuple(adjoint_params)
+    except TypeError:
+        raise TypeError(f"argument 'adjoint_params' must be a sequence of tensors, got "
+                        f"{type(adjoint_params).__name__}") from None
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor) or not p.requires_grad:
+            got = type(p).__name__ if not isinstance(p, torch.Tensor) else "a tensor with requires_grad=False"
+            raise ValueError(f"argument 'adjoint_params' must hold tensors that require grad (the training "
+                             f"loss's closure uses them), got {got} at position {i}")
+    if params and compile:
+        raise ValueError("argument 'compile' must be False with adjoint_params: their gradients are taken "
+                         "through the eager linearisation, which the compiled callbacks do not keep")
+    if isinstance(T, torch.Tensor) and T.requires_grad:
+        if adjoint == "discrete":
+            raise ValueError("argument 'T' requires grad, but adjoint='discrete' (exact mode) differentiates "
+                             "K = T / h GD steps, whose number has no derivative; use a continuous adjoint "
+                             "('heun' or 'rk4') to learn T")
+        if not T.is_floating_point():
+            raise TypeError(f"argument 'T' must be a floating-point tensor to require grad, got {T.dtype}")
+    return params
+
+
+class _Flow(torch.autograd.Function):
+    """Inputs ``(job, theta, lr, T, *params)``; output ``u(T)``."""
+
+    @staticmethod
+    def forward(ctx, job: Dict[str, Any], theta, lr, T, *params):
+        ctx.job = job
+        u_T = job["flow"].forward()
+        if job["stats"] is not None:
+            job["stats"].update(grid_steps=job["flow"].plan.n, **job["flow"].fwd.stats)
+        return u_T
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_u):
+        job, flow = ctx.job, ctx.job["flow"]
+        _, want_theta, want_lr, want_T, *want_params = ctx.needs_input_grad
+        params = [p for p, w in zip(job["params"], want_params) if w]
+        fns = flow.fns
+        try:
+            out = flow.backward(grad_u.contiguous(), estimate=job["estimate"], want_lr=want_lr, params=params,
+                                want_T=want_T)
+            checks = (accuracy_stats(fns, out, flow.u0, flow.u_T, flow.plan, flow.adjoint, job["error_tol"])
+                      if job["estimate"] else {})
+        finally:
+            fns.release()
+        _report(job, out, checks)
+        lam0 = out["lam"]
+        d_theta = (lam0.sum(0) if job["batched"] else lam0.reshape(-1)) if want_theta else None
+        d_T = None
+        if want_T:
+            T = job["T"]
+            d_T = out["T"].sum().reshape(T.shape) if T.numel() == 1 else out["T"]
+            d_T = d_T.to(T.dtype)
+        it = iter(out["params"])
+        d_params = [next(it) if w else None for w in want_params]
+        d_lr = out["lr"].to(job["lr_dtype"]) if want_lr else None
+        return (None, d_theta, d_lr, d_T, *d_params)
+
+
+def _report(job: Dict[str, Any], out: Dict, checks: Dict) -> None:
+    """Statistics into the caller's ``stats``; past the tolerance, warn or (``strict``) raise."""
+    flow, stats = job["flow"], job["stats"]
+    if stats is not None:
+        stats.update(adjoint_steps=out["steps"], hvps=flow.fns.hvp_evals, linearisations=flow.fns.linearisations,
+                     **checks)
+    estimate = checks.get("adjoint_error_estimate")
+    if estimate is None or estimate <= job["error_tol"]:
+        return
+    p = flow.plan
+    msg = "gradient_flow: " + accuracy.advice(checks, tol=job["error_tol"], h=p.h, T=p.T, solver=flow.solver,
+                                              adjoint=flow.adjoint)
+    if job["strict"]:
+        raise AdjointAccuracyError(msg)
+    warnings.warn(msg, AdjointAccuracyWarning, stacklevel=2)
+
+
+def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[float, torch.Tensor], support, *,
+                  h: float = 0.01, solver: str = "dopri5", adjoint: str = "heun", lr=None,
+                  adjoint_params: Sequence[torch.Tensor] = (), memory: str = "store", batched: bool = False,
+                  rtol: float = 1e-6, atol: float = 1e-8, memory_budget: Optional[int] = None,
+                  max_steps: Optional[int] = None, compile: bool = False, error_estimate: Union[bool, str] = True,
+                  error_tol: float = 1e-2, strict: bool = False, stats: Optional[Dict] = None) -> torch.Tensor:
+    """The parameters after inner training, ``u(T)``, differentiable by the adjoint method.
+
+    Inner training is the gradient flow ``du/dt = -lr * grad L(u)`` from ``u(0) = theta`` on the
+    ``support`` loss (``lr`` None: 1; ``solver="euler"`` is ``K = T / h`` GD steps of size
+    ``h * lr``). The forward pass solves it without an autograd graph and keeps the trajectory
+    (``memory="checkpoint"``: about ``2 sqrt(K)`` states); ``backward`` receives ``dJ/du(T)`` from
+    any computation on the result and solves the adjoint over that trajectory with Hessian-vector
+    products. Gradients reach:
+
+    * ``theta`` (``[d]``, :func:`amaml_ext.flatten_params` order; with ``batched=True`` one theta
+      shared by the B tasks of ``support``);
+    * ``lr``, a positive scalar or ``[d]`` tensor of step-size multipliers (Meta-SGD);
+    * ``T``, a 0-dim tensor (or ``[B]`` with ``batched=True``) with a continuous adjoint;
+    * ``adjoint_params``: tensors the ``loss`` uses through its closure (as torchdiffeq's argument).
+
+    Exact mode (``solver="euler", adjoint="discrete"``) gives the gradients of the unrolled GD
+    steps; the continuous adjoints (``"heun"``, ``"rk4"``) converge at order 2 and 4, with the
+    error estimate of :func:`adjoint_meta_grad` (warning past ``error_tol``, ``strict=True``
+    raises from ``backward``). ``stats``, a dict, receives the solver statistics. The other
+    arguments are :func:`adjoint_meta_grad`'s.
+
+    Returns ``u(T)``: ``[d]``, or ``[B, d]`` with ``batched=True``.
+
+    Example::
+
+        >>> theta = amaml_ext.flatten_params(net).requires_grad_()
+        >>> u = amaml_ext.gradient_flow(net, F.mse_loss, theta, 0.5, (xs, ys), solver="euler", adjoint="discrete")
+        >>> pred = torch.func.functional_call(net, amaml_ext.unflatten_params(net, u), (xq,))
+        >>> F.mse_loss(pred, yq).backward()          # theta.grad: MAML's meta-gradient
+    """
+    d, batch, error_tol = check_call(model, loss, theta, support, support, solver=solver, adjoint=adjoint,
+                                     memory=memory, batched=batched, compile=compile, strict=strict, refine=False,
+                                     error_estimate=error_estimate, error_tol=error_tol, memory_modes=MEMORY_MODES)
+    check_solver_options(rtol, atol, max_steps, memory_budget)
+    params = _check_extras(T, theta, adjoint_params, adjoint, compile)
+    if stats is not None and not isinstance(stats, dict):
+        raise TypeError(f"argument 'stats' must be None or a dict to fill, got {type(stats).__name__}")
+    lr_value = _check_lr(lr, theta)
+    fns = TaskFunctions(model, loss, support, support, batched, compile=compile)
+    flow = FlowSolve(fns, theta, T, h=h, solver=solver, adjoint=adjoint, rtol=rtol, atol=atol, memory=memory,
+                     batched=batched, batch=batch, memory_budget=memory_budget, max_steps=max_steps, lr=lr_value)
+    flow.fwd.reusable = True          # backward may run more than once (retain_graph, gradcheck)
+    estimate = error_estimate if error_estimate is not False and adjoint != "discrete" else False
+    job = dict(flow=flow, params=params, batched=batched, estimate=estimate, error_tol=error_tol, strict=strict,
+               stats=stats, T=T if isinstance(T, torch.Tensor) else None,
+               lr_dtype=lr.dtype if isinstance(lr, torch.Tensor) else None)
+    lr_in = lr if isinstance(lr, torch.Tensor) else None
+    T_in = T if isinstance(T, torch.Tensor) else None
+    return _Flow.apply(job, theta, lr_in, T_in, *params)
