@@ -26,7 +26,7 @@ def run_config(args, method: str) -> Dict:
            # meta-test adaptation length, the same for every method (the paper: the inner steps)
            "test_steps": args.inner_steps}
     cfg.update(bench.config(**vars(args)))
-    if method == "amaml":
+    if L.METHODS[method].flow:
         cfg.update(T=args.inner_steps * args.inner_lr, solver=args.solver, adjoint=args.adjoint,
                    memory=args.memory, rtol=args.rtol, atol=args.atol, compile=args.compile)
     else:
@@ -57,9 +57,9 @@ def make_run_learner(cfg: Dict, model, loss, accuracy: Optional[Dict] = None) ->
     """The learner of a run; ``accuracy`` (A-MAML: error_tol, strict, refine) is not part of the
     run's settings, so it may change when a run is resumed."""
     m = cfg["method"]
-    if m == "amaml":
+    if L.METHODS[m].flow:
         steps = round(cfg["T"] / cfg["inner_lr"])
-        return L.make_learner("amaml", model, loss, inner_steps=steps, inner_lr=cfg["inner_lr"],
+        return L.make_learner(m, model, loss, inner_steps=steps, inner_lr=cfg["inner_lr"],
                               solver=cfg["solver"], adjoint=cfg["adjoint"], memory=cfg["memory"],
                               rtol=cfg["rtol"], atol=cfg["atol"], compile=cfg["compile"], **(accuracy or {}))
     options = {opt: cfg[opt] for opt in L.METHODS[m].options if opt in cfg}
@@ -71,7 +71,8 @@ def train_one(args, method: str, out: str, resume: bool) -> torch.Tensor:
     cfg = run_config(args, method)
     prob = RunProblem(cfg, args.device, args.data_root)
     model = prob.model(args.seed)
-    acc = {"error_tol": args.error_tol, "strict": args.strict, "refine": args.refine} if method == "amaml" else None
+    acc = ({"error_tol": args.error_tol, "strict": args.strict, "refine": args.refine}
+           if L.METHODS[method].flow else None)
     learner = make_run_learner(cfg, model, prob.loss, acc)
     return meta_train(learner, prob.train_pool, meta_steps=args.meta_steps, out_dir=out, meta_batch=args.meta_batch,
                       lr=args.lr, seed=args.seed, resume=resume, checkpoint_every=args.checkpoint_every,
@@ -98,16 +99,21 @@ def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.dev
         raise UnreadableRunFile(f"{theta_path} (the learned theta) is unreadable: it holds a {type(theta).__name__}, "
                                 f"not a tensor. It was left as it is")
     theta = theta.to(device=device, dtype=prob.dtype)
-    if theta.numel() != flatten_params(model).numel():
-        raise SystemExit(f"amaml-ext: {theta_path} holds {theta.numel()} parameters, the model {cfg['model']} "
-                         f"has {flatten_params(model).numel()}")
+    learner = make_run_learner(cfg, model, prob.loss)
+    if theta.numel() != learner.d + learner.extra:
+        raise SystemExit(f"amaml-ext: {theta_path} holds {theta.numel()} parameters, the model {cfg.get('model')} "
+                         f"has {flatten_params(model).numel()}" + (f" (+ {learner.extra} of {cfg['method']})"
+                                                                   if learner.extra else ""))
     steps = cfg["test_steps"] if test_steps is None else test_steps
     batch = prob.test_pool.all(device=device, dtype=prob.dtype)
     t0 = time.perf_counter()
-    mask = L.head_mask(model) if cfg["method"] == "anil" else None      # ANIL adapts the head only
-    curve = meta_test(model, prob.loss, theta, batch, steps=steps, lr=cfg["inner_lr"], metric=prob.metric,
-                      adapt_mask=mask)
+    init, scale = learner.test_adaptation(theta)        # learned step sizes scale the test GD step
+    lr = cfg["inner_lr"] if scale is None else cfg["inner_lr"] * scale
+    curve = meta_test(model, prob.loss, init, batch, steps=steps, lr=lr, metric=prob.metric,
+                      adapt_mask=learner.adapt_mask)        # ANIL adapts the head only
     curve.update(method=cfg["method"], test_tasks=batch.size, test_steps=steps, seconds=time.perf_counter() - t0)
+    if hasattr(learner, "horizon"):
+        curve["learned_T"] = learner.horizon(theta)
     with open(os.path.join(run, EVAL), "w") as f:
         json.dump(curve, f, indent=1)
     compare_plot({cfg["method"]: curve}, os.path.join(run, "eval.png"),

@@ -1,6 +1,7 @@
 """``gradient_flow``: the adapted parameters ``u(T)`` as a tensor in the autograd graph, whose
 backward is the adjoint over the stored trajectory (:mod:`.flow`)."""
 
+import math
 import numbers
 import warnings
 from typing import Any, Dict, Optional, Sequence, Union
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .. import accuracy
+from .. import _checks, accuracy
 from ..accuracy import AdjointAccuracyError, AdjointAccuracyWarning
 from ..functional import LossFn, TaskFunctions
 from .checks import check_call, check_solver_options
@@ -141,7 +142,8 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
     * ``theta`` (``[d]``, :func:`amaml_ext.flatten_params` order; with ``batched=True`` one theta
       shared by the B tasks of ``support``);
     * ``lr``, a positive scalar or ``[d]`` tensor of step-size multipliers (Meta-SGD);
-    * ``T``, a 0-dim tensor (or ``[B]`` with ``batched=True``) with a continuous adjoint;
+    * ``T``, a 0-dim tensor (or ``[B]`` with ``batched=True``) with a continuous adjoint (a 0-dim
+      T that is not a whole number of steps h is solved in ``ceil(T / h)`` equal steps);
     * ``adjoint_params``: tensors the ``loss`` uses through its closure (as torchdiffeq's argument).
 
     Exact mode (``solver="euler", adjoint="discrete"``) gives the gradients of the unrolled GD
@@ -167,6 +169,11 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"argument 'stats' must be None or a dict to fill, got {type(stats).__name__}")
     lr_value = _check_lr(lr, theta)
+    if isinstance(T, torch.Tensor) and T.requires_grad and T.numel() == 1:
+        # a learned horizon lands anywhere: ceil(T / h) equal steps of T / N <= h
+        h = _checks.positive_real("h", h)
+        T_value = float(T.detach())
+        h = T_value / max(1, math.ceil(T_value / h - 1e-9))
     fns = TaskFunctions(model, loss, support, support, batched, compile=compile)
     flow = FlowSolve(fns, theta, T, h=h, solver=solver, adjoint=adjoint, rtol=rtol, atol=atol, memory=memory,
                      batched=batched, batch=batch, memory_budget=memory_budget, max_steps=max_steps, lr=lr_value)

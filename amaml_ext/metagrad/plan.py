@@ -61,7 +61,7 @@ def horizons(T, h: float, batched: bool, batch: int) -> Tuple[float, Optional[to
         if T.numel() != 1:
             raise ValueError(f"argument 'T' must be a number or a tensor [B], got a tensor of shape {tuple(T.shape)}")
         low = T.dtype != torch.float64 and T.is_floating_point()
-        T = T.item()
+        T = T.detach().item()
         if low and isinstance(h, float) and h > 0 and round(T / h) >= 1 and abs(round(T / h) * h - T) <= 1e-6 * max(1.0, abs(T)):
             T = round(T / h) * h
     if isinstance(T, bool) or not isinstance(T, numbers.Real):

@@ -37,7 +37,8 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
         meta_steps: total number of outer steps (a resumed run continues up to it).
         out_dir: run directory (created); see the module doc for its files. None: no files are
             kept (a temporary directory holds the checkpoints during the run; nothing to resume).
-        theta0: initial theta ``[d]`` (default: the learner's model's parameters).
+        theta0: initial meta-parameters ``[d + learner.extra]`` (default: the learner's model's
+            parameters and the learner's own initial ones, ``learner.meta_params``).
         meta_batch: tasks per step (at most the pool size).
         lr: Adam's learning rate.
         seed: seeds the task draws.
@@ -152,7 +153,7 @@ class _RunState:
 
     def __init__(self, out_dir: str, learner: MetaLearner, theta0, lr: float, device, dtype, ckpt: Optional[Dict]):
         self.out_dir = out_dir
-        theta0 = flatten_params(learner.model) if theta0 is None else theta0
+        theta0 = learner.meta_params(flatten_params(learner.model)) if theta0 is None else theta0
         self.theta = torch.nn.Parameter(theta0.detach().to(device=device, dtype=dtype).clone())
         self.opt = torch.optim.Adam([self.theta], lr=lr)
         self.rows: List[Dict] = []

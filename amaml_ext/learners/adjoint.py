@@ -1,0 +1,117 @@
+"""A-MAML: the meta-gradient of the inner gradient flow by the adjoint method; and its variants
+that meta-learn the flow's step sizes or its horizon with the initialisation."""
+
+import math
+from typing import Dict
+
+import torch
+from torch import nn
+
+from .. import _checks
+from ..data.batch import TaskBatch
+from ..functional import LossFn, TaskFunctions
+from ..metagrad import adjoint_meta_grad, gradient_flow
+from .base import MetaLearner, MetaStep
+
+
+class AMAML(MetaLearner):
+    """A-MAML: :func:`amaml_ext.adjoint_meta_grad` of the gradient flow up to ``T``.
+
+    ``h`` is the grid (the adjoint's step, and the GD step of ``adapt``): ``T = K h``. Other
+    keyword arguments (``solver``, ``adjoint``, ``rtol``, ``atol``, ``memory``, ``compile``)
+    go to ``adjoint_meta_grad``."""
+
+    name = "amaml"
+    second_order = True
+
+    def __init__(self, model: nn.Module, loss: LossFn, *, T: float = 2.0, h: float = 0.01,
+                 solver: str = "dopri5", adjoint: str = "heun", **options):
+        T = _checks.positive("T", T)
+        h = _checks.positive("h", h)
+        steps = round(T / h)
+        if steps < 1 or abs(steps * h - T) > 1e-9 * max(1.0, T):
+            raise ValueError(f"argument 'T' must be a whole multiple of h={h:g}, got T={T:g}")
+        super().__init__(model, loss, inner_lr=h, steps=steps)
+        self.T, self.h, self.solver, self.adjoint = T, h, solver, adjoint
+        self.options = options
+
+    def meta_grad(self, theta, tasks):
+        self._check(theta, tasks)
+        r = adjoint_meta_grad(self.model, self.loss, theta, self.T, support=tasks.support, query=tasks.query,
+                              h=self.h, solver=self.solver, adjoint=self.adjoint, batched=True, **self.options)
+        return MetaStep(r.grad.mean(0), r.loss, dict(r.stats))
+
+    def __repr__(self):
+        return f"AMAML(T={self.T:g}, h={self.h:g}, solver={self.solver!r}, adjoint={self.adjoint!r})"
+
+
+
+
+class _LearnedFlow(AMAML):
+    """An A-MAML variant whose inner flow has meta-parameters of its own, meta-trained with theta
+    through :func:`amaml_ext.gradient_flow` (the query loss's gradient reaches them by the same
+    adjoint solve)."""
+
+    def __init__(self, model: nn.Module, loss: LossFn, **kwargs):
+        super().__init__(model, loss, **kwargs)
+        if self.options.pop("refine", False):
+            raise ValueError(f"argument 'refine' is not available for {self.name!r} (the flow's own "
+                             f"meta-parameters would change with the grid); lower h instead")
+
+    def _flow_step(self, tasks: TaskBatch, theta: torch.Tensor, inputs, T, lr=None) -> MetaStep:
+        stats: Dict = {}
+        u = gradient_flow(self.model, self.loss, theta, T, tasks.support, h=self.h, solver=self.solver,
+                          adjoint=self.adjoint, lr=lr, batched=True, stats=stats, **self.options)
+        with torch.enable_grad():
+            per_task = TaskFunctions(self.model, self.loss, tasks.support, tasks.query, True).losses(u, tasks.query)
+            grads = torch.autograd.grad(per_task.mean(), inputs)
+        return MetaStep(torch.cat([g.reshape(-1) for g in grads]), per_task.detach(), stats)
+
+
+class AMAMLSGD(_LearnedFlow):
+    """A-MAML with learned per-parameter step sizes (Meta-SGD, Li et al. 2017, over long
+    horizons): the inner flow is ``du/dt = -exp(s) * grad L(u)``, ``s`` ``[d]`` meta-trained with
+    theta from 0 (the plain flow). Meta-parameters ``[theta, s]``; meta-testing steps by
+    ``inner_lr * exp(s)``."""
+
+    name = "amaml-sgd"
+
+    def __init__(self, model: nn.Module, loss: LossFn, **kwargs):
+        super().__init__(model, loss, **kwargs)
+        self.extra = self.d
+
+    def meta_params(self, theta):
+        return torch.cat([theta, torch.zeros_like(theta)])
+
+    def test_adaptation(self, meta):
+        return meta[:self.d], meta[self.d:].exp()
+
+    def meta_grad(self, meta, tasks):
+        self._check(meta, tasks)
+        with torch.enable_grad():
+            theta = meta[:self.d].detach().requires_grad_()
+            s = meta[self.d:].detach().requires_grad_()
+            return self._flow_step(tasks, theta, [theta, s], self.T, lr=s.exp())
+
+
+class AMAMLT(_LearnedFlow):
+    """A-MAML that meta-learns its horizon: ``T = exp(tau)``, ``tau`` meta-trained with theta from
+    ``log T`` (continuous adjoints only; the grid is ``ceil(T / h)`` equal steps of about h).
+    Meta-parameters ``[theta, tau]``."""
+
+    name = "amaml-t"
+    extra = 1
+
+    def meta_params(self, theta):
+        return torch.cat([theta, theta.new_tensor([math.log(self.T)])])
+
+    def meta_grad(self, meta, tasks):
+        self._check(meta, tasks)
+        with torch.enable_grad():
+            theta = meta[:self.d].detach().requires_grad_()
+            tau = meta[self.d:].detach().requires_grad_()
+            return self._flow_step(tasks, theta, [theta, tau], tau[0].exp())
+
+    def horizon(self, meta: torch.Tensor) -> float:
+        """The learned T of a meta-parameter vector."""
+        return float(meta[self.d].exp())

@@ -1,0 +1,141 @@
+"""The learners' interface: :class:`MetaStep`, :class:`MetaLearner` (argument checks, the shared
+GD inner loop, ``adapt``) and :func:`head_mask`."""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .. import _checks
+from ..data.batch import TaskBatch
+from ..functional import LossFn, TaskFunctions, param_shapes
+
+
+@dataclass
+class MetaStep:
+    """What one meta-gradient evaluation returns.
+
+    ``grad``: ``[d]``, the meta-gradient averaged over the batch's tasks; ``query_loss``: ``[B]``,
+    the query loss of each task at its adapted parameters; ``stats``: counts (gradient
+    evaluations, HVPs, ...)."""
+
+    grad: torch.Tensor
+    query_loss: torch.Tensor
+    stats: Dict[str, Any] = field(default_factory=dict)
+
+
+class MetaLearner:
+    """Base class. Subclasses implement :meth:`meta_grad`; ``adapt`` is K GD steps."""
+
+    name = "base"
+    second_order = False
+
+    adapt_mask: Optional[torch.Tensor] = None
+    """``[d]`` 0/1 over theta: the parameters the inner loop moves (None: all; ANIL: the head)."""
+
+    def __init__(self, model: nn.Module, loss: LossFn, *, inner_lr: float = 0.01, steps: int = 200):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss):
+            raise TypeError(f"argument 'loss' must be callable loss(pred, target), got {type(loss).__name__}")
+        self.model, self.loss = model, loss
+        self.inner_lr = _checks.positive("inner_lr", inner_lr)
+        self.steps = _checks.positive("steps", steps, integer=True)
+        self.d = sum(math.prod(s) for _, s in param_shapes(model))
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    # -- meta-parameters beyond theta ------------------------------------------------------------
+
+    extra = 0
+    """How many meta-parameters follow theta in the vector ``meta_grad`` takes (learned step
+    sizes, a learned horizon); 0 for the initialisation-only learners."""
+
+    def meta_params(self, theta: torch.Tensor) -> torch.Tensor:
+        """The initial meta-parameter vector for the initial ``theta`` ``[d]``: theta itself, or
+        theta followed by the learner's ``extra`` own."""
+        return theta
+
+    def test_adaptation(self, meta: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(theta, lr_scale)`` for meta-testing learned meta-parameters: the initialisation, and
+        a multiplier of the test GD step (None: plain ``inner_lr``; ``[d]``: per parameter)."""
+        return meta[:self.d], None
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _check(self, theta: torch.Tensor, tasks: TaskBatch) -> None:
+        n = self.d + self.extra
+        if not isinstance(theta, torch.Tensor) or theta.dim() != 1 or theta.numel() != n:
+            got = tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__
+            what = "the model's parameter count" if not self.extra else (
+                f"the model's {self.d} parameters and the learner's {self.extra} own")
+            raise ValueError(f"argument 'theta' must have shape [{n}] ({what}), got {got}")
+        if not isinstance(tasks, TaskBatch):
+            raise TypeError(f"argument 'tasks' must be an amaml_ext.tasks.TaskBatch, got {type(tasks).__name__}")
+        if tasks.query_mask is not None:
+            raise ValueError("argument 'tasks' must have same-size query sets (query_mask None) to meta-train on, "
+                             f"got padded query sets with a query_mask of shape {tuple(tasks.query_mask.shape)} "
+                             "(a test pool: meta-train on the training pool)")
+
+    def functions(self, tasks: TaskBatch, batched: bool = True) -> TaskFunctions:
+        return TaskFunctions(self.model, self.loss, tasks.support, tasks.query, batched)
+
+    def _start(self, theta: torch.Tensor, batch: int) -> torch.Tensor:
+        return theta.detach().expand(batch, -1).clone()
+
+    def _gd(self, fns: TaskFunctions, u: torch.Tensor, steps: int, lr: float, prox: Optional[Tuple[float, torch.Tensor]] = None):
+        """``steps`` GD steps on the support loss (plus ``lam/2 ||u - anchor||^2`` with ``prox``)."""
+        for _ in range(steps):
+            g = fns.grad(u)
+            if prox is not None:
+                lam, anchor = prox
+                g = g + lam * (u - anchor)
+            u = u - lr * (g if self.adapt_mask is None else g * self.adapt_mask.to(g))
+        return u
+
+    def _adapt_batch(self, theta: torch.Tensor, tasks: TaskBatch) -> Tuple[TaskFunctions, torch.Tensor]:
+        """Check the arguments, then ``steps`` GD steps on every task's support set: the
+        callbacks and the adapted parameters ``psi [B, d]``."""
+        self._check(theta, tasks)
+        fns = self.functions(tasks)
+        with torch.no_grad():
+            return fns, self._gd(fns, self._start(theta, tasks.size), self.steps, self.inner_lr)
+
+    def adapt(self, theta: torch.Tensor, support, steps: Optional[int] = None, batched: bool = False,
+              lr: Optional[float] = None) -> torch.Tensor:
+        """Plain GD from ``theta`` on ``support`` for ``steps`` (default: the learner's inner
+        steps) of ``lr`` (default ``inner_lr``): ``[d]``, or ``[B, d]`` with ``batched``."""
+        steps = self.steps if steps is None else _checks.positive("steps", steps, integer=True)
+        lr = self.inner_lr if lr is None else _checks.positive("lr", lr)
+        fns = TaskFunctions(self.model, self.loss, support, support, batched)
+        u = self._start(theta, support[0].shape[0]) if batched else theta.detach().clone()
+        with torch.no_grad():
+            return self._gd(fns, u, steps, lr)
+
+    def meta_grad(self, theta: torch.Tensor, tasks: TaskBatch) -> MetaStep:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(steps={self.steps}, inner_lr={self.inner_lr:g})"
+
+
+def head_mask(model: nn.Module, head=None) -> torch.Tensor:
+    """``[d]`` float mask over theta: 1 on the parameters of ``head`` (names or prefixes; default:
+    the last submodule that holds trainable parameters, e.g. ``Conv4.head`` or an MLP's last
+    Linear), 0 elsewhere."""
+    shapes = list(param_shapes(model))
+    if head is None:
+        owners = [n.rsplit(".", 1)[0] if "." in n else "" for n, _ in shapes]
+        head = [owners[-1]] if owners and owners[-1] else [shapes[-1][0]]
+    elif isinstance(head, str):
+        head = [head]
+    inside = lambda n: any(n == p or n.startswith(p + ".") for p in head)  # noqa: E731
+    mask = torch.cat([torch.full((math.prod(s),), 1.0 if inside(n) else 0.0) for n, s in shapes])
+    if not bool(mask.any()):
+        raise ValueError(f"argument 'head' must name trainable parameters of the model, got {head!r}; "
+                         f"its parameters are {[n for n, _ in shapes]}")
+    return mask
+
+
