@@ -1,0 +1,83 @@
+"""A learn2learn/higher-style wrapper for existing training loops: ``learner.adapt(x, y)``
+returns the model after inner training, as a callable whose parameters are ``u(T)`` of
+:func:`amaml_ext.gradient_flow`; a loss on its outputs backpropagates into the wrapped model's
+parameters (and the learner's own step sizes or horizon), for any ``torch.optim`` optimiser.
+
+    learner = amaml_ext.AdjointLearner(model, F.mse_loss, T=0.5, h=0.05)
+    opt = torch.optim.Adam(learner.parameters(), 1e-3)
+    for xs, ys, xq, yq in tasks:
+        fast = learner.adapt(xs, ys)              # 10 GD steps of 0.05, no graph kept
+        F.mse_loss(fast(xq), yq).backward()       # the adjoint: model's .grad filled
+    opt.step(); opt.zero_grad()
+"""
+
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from . import _checks
+from .functional import LossFn, param_shapes, unflatten_params
+from .metagrad import gradient_flow
+
+
+class AdaptedModel(nn.Module):
+    """The wrapped model with its parameters replaced by the adapted ``params`` (``[d]``, in the
+    autograd graph); buffers are the model's. Calling it runs ``torch.func.functional_call``."""
+
+    def __init__(self, model: nn.Module, params: torch.Tensor, stats: Dict):
+        super().__init__()
+        self.model = model
+        self.params = params
+        self.stats = stats
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self.model, unflatten_params(self.model, self.params), args, kwargs)
+
+
+class AdjointLearner(nn.Module):
+    """Wrap ``model`` for meta-learning by the adjoint method (cf. ``learn2learn.algorithms.MAML``).
+
+    Args:
+        model: any ``nn.Module``; its trainable parameters are the initialisation theta.
+        loss: the inner training loss ``loss(pred, target)``.
+        T, h: inner training is the gradient flow up to ``T`` on a grid of ``h`` (exact mode:
+            ``T / h`` GD steps of size h).
+        learn_lr: also meta-learn per-parameter step-size multipliers ``exp(log_lr)`` (Meta-SGD),
+            a parameter of this module.
+        learn_T: also meta-learn the horizon, ``T = exp(log_T)`` (continuous adjoints only).
+        **options: :func:`amaml_ext.gradient_flow`'s (``solver``, ``adjoint``, ``memory``, ...).
+    """
+
+    def __init__(self, model: nn.Module, loss: LossFn, T: float = 1.0, h: float = 0.01, *,
+                 learn_lr: bool = False, learn_T: bool = False, **options):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
+        self.module = model
+        self.loss = loss
+        self.T, self.h = _checks.positive("T", T), _checks.positive("h", h)
+        self.options = options
+        like = next(p for p in model.parameters() if p.requires_grad)
+        d = sum(math.prod(s) for _, s in param_shapes(model))
+        self.log_lr = nn.Parameter(torch.zeros(d, dtype=like.dtype, device=like.device)) if learn_lr else None
+        self.log_T = nn.Parameter(like.new_tensor(math.log(self.T))) if learn_T else None
+
+    def forward(self, *args, **kwargs):
+        """The wrapped model, unadapted."""
+        return self.module(*args, **kwargs)
+
+    def theta(self) -> torch.Tensor:
+        """The model's trainable parameters as one flat vector, in the graph (grads reach them)."""
+        named = dict(self.module.named_parameters())
+        return torch.cat([named[n].reshape(-1) for n, _ in param_shapes(self.module)])
+
+    def adapt(self, x: torch.Tensor, y: torch.Tensor, *, T: Optional[float] = None) -> AdaptedModel:
+        """Inner training on ``(x, y)``: the adapted model (``T`` overrides the horizon)."""
+        stats: Dict = {}
+        horizon = self.log_T.exp() if self.log_T is not None and T is None else (self.T if T is None else T)
+        lr = None if self.log_lr is None else self.log_lr.exp()
+        u = gradient_flow(self.module, self.loss, self.theta(), horizon, (x, y), h=self.h, lr=lr, stats=stats,
+                          **self.options)
+        return AdaptedModel(self.module, u, stats)
