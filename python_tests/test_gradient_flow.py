@@ -290,3 +290,15 @@ def test_the_ported_learn2learn_example_runs():
     spec.loader.exec_module(mod)
     model, history = mod.train(iterations=2, steps=3, meta_batch=2)
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(history)))
+
+
+def test_readme_patterns_run():
+    """The README's "Use it like torchdiffeq or learn2learn" block runs as written."""
+    import pathlib
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Use it like torchdiffeq or learn2learn")[1].split("```python")[1].split("```")[0]
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    for name in ("theta", "log_lr", "phi", "T"):
+        assert scope[name].grad is not None and bool(torch.isfinite(scope[name].grad).all()), name
+    assert all(p.grad is not None for p in scope["net"].parameters())
