@@ -2,7 +2,8 @@
 # One batched session on a lent GPU machine (see docs/benchmarks.md): build the extension
 # against the machine's own torch, run the whole test suite with the CUDA tests enabled,
 # compute-sanitizer (memcheck, racecheck) on the CUDA kernel tests, the bandwidth script and
-# the pytest-benchmark suites on the GPU. Logs and JSON go to $OUT (default ./gpu_out).
+# the pytest-benchmark suites on the GPU. Logs and JSON go to $OUT (default ./gpu_out). Run it
+# from the repository root: bash benchmarks/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -32,10 +33,10 @@ for tool in memcheck racecheck; do
 done
 
 echo "== bandwidth"
-$PY benchmarks/bench_gpu_bandwidth.py --out "$OUT/gpu_bandwidth.json" 2>&1 | tee "$OUT/gpu_bandwidth.md" | tail -25
+$PY -m benchmarks.gpu_bandwidth --out "$OUT/gpu_bandwidth.json" 2>&1 | tee "$OUT/gpu_bandwidth.md" | tail -25
 
 echo "== pytest-benchmark (cuda)"
 $PY -m pytest benchmarks -q -p no:cacheprovider -k cuda --benchmark-json="$OUT/bench_gpu.json" \
   --benchmark-columns=median,iqr,rounds > "$OUT/bench_gpu.log" 2>&1
 tail -3 "$OUT/bench_gpu.log"
-$PY benchmarks/summarize.py "$OUT/bench_gpu.json" > "$OUT/bench_gpu_summary.md" 2>&1; tail -30 "$OUT/bench_gpu_summary.md"
+$PY -m benchmarks.summarize "$OUT/bench_gpu.json" > "$OUT/bench_gpu_summary.md" 2>&1; tail -30 "$OUT/bench_gpu_summary.md"

@@ -4,7 +4,7 @@ Re-runs the first ``--meta-steps`` meta-steps of A-MAML at the settings of each 
 comparison in docs/results.md (same command options, so the same tasks and initial theta) and
 reports the estimate over those steps (``adjoint_error_estimate`` in metrics.csv):
 
-    python benchmarks/published_error_estimates.py --data-root ../shared/data --meta-steps 200 \
+    python -m benchmarks.published_error_estimates --data-root ../shared/data --meta-steps 200 \
         --out runs/published_estimates
 
 A run whose estimate exceeds the tolerance (1e-2) is marked; its meta-gradients were not right.
@@ -27,7 +27,8 @@ SETTINGS = {
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.published_error_estimates", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=os.environ.get("AMAML_DATA_ROOT"))
     p.add_argument("--meta-steps", type=int, default=200)
     p.add_argument("--out", default="runs/published_estimates")

@@ -13,7 +13,7 @@ RMSE in the dataset's own rating units, and the RMSE divided by the standard dev
 kept ratings (the "normalised RMSE" of the authors' public code for the synthetic tasks, which
 standardises the targets). Run:
 
-    AMAML_DATA_ROOT=../shared/data python benchmarks/rating_references.py \\
+    AMAML_DATA_ROOT=../shared/data python -m benchmarks.rating_references \\
         --task movielens-100k jester --setting 10shot-15val 20shot-30val
 """
 
@@ -22,7 +22,7 @@ import json
 
 import torch
 
-from amaml_ext.data.ratings import make_rating_dataset
+from amaml_ext.data.ratings import RATING_DATASETS, make_rating_dataset
 
 
 def references(ds, setting: str, seed: int = 0):
@@ -50,8 +50,8 @@ def references(ds, setting: str, seed: int = 0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--task", nargs="+", default=["movielens-100k", "jester"])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.rating_references", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", nargs="+", default=["movielens-100k", "jester"], choices=sorted(RATING_DATASETS))
     ap.add_argument("--setting", nargs="+", default=["10shot-15val", "20shot-30val"])
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--json", default=None, help="also write the numbers here")

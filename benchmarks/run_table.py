@@ -3,15 +3,16 @@ run with its own inner procedure), with paired per-task differences against a re
 (the runs must share their test tasks) and, where a run records it, the continuous adjoint's
 error estimate over meta-training:
 
-    python benchmarks/run_table.py --ref maml5 runs/omni/maml5 runs/omni/exact5 runs/omni/exact10 ...
+    python -m benchmarks.run_table --ref maml5 runs/omni/maml5 runs/omni/exact5 runs/omni/exact10 ...
 """
 
 import argparse
 import csv
 import json
-import math
 import os
 import statistics
+
+from amaml_ext.train import half_width
 
 
 def load(run):
@@ -56,7 +57,8 @@ def plot(data, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run_table", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+")
     p.add_argument("--ref", required=True, help="name (last path component) of the reference run")
     p.add_argument("--plot", default=None, help="also draw the meta-test curves into this PNG")
@@ -71,7 +73,7 @@ def main(argv=None):
     for name, (curve, cfg, rows, est) in data.items():
         final = curve["final"]
         d = [a - b for a, b in zip(final, ref)]
-        half = 1.96 * statistics.stdev(d) / math.sqrt(len(d)) if name != args.ref else 0.0
+        half = half_width(statistics.stdev(d), len(d)) if name != args.ref else 0.0
         better = sum(x > 0 for x in d)
         secs = statistics.median(float(r["seconds"]) for r in rows)
         est_txt = f"{statistics.median(est):.1e} / {max(est):.1e}" if est else "exact (none needed)" \

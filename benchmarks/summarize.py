@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Markdown summary of benchmark JSON files.
 
-    python benchmarks/summarize.py bench_cpu.json [bench_gpu.json ...]
+    python -m benchmarks.summarize bench_cpu.json [bench_gpu.json ...]
 
 Reads the ``--benchmark-json`` output of pytest-benchmark for ``benchmarks/`` (CPU or GPU run:
 rows are split by device) and prints
@@ -12,13 +11,16 @@ rows are split by device) and prints
   (rejected) steps, time per accepted step, max |ours - torchdiffeq| on the grid, max error
   against the exact solution.
 
-A JSON written by ``bench_gpu_bandwidth.py --out`` is recognised too and printed as its table.
+A JSON written by ``python -m benchmarks.gpu_bandwidth --out`` is recognised too and printed as
+its table.
 """
 
 import json
 import math
 import os
 import sys
+
+from .common.results import d_label
 
 OP_ORDER = ["stage_combine", "dopri5_finish", "dopri5_dense", "heun_update"]
 CASE_ORDER = ["appendixA", "linear-1e4", "linear-1e6"]
@@ -33,11 +35,6 @@ def fmt_time(seconds):
             value = seconds / scale
             return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
     return str(seconds)
-
-
-def d_label(d):
-    e = round(math.log10(d)) if d and d > 1 else 0
-    return f"1e{e}" if e > 0 and 10 ** e == d else str(d)
 
 
 def order(value, ordering):
@@ -65,14 +62,19 @@ def machine_line(data):
     return "; ".join(parts)
 
 
-def kernel_table(benchmarks):
-    pairs = {}
+def rows_of_kind(benchmarks, kind, key, variant):
+    """``{key(extra_info): {extra_info[variant]: (stats, extra_info)}}`` over the benchmarks whose
+    ``extra_info["kind"]`` is ``kind``."""
+    rows = {}
     for b in benchmarks:
         x = b.get("extra_info", {})
-        if x.get("kind") != "kernel":
-            continue
-        key = (x["op"], x["device"], x["d"])
-        pairs.setdefault(key, {})[x["impl"]] = (b["stats"], x)
+        if x.get("kind") == kind:
+            rows.setdefault(key(x), {})[x[variant]] = (b["stats"], x)
+    return rows
+
+
+def kernel_table(benchmarks):
+    pairs = rows_of_kind(benchmarks, "kernel", lambda x: (x["op"], x["device"], x["d"]), "impl")
     if not pairs:
         return None
     lines = ["| op | device | d | fused median | reference median | reference / fused "
@@ -95,12 +97,7 @@ def kernel_table(benchmarks):
 
 
 def dopri5_table(benchmarks):
-    rows = {}
-    for b in benchmarks:
-        x = b.get("extra_info", {})
-        if x.get("kind") != "dopri5":
-            continue
-        rows.setdefault((x["case"], x["device"]), {})[x["solver"]] = (b["stats"], x)
+    rows = rows_of_kind(benchmarks, "dopri5", lambda x: (x["case"], x["device"]), "solver")
     if not rows:
         return None
     lines = ["| case | device | solver | median | vs amaml | nfe | accepted (rejected) steps "
@@ -130,9 +127,8 @@ def summarize(path):
     with open(path) as fh:
         data = json.load(fh)
     out = [f"## {os.path.basename(path)}", ""]
-    if "copy" in data and "results" in data:  # bench_gpu_bandwidth.py output
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from bench_gpu_bandwidth import markdown
+    if "copy" in data and "results" in data:  # gpu_bandwidth output
+        from .gpu_bandwidth import markdown
         out.append(markdown(data))
         return "\n".join(out)
     if "results" in data and "benchmarks" not in data:

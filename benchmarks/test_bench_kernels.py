@@ -18,8 +18,10 @@ output written once, what a single-pass kernel must move), so a summary can deri
 import pytest
 import torch
 
-from _bench_common import DEVICES, d_label, sync, timed
-from _kernel_cases import OPS, READS, WRITES, check_agree, fused_call, make_inputs, reference_call
+from .common.kernel_cases import OPS, READS, WRITES, check_agree, fused_call, make_inputs, reference_call
+from .common.params import DEVICES
+from .common.results import d_label
+from .common.timing import sync, timed
 
 DTYPE = torch.float32
 SIZES = [pytest.param(10 ** e, id=d_label(10 ** e)) for e in range(3, 8)]

@@ -1,20 +1,13 @@
-"""Cost of the continuous adjoint's error estimate (amaml_ext.accuracy), side by side.
+"""Cost of the continuous adjoint's error estimate (``error_estimate=True``, the default, against
+``False`` and ``"richardson"``) and of ``refine=True``, timed side by side in one process.
 
-For each setting, ``adjoint_meta_grad`` with ``error_estimate=True`` (the default) and ``False``
-is timed in alternation in one process (median of ``--reps`` calls each, after a warm-up), and
-the ratio is reported with the estimate itself and the HVP/linearisation counts:
+    python -m benchmarks.error_estimate --reps 15 --out docs/results/error_estimate_cpu.json
+    python -m benchmarks.error_estimate --quick --reps 1      # the MLP settings only
 
-    python benchmarks/bench_error_estimate.py --reps 15 --out docs/results/error_estimate_cpu.json
-
-Settings: the CosMixture MLP (2-32-32-1 tanh) on 5 tasks of 100 shots at the command's defaults
-(dopri5 + heun, T = 2 and T = 0.5, h = 0.01), also with ``compile=True`` and the rk4 adjoint;
-and the smooth Conv4 (16 channels, GELU, average pooling) on 5 Omniglot-shaped 20-way 1-shot
-tasks of random images at T = 0.05, h = 0.002.
+Settings and method: docs/benchmarks.md, Methods.
 """
 
 import argparse
-import json
-import platform
 import statistics
 import time
 import warnings
@@ -24,6 +17,9 @@ from torch.nn import functional as F
 
 import amaml_ext
 from amaml_ext import models, tasks
+
+from .common.machine import machine_info
+from .common.results import write_json
 
 
 def settings(quick: bool):
@@ -87,7 +83,8 @@ def refine_cost(reps: int):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.error_estimate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="MLP settings only")
@@ -120,10 +117,8 @@ def main(argv=None):
               f"{row['linearisations_off']} -> {row['linearisations_on']}", flush=True)
     refine = refine_cost(args.reps)
     if args.out:
-        meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": args.threads,
-                "machine": platform.processor() or platform.machine(), "reps": args.reps}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "refine": refine}, f, indent=1)
+        meta = {"date": time.strftime("%Y-%m-%d"), "reps": args.reps, **machine_info("cpu")}
+        write_json(args.out, {"meta": meta, "rows": rows, "refine": refine})
     print("\n| setting | no estimate (ms) | drift, the default (ms) | ratio | + step doubling (ms) | ratio | "
           "estimate | HVPs off / drift / + doubling |")
     print("|---|---|---|---|---|---|---|---|")

@@ -1,5 +1,5 @@
 """The fused-op benchmark cases, shared by test_bench_kernels.py (pytest-benchmark) and
-bench_gpu_bandwidth.py (CUDA-graph bandwidth script): inputs, the fused call, the plain-torch
+gpu_bandwidth.py (CUDA-graph bandwidth script): inputs, the fused call, the plain-torch
 reference call, the agreement check, and the bytes a single pass must move.
 
 * ``stage_combine``: 6 stages, ``out = y + h sum_j c_j k_j`` (the DOPRI5 7th-stage point).

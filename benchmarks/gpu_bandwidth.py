@@ -1,53 +1,27 @@
-#!/usr/bin/env python
 """Memory bandwidth of the fused kernels on a GPU, against the device's copy bandwidth and the
 same math in plain PyTorch (``amaml_ext.reference``).
 
-    python benchmarks/bench_gpu_bandwidth.py --out gpu_bandwidth.json
-    python benchmarks/bench_gpu_bandwidth.py --sizes 1e6,1e7 --ops stage_combine,heun_update
+    python -m benchmarks.gpu_bandwidth --out gpu_bandwidth.json
+    python -m benchmarks.gpu_bandwidth --sizes 1e6,1e7 --ops stage_combine,heun_update
+    python -m benchmarks.gpu_bandwidth --device cpu --sizes 1e3 --repeats 3   # checks the script
 
-What it measures, per fused op and state size d (float32 by default):
-
-* ``copy``: device-to-device ``dst.copy_(src)`` of a large buffer; its bandwidth counts the
-  bytes read plus the bytes written, like the kernels' figures below.
-* ``fused_us``: median time of one op call. Calls are captured into a CUDA graph (``calls``
-  calls per replay, rotating among ``sets`` independent input/output sets so that small sizes
-  do not run out of a warm L2 cache), the graph is replayed ``--repeats`` times after
-  ``--warmup`` replays, each replay timed with CUDA events; time per call = replay / calls.
-  The graph takes the Python and launch overhead out: this is the kernels' own time.
-* ``fused_eager_us``: the same calls launched one by one from Python (what a Python loop pays;
-  launch-bound at small d).
-* ``bytes``: what a single pass must move, each input read once and each output written once:
-  ``stage_combine`` (S = 6 stages) reads y and S stages, writes out: (S + 2) d;
-  ``dopri5_finish`` reads y0 and 6 stages (k2 has weight 0 and is not loaded),
-  writes y1 and err: 9 d (+ the per-block partial sums and the norm, negligible);
-  ``dopri5_dense`` reads y0, y1 and 6 stages (not k2, whose weight is 0; k1 and k7
-  are read a second time for bspl and r4, but from the same addresses, so counted once), writes
-  4 trajectory rows: 12 d; ``heun_update`` corrector reads lam, a, b, writes out: 4 d.
-  Times the element size.
-* ``GB/s`` = bytes / fused time, ``% copy`` = that over the measured copy bandwidth.
-* ``ref_us`` / ``ref_eager_us``: the plain-PyTorch reference (which allocates its results and
-  makes several passes), graph-replayed and eager; ``speedup`` = ref / fused for each.
-
-Sizes that do not fit in free GPU memory are skipped (and listed). Results are printed as a
-markdown table and written to ``--out`` as JSON. On a machine without CUDA it prints
-"no CUDA device" and exits 0 (``--device cpu`` runs the same code path on the CPU with
-wall-clock timing, to check the script itself).
+What it measures (copy, fused and reference times, bytes, GB/s): docs/benchmarks.md, Methods.
+Without CUDA it prints "no CUDA device" and exits 0.
 """
 
 import argparse
-import json
 import math
-import os
 import platform
-import statistics
 import sys
-import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-from _kernel_cases import (EXTRA, OPS, READS, WRITES, check_agree, fused_call,
-                           make_inputs, reference_call)
+from .common.kernel_cases import EXTRA, OPS, READS, WRITES, check_agree, fused_call, make_inputs, reference_call
+from .common.machine import machine_info
+from .common.memory import free_pages_bytes
+from .common.results import d_label, write_json
+from .common.timing import median_time
 
 DEFAULT_SIZES = "1e5,1e6,1e7,1e8"
 
@@ -79,40 +53,11 @@ def parse_ops(text: str) -> List[str]:
 
 # ---- timing ------------------------------------------------------------------------------
 
-class Timer:
-    """Median time of ``fn`` over ``repeats`` runs after ``warmup`` runs, in seconds: CUDA events
-    on a GPU, ``time.perf_counter`` on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def median(self, fn: Callable[[], None], repeats: int, warmup: int) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-            ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-            for s, e in zip(starts, ends):
-                s.record()
-                fn()
-                e.record()
-            torch.cuda.synchronize()
-            times = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
-        else:
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int, timer: Timer, repeats: int) -> Dict:
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> Dict:
     n = nbytes // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    t = timer.median(lambda: dst.copy_(src), repeats=repeats, warmup=3)
+    t = median_time(lambda: dst.copy_(src), device, repeats=repeats, warmup=3)
     moved = 2 * n * 4
     del src, dst
     return {"bytes": moved, "median_s": t, "GBps": moved / t / 1e9}
@@ -152,8 +97,8 @@ def graphed(fn: Callable[[], None], device: torch.device) -> Optional[Callable[[
 
 # ---- the measurement ---------------------------------------------------------------------
 
-def measure(op: str, d: int, dtype: torch.dtype, device: torch.device, timer: Timer,
-            args, l2_bytes: int, free_bytes: int) -> Dict:
+def measure(op: str, d: int, dtype: torch.dtype, device: torch.device, args, l2_bytes: int,
+            free_bytes: int) -> Dict:
     esize = torch.empty((), dtype=dtype).element_size()
     bytes_moved = (READS[op] + WRITES[op]) * d * esize
     per_set = (READS[op] + WRITES[op] + EXTRA[op]) * d * esize
@@ -178,11 +123,11 @@ def measure(op: str, d: int, dtype: torch.dtype, device: torch.device, timer: Ti
 
     for name, fns in (("fused", fused), ("ref", refs)):
         run = batch(fns, calls)
-        eager = timer.median(run, repeats=repeats, warmup=args.warmup) / calls
+        eager = median_time(run, device, repeats=repeats, warmup=args.warmup) / calls
         row[f"{name}_eager_us"] = eager * 1e6
         replay = graphed(run, device) if not args.no_graph else None
         if replay is not None:
-            t = timer.median(replay, repeats=repeats, warmup=args.warmup) / calls
+            t = median_time(replay, device, repeats=repeats, warmup=args.warmup) / calls
             row[f"{name}_graph"] = True
         else:
             t = eager
@@ -207,7 +152,7 @@ def markdown(result: Dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
-        d = f"1e{round(math.log10(r['d']))}" if 10 ** round(math.log10(r["d"])) == r["d"] else str(r["d"])
+        d = d_label(r["d"])
         if "skipped" in r:
             lines.append(f"| {r['op']} | {d} | – | {r['bytes'] / 1e6:.1f} | skipped: {r['skipped']} "
                          "| | | | | | | |")
@@ -220,8 +165,9 @@ def markdown(result: Dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_bandwidth", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", metavar="PATH.json", help="write the results as JSON here")
     p.add_argument("--sizes", type=parse_sizes, default=parse_sizes(DEFAULT_SIZES),
@@ -239,8 +185,22 @@ def main(argv=None) -> int:
     p.add_argument("--copy-mb", type=float, default=1024, help="copy-bandwidth buffer in MB (default 1024)")
     p.add_argument("--mem-fraction", type=float, default=0.8, help="use at most this share of free memory")
     p.add_argument("--no-graph", action="store_true", help="time eager calls only (no CUDA graphs)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def device_limits(device: torch.device):
+    """(name, L2 bytes, free bytes, total bytes) of the device; on the CPU rough stand-ins."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        props = torch.cuda.get_device_properties(device)
+        free, total = torch.cuda.mem_get_info(device)
+        return props.name, int(getattr(props, "L2_cache_size", 0) or 50 * 2**20), free, total
+    free = free_pages_bytes()
+    return platform.processor() or platform.machine() or "cpu", 32 * 2**20, free, free
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
@@ -248,45 +208,18 @@ def main(argv=None) -> int:
         print("no CUDA device: torch.cuda.is_available() is False; nothing to measure "
               "(use --device cpu to exercise the script on the CPU)")
         if args.out:
-            with open(args.out, "w") as fh:
-                json.dump({"cuda_available": False, "torch": torch.__version__, "results": []}, fh, indent=2)
+            write_json(args.out, {"cuda_available": False, "torch": torch.__version__, "results": []}, indent=2)
         return 0
 
-    try:  # after the CUDA check; registers torch.ops.amaml_ext.*
-        import amaml_ext
-    except ModuleNotFoundError:  # run from a checkout with an in-place build, not installed
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        import amaml_ext
-
     dtype = getattr(torch, args.dtype)
-    timer = Timer(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        props = torch.cuda.get_device_properties(device)
-        name = props.name
-        l2 = int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
-        free, total = torch.cuda.mem_get_info(device)
-        copy_bytes = int(min(args.copy_mb * 1e6, free / 4))
-    else:
-        name = platform.processor() or platform.machine() or "cpu"
-        l2 = 32 * 2**20  # a rough stand-in for the last-level cache
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            free = 4 * 2**30
-        total = free
-        copy_bytes = int(min(args.copy_mb * 1e6, free / 4))
-
+    name, l2, free, total = device_limits(device)
+    copy_bytes = int(min(args.copy_mb * 1e6, free / 4))
     result = {"cuda_available": torch.cuda.is_available(), "device": str(device),
               "device_name": name, "torch": torch.__version__, "dtype": args.dtype,
               "l2_bytes": l2, "memory_total_bytes": total, "args": {
-                  k: v for k, v in vars(args).items() if k not in ("out",)}}
-    try:
-        result["amaml_ext"] = amaml_ext.build_info()
-    except Exception as exc:  # pragma: no cover
-        result["amaml_ext"] = f"unavailable: {exc}"
+                  k: v for k, v in vars(args).items() if k not in ("out",)}, "machine": machine_info(device)}
     print(f"{name}: measuring copy bandwidth ({copy_bytes / 1e6:.0f} MB buffer)...", flush=True)
-    result["copy"] = copy_bandwidth(device, copy_bytes, timer, repeats=20)
+    result["copy"] = copy_bandwidth(device, copy_bytes, repeats=20)
     print(f"  copy: {result['copy']['GBps']:.0f} GB/s (read + write)", flush=True)
 
     rows = []
@@ -295,7 +228,7 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 free, _ = torch.cuda.mem_get_info(device)
-            row = measure(op, d, dtype, device, timer, args, l2, free)
+            row = measure(op, d, dtype, device, args, l2, free)
             rows.append(row)
             if "skipped" in row:
                 print(f"  {op:14s} d={d:>10d}: skipped ({row['skipped']})", flush=True)
@@ -308,9 +241,7 @@ def main(argv=None) -> int:
     print()
     print(markdown(result))
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
-        print(f"\nwrote {args.out}")
+        write_json(args.out, result, indent=2)
     return 0
 
 
