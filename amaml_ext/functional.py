@@ -252,6 +252,7 @@ class TaskFunctions:
         self.grad_evals = 0
         self.hvp_evals = 0
         self.linearisations = 0
+        self.param_vjps = 0
         self._lin_key = None
         self._lin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._grad_key = None
@@ -351,6 +352,7 @@ class TaskFunctions:
         if key is None or key != self._lin_key or self._lin is None:
             raise RuntimeError(f"TaskFunctions.param_vjp: no linearisation kept for key {key!r}")
         _, g = self._lin
+        self.param_vjps += 1
         grads = torch.autograd.grad(g, list(params), w, retain_graph=True, allow_unused=True)
         return tuple(torch.zeros_like(p) if d is None else d for p, d in zip(params, grads))
 

@@ -112,7 +112,7 @@ def _report(job: Dict[str, Any], out: Dict, checks: Dict) -> None:
     flow, stats = job["flow"], job["stats"]
     if stats is not None:
         stats.update(adjoint_steps=out["steps"], hvps=flow.fns.hvp_evals, linearisations=flow.fns.linearisations,
-                     **checks)
+                     param_vjps=flow.fns.param_vjps, grad_evals=flow.fns.grad_evals, **checks)
     estimate = checks.get("adjoint_error_estimate")
     if estimate is None or estimate <= job["error_tol"]:
         return

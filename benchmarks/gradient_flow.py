@@ -1,0 +1,134 @@
+"""What ``gradient_flow`` + ``.backward()`` costs against ``adjoint_meta_grad`` (the same solve),
+and what each extra gradient adds (step sizes ``lr``, ``adjoint_params``, the horizon ``T``),
+timed side by side and interleaved in one process.
+
+    python -m benchmarks.gradient_flow --reps 15 --out docs/results/gradient_flow_cpu.json
+    python -m benchmarks.gradient_flow --quick --reps 1
+
+Settings and method: docs/benchmarks.md, Methods.
+"""
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from torch.nn import functional as F
+
+import amaml_ext
+from amaml_ext import models, tasks, unflatten_params
+
+from .common.machine import machine_info
+from .common.results import write_json
+
+
+def settings(quick: bool):
+    pool = tasks.CosMixture(100, 100).pool(5, seed=0).all(dtype=torch.float32)
+    out = [("CosMixture MLP, 5 tasks, T=2, h=0.01, dopri5+heun", models.mlp(width=32), pool,
+            dict(T=2.0, h=0.01)),
+           ("CosMixture MLP, 5 tasks, K=200 GD steps of 0.01, exact (euler+discrete)", models.mlp(width=32), pool,
+            dict(T=2.0, h=0.01, solver="euler", adjoint="discrete"))]
+    if not quick:
+        torch.manual_seed(0)
+        conv = models.Conv4(ways=20, channels=16, activation="gelu", pool="avg")
+        g = torch.Generator().manual_seed(0)
+        xs, xq = torch.rand(5, 20, 1, 28, 28, generator=g), torch.rand(5, 20, 1, 28, 28, generator=g)
+        y = torch.arange(20).expand(5, 20).clone()
+        out.append(("smooth Conv4 (16 ch), 5 tasks 20-way 1-shot, T=0.05, h=0.002, dopri5+heun", conv,
+                    tasks.TaskBatch((xs, y), (xq, y)), dict(T=0.05, h=0.002)))
+    return out
+
+
+def query_loss(net, loss, u, batch):
+    f = lambda w, x: torch.func.functional_call(net, unflatten_params(net, w), (x,))  # noqa: E731
+    return torch.func.vmap(lambda w, x, y: loss(f(w, x), y))(u, *batch.query).sum()
+
+
+def variants(net, batch, opts, loss):
+    """name -> a call returning its stats: the same meta-gradient five ways."""
+    kw = dict(opts)
+    T = kw.pop("T")
+    theta0 = amaml_ext.flatten_params(net)
+    continuous = kw.get("adjoint", "heun") != "discrete"
+
+    def amg():
+        return amaml_ext.adjoint_meta_grad(net, loss, theta0, T, support=batch.support, query=batch.query,
+                                           batched=True, **kw).stats
+
+    def flow(lr=False, phi=False, learn_T=False):
+        def run():
+            theta = theta0.clone().requires_grad_()
+            stats, inputs = {}, [theta]
+            extra = {}
+            if lr:
+                extra["lr"] = torch.ones_like(theta, requires_grad=True)
+                inputs.append(extra["lr"])
+            fn = loss
+            if phi:
+                w = torch.ones((), requires_grad=True)
+                fn = lambda p, y: w * loss(p, y)  # noqa: E731
+                extra["adjoint_params"] = [w]
+                inputs.append(w)
+            horizon = torch.tensor(T, requires_grad=True) if learn_T else T
+            if learn_T:
+                inputs.append(horizon)
+            u = amaml_ext.gradient_flow(net, fn, theta, horizon, batch.support, batched=True, stats=stats, **kw, **extra)
+            torch.autograd.grad(query_loss(net, loss, u, batch), inputs)
+            return stats
+        return run
+
+    out = {"adjoint_meta_grad": amg, "gradient_flow + backward": flow(), "+ lr [d]": flow(lr=True),
+           "+ adjoint_params": flow(phi=True)}
+    if continuous:
+        out["+ T"] = flow(learn_T=True)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gradient_flow", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="MLP settings only")
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    rows = []
+    for name, net, batch, opts in settings(args.quick):
+        calls = variants(net, batch, opts, F.mse_loss if batch.support[1].is_floating_point() else F.cross_entropy)
+        for fn in calls.values():          # warm-up outside the timings
+            fn()
+        times, stats = {k: [] for k in calls}, {}
+        for _ in range(args.reps):
+            for k, fn in calls.items():     # interleaved: drift in the machine's speed hits all alike
+                t0 = time.perf_counter()
+                stats[k] = fn()
+                times[k].append(time.perf_counter() - t0)
+        ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        base = ms["gradient_flow + backward"]
+        row = {"setting": name, "ms": ms, "ratio_flow_vs_amg": base / ms["adjoint_meta_grad"],
+               "ratio_vs_flow": {k: v / base for k, v in ms.items()},
+               "hvps": {k: s.get("hvps") for k, s in stats.items()},
+               "param_vjps": {k: s.get("param_vjps", 0) for k, s in stats.items()},
+               "adjoint_steps": stats["gradient_flow + backward"].get("adjoint_steps"),
+               "grid_steps": stats["adjoint_meta_grad"]["grid_steps"]}
+        rows.append(row)
+        print(f"{name}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()), flush=True)
+    if args.out:
+        meta = {"date": time.strftime("%Y-%m-%d"), "reps": args.reps, **machine_info("cpu")}
+        write_json(args.out, {"meta": meta, "rows": rows})
+    print("\n| setting | adjoint_meta_grad (ms) | gradient_flow + backward (ms) | ratio | + lr [d] | + adjoint_params "
+          "| + T | HVPs | extra VJPs (adjoint_params) / grid steps |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        q = r["ratio_vs_flow"]
+        t = f"x{q['+ T']:.3f}" if "+ T" in q else "n/a (exact)"
+        print(f"| {r['setting']} | {r['ms']['adjoint_meta_grad']:.1f} | {r['ms']['gradient_flow + backward']:.1f} | "
+              f"{r['ratio_flow_vs_amg']:.3f} | x{q['+ lr [d]']:.3f} | x{q['+ adjoint_params']:.3f} | {t} | "
+              f"{r['hvps']['adjoint_meta_grad']} | {r['param_vjps']['+ adjoint_params']} / {r['grid_steps']} |")
+
+
+if __name__ == "__main__":
+    main()
