@@ -17,7 +17,8 @@ import torch
 from torch.nn import functional as F
 
 import amaml_ext
-from amaml_ext import models, tasks, unflatten_params
+from amaml_ext import models, tasks
+from amaml_ext.functional import TaskFunctions
 
 from .common.machine import machine_info
 from .common.results import write_json
@@ -41,8 +42,8 @@ def settings(quick: bool):
 
 
 def query_loss(net, loss, u, batch):
-    f = lambda w, x: torch.func.functional_call(net, unflatten_params(net, w), (x,))  # noqa: E731
-    return torch.func.vmap(lambda w, x, y: loss(f(w, x), y))(u, *batch.query).sum()
+    """The summed query loss at ``u`` (``[B, d]``), as adjoint_meta_grad evaluates it (BatchNorm included)."""
+    return TaskFunctions(net, loss, batch.support, batch.query, batched=True).losses(u, batch.query).sum()
 
 
 def variants(net, batch, opts, loss):
