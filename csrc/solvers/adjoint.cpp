@@ -213,15 +213,6 @@ const AdjointScheme kAdjointSchemes[] = {
     {"discrete", 1, 0, solve_discrete},
 };
 
-const AdjointScheme& find_scheme(const std::string& method) {
-  std::string names;
-  for (const auto& s : kAdjointSchemes) {
-    if (method == s.name) return s;
-    names += std::string(names.empty() ? "" : ", ") + s.name;
-  }
-  throw py::value_error("amaml_ext.ode.solve_adjoint: unknown method '" + method + "' (one of " + names + ")");
-}
-
 // The companion's rows are the absolute rows r = row0 + j with (r - phase) % stride == 0,
 // where phase makes them fine nodes (rk4: the pair nodes, whose parity is that of the first
 // one below an odd top step). It runs on [lo, hi], the widest span with such rows at both ends.
@@ -258,16 +249,12 @@ void check_lambda_finite(const at::Tensor& lam, double t, int64_t row, const cha
 
 }  // namespace
 
-std::vector<std::string> adjoint_schemes() {
-  std::vector<std::string> names;
-  for (const auto& s : kAdjointSchemes) names.emplace_back(s.name);
-  return names;
-}
+std::vector<std::string> adjoint_schemes() { return scheme_names(kAdjointSchemes); }
 
 py::tuple adjoint_solve(py::function vjp, const at::Tensor& traj, std::vector<int64_t> shape,
                         const at::Tensor& times, const at::Tensor& lam_T, const std::string& method,
                         std::optional<at::Tensor> coarse, int64_t row0, std::optional<py::function> node) {
-  const AdjointScheme& scheme = find_scheme(method);
+  const AdjointScheme& scheme = find_scheme(kAdjointSchemes, method, "solve_adjoint");
   AdjointRun run(std::move(vjp), traj, std::move(shape), times, lam_T, std::move(node));
   if (coarse.has_value() && scheme.coarse_stride > 0) run.start_coarse(scheme, *coarse, row0);
   scheme.solve(run);

@@ -91,6 +91,25 @@ inline std::vector<double> grid_times(const at::Tensor& times) {
   return out;
 }
 
+// The names of a name -> scheme table (an array of structs with a `name`).
+template <class Scheme, size_t N>
+std::vector<std::string> scheme_names(const Scheme (&table)[N]) {
+  std::vector<std::string> names;
+  for (const auto& s : table) names.emplace_back(s.name);
+  return names;
+}
+
+// The entry of `table` named `method`; `caller` names the Python function in the error.
+template <class Scheme, size_t N>
+const Scheme& find_scheme(const Scheme (&table)[N], const std::string& method, const char* caller) {
+  std::string names;
+  for (const auto& s : table) {
+    if (method == s.name) return s;
+    names += std::string(names.empty() ? "" : ", ") + s.name;
+  }
+  throw py::value_error(cat("amaml_ext.ode.", caller, ": unknown method '", method, "' (one of ", names, ")"));
+}
+
 // The counts a forward solve returns (amaml_ext.ode.SolverStats).
 inline py::dict forward_stats(int64_t nfe, int64_t accepted, int64_t rejected, double h_initial) {
   py::dict s;

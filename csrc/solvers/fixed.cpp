@@ -41,12 +41,6 @@ const FixedScheme kFixedSchemes[] = {
     {"rk4", rk4_step},
 };
 
-const FixedScheme& find_scheme(const std::string& method) {
-  for (const auto& s : kFixedSchemes)
-    if (method == s.name) return s;
-  throw py::value_error("amaml_ext.ode.solve_forward: unknown fixed-step method '" + method + "'");
-}
-
 // Raises if the trajectory holds a non-finite value, naming the first such grid row.
 // Checked in blocks of rows (about 256k elements each) so that the temporaries of isfinite (an
 // abs copy and boolean masks) stay small: a whole-trajectory isfinite would almost triple the
@@ -73,15 +67,11 @@ void check_trajectory_finite(const at::Tensor& traj, const at::Tensor& times, co
 
 }  // namespace
 
-std::vector<std::string> fixed_schemes() {
-  std::vector<std::string> names;
-  for (const auto& s : kFixedSchemes) names.emplace_back(s.name);
-  return names;
-}
+std::vector<std::string> fixed_schemes() { return scheme_names(kFixedSchemes); }
 
 py::tuple fixed_forward(py::function f, const at::Tensor& y0, std::vector<int64_t> shape,
                         const at::Tensor& times, const std::string& method) {
-  const FixedStep step = find_scheme(method).step;
+  const FixedStep step = find_scheme(kFixedSchemes, method, "solve_forward").step;
   const int64_t n = times.size(0) - 1;
   at::Tensor traj = at::empty({n + 1, y0.size(0), y0.size(1)}, y0.options());
   traj[0].copy_(y0);
