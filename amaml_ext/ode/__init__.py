@@ -27,7 +27,7 @@ drivers), :mod:`~amaml_ext.ode.solve` (``solve_forward``, ``solve_adjoint``, ``T
 :mod:`~amaml_ext.ode.grid` (the grid).
 """
 
-from .grid import _check_positive_real, _grid_times, grid_size
+from .grid import grid_size, grid_times
 from .rows import adjoint_rows, dopri5_logged, dopri5_replay_rows, forward_rows
 from .schemes import (ADJOINT_METHODS, ADJOINT_SCHEMES, FORWARD_METHODS, FORWARD_SCHEMES, ORDERS, STABILITY_BOUNDS,
                       Scheme, richardson)
@@ -35,4 +35,5 @@ from .solve import AdjointStats, SolverStats, Trajectory, solve_adjoint, solve_f
 
 __all__ = ["ADJOINT_METHODS", "ADJOINT_SCHEMES", "AdjointStats", "FORWARD_METHODS", "FORWARD_SCHEMES", "ORDERS",
            "STABILITY_BOUNDS", "Scheme", "SolverStats", "Trajectory", "adjoint_rows", "dopri5_logged",
-           "dopri5_replay_rows", "forward_rows", "grid_size", "richardson", "solve_adjoint", "solve_forward"]
+           "dopri5_replay_rows", "forward_rows", "grid_size", "grid_times", "richardson", "solve_adjoint",
+           "solve_forward"]

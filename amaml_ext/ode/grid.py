@@ -1,22 +1,8 @@
 """The fixed grid every solve stores its states on: ``t_j = j h``, ``j = 0..N``, ``N = T / h``."""
 
-import math
-import numbers
-
 import torch
 
-
-def _check_positive_real(name: str, value) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise TypeError(f"argument '{name}' must be a real number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"argument '{name}' must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"argument '{name}' must be finite and > 0, got {value}")
-    return value
+from .._checks import positive_real
 
 
 def grid_size(T: float, h: float) -> int:
@@ -24,8 +10,8 @@ def grid_size(T: float, h: float) -> int:
 
     Raises ValueError naming ``T`` and ``h`` otherwise, or when ``h > T``.
     """
-    T = _check_positive_real("T", T)
-    h = _check_positive_real("h", h)
+    T = positive_real("T", T)
+    h = positive_real("h", h)
     if h > T * (1 + 1e-12):
         raise ValueError(f"argument 'h' must be <= T (the grid needs at least one step), got h={h}, T={T}")
     n = round(T / h)
@@ -37,7 +23,7 @@ def grid_size(T: float, h: float) -> int:
     return int(n)
 
 
-def _grid_times(T: float, n: int) -> torch.Tensor:
+def grid_times(T: float, n: int) -> torch.Tensor:
     """``[n+1]`` float64 times ``j * (T / n)``, the last one T exactly."""
     times = torch.arange(n + 1, dtype=torch.float64) * (T / n)
     times[-1] = T

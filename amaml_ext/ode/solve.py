@@ -7,7 +7,8 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from .grid import _check_positive_real, _grid_times, grid_size
+from .._checks import positive_real
+from .grid import grid_size, grid_times
 from .rows import adjoint_rows
 from .schemes import ADJOINT_METHODS, ADJOINT_SCHEMES, FORWARD_METHODS, FORWARD_SCHEMES, richardson
 
@@ -98,7 +99,7 @@ def _adaptive_options(rtol, atol, max_steps, initial_step, n: int) -> Tuple[floa
         max_steps = max(10000, 100 * n)
     if int(max_steps) < 1:
         raise ValueError(f"argument 'max_steps' must be >= 1, got {max_steps}")
-    h0 = 0.0 if initial_step is None else _check_positive_real("initial_step", initial_step)
+    h0 = 0.0 if initial_step is None else positive_real("initial_step", initial_step)
     return rtol, atol, int(max_steps), h0
 
 
@@ -130,7 +131,7 @@ def solve_forward(f: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Te
     T = float(T.item() if isinstance(T, torch.Tensor) else T)
     if method not in FORWARD_METHODS:
         raise ValueError(f"argument 'method' must be one of {FORWARD_METHODS}, got {method!r}")
-    times = _grid_times(T, n)
+    times = grid_times(T, n)
     shape = list(y0.shape)
     y2 = _as_2d(y0, batched)
     scheme = FORWARD_SCHEMES[method]
