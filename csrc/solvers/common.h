@@ -1,7 +1,8 @@
 // What the solver drivers (dopri5.cpp, fixed.cpp, adjoint.cpp) share: the wrapper of the
-// user's callbacks, the counts they return, and the classical RK4 and Heun steps taken one
-// stage at a time (so the forward solve, the adjoint and its step-doubling companion, whose
-// stages are evaluated at different moments, run the same arithmetic).
+// user's callbacks, the grid, the name -> scheme lookup, the counts they return, and the
+// classical RK4 and Heun steps taken one stage at a time (so the forward solve, the adjoint and
+// its step-doubling companion, whose stages are evaluated at different moments, run the same
+// arithmetic).
 #pragma once
 
 #include <torch/extension.h>

@@ -4,7 +4,7 @@
 // through the fused ops (torch.ops.amaml_ext.*), so it runs on the state's device.
 //
 // States are [B, d] (B tasks); `shape` is the shape the callbacks see; `times` are the float64
-// grid times t_0..t_N on the CPU. Python's amaml_ext.ode checks every argument before.
+// grid times t_0..t_N on the CPU. The callers (amaml_ext.ode) check the arguments.
 #pragma once
 
 #include <torch/extension.h>
