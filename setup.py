@@ -112,7 +112,8 @@ def extension():
     with_cuda = want_cuda()
     archs = cuda_arch_list() if with_cuda else ""
     include_dirs = [str(ROOT / "csrc"), str(write_build_config(with_cuda, archs))]
-    sources = ["csrc/ops.cpp", "csrc/cpu/kernels_cpu.cpp", "csrc/drivers.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/cpu/kernels_cpu.cpp", "csrc/solvers/dopri5.cpp", "csrc/solvers/fixed.cpp",
+               "csrc/solvers/adjoint.cpp", "csrc/bindings.cpp"]
     # at::parallel_for is a header template: without -fopenmp it runs single-threaded. At run
     # time libgomp.so.1 resolves to the copy torch has already loaded.
     cxx = ["-O3", "-fopenmp"]

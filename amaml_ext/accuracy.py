@@ -33,15 +33,12 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+# The orders and stability bounds of the schemes, and the step-doubling estimate, live with the
+# schemes (amaml_ext.ode.schemes); re-exported here.
+from .ode.schemes import ORDERS, STABILITY_BOUNDS, richardson  # noqa: F401
+
 __all__ = ["AdjointAccuracyWarning", "AdjointAccuracyError", "ORDERS", "STABILITY_BOUNDS",
            "ErrorMonitor", "lambda_max", "advice", "stability_bound"]
-
-ORDERS = {"heun": 2, "rk4": 4, "euler": 1, "dopri5": 5}
-"""Order of each scheme."""
-
-STABILITY_BOUNDS = {"heun": 2.0, "rk4": 2.785, "euler": 2.0}
-"""Largest ``h * lambda`` on the negative real axis for which each fixed-step scheme is stable
-(explicit Euler and Heun: 2; classical RK4: about 2.785). dopri5 chooses its own steps."""
 
 
 class AdjointAccuracyWarning(RuntimeWarning):
@@ -98,15 +95,6 @@ class ErrorMonitor:
             return torch.zeros(())
         tiny = torch.finfo(self.drift.dtype).tiny
         return torch.where(self.scale > tiny, self.drift / self.scale.clamp_min(tiny), torch.zeros_like(self.drift))
-
-
-def richardson(lam: torch.Tensor, lam_coarse: torch.Tensor, method: str) -> torch.Tensor:
-    """Per-row relative error estimate ``|lam - lam_c| / (2^p - 1) / |lam|``."""
-    p = ORDERS[method]
-    num = (lam - lam_coarse).norm(dim=-1) / (2 ** p - 1)
-    den = lam.norm(dim=-1)
-    tiny = torch.finfo(lam.dtype).tiny
-    return torch.where(den > tiny, num / den.clamp_min(tiny), torch.where(num > 0, torch.full_like(num, math.inf), num))
 
 
 def lambda_max(hvp: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor, iters: int = 12) -> float:

@@ -1,5 +1,7 @@
-"""Thin typed wrappers of the fused ops ``torch.ops.amaml_ext.*`` and their fake (meta)
-implementations, so the ops work under ``torch.compile`` and pass ``torch.library.opcheck``.
+"""Thin typed wrappers of the fused ops ``torch.ops.amaml_ext.*``, each followed by its fake
+(meta) implementation, so the ops work under ``torch.compile`` and pass
+``torch.library.opcheck``. The ops only write their outputs and return nothing, so each fake
+returns None.
 
 Every op writes into preallocated outputs; the wrappers allocate them when not given.
 States are ``[d]`` (one task) or ``[B, d]`` (B tasks), float32 or float64. The same math in
@@ -31,6 +33,11 @@ def stage_combine(y: torch.Tensor, stages: Sequence[torch.Tensor], coeffs: Seque
     return out
 
 
+@torch.library.register_fake("amaml_ext::stage_combine")
+def _stage_combine_fake(y, stages, coeffs, h, out):
+    return None
+
+
 def dopri5_finish(y0: torch.Tensor, stages: Sequence[torch.Tensor], h: float, rtol: float,
                   atol: float, y1: Optional[torch.Tensor] = None,
                   err: Optional[torch.Tensor] = None,
@@ -48,6 +55,11 @@ def dopri5_finish(y0: torch.Tensor, stages: Sequence[torch.Tensor], h: float, rt
     return y1, err, err_norm
 
 
+@torch.library.register_fake("amaml_ext::dopri5_finish")
+def _dopri5_finish_fake(y0, stages, h, rtol, atol, y1, err, err_norm):
+    return None
+
+
 def dopri5_dense(y0: torch.Tensor, y1: torch.Tensor, stages: Sequence[torch.Tensor], h: float,
                  thetas: Sequence[float], trajectory: torch.Tensor, first_row: int) -> torch.Tensor:
     """Write ``y(t0 + theta_i h)`` (Hairer's continuous extension of an accepted DOPRI5 step)
@@ -57,6 +69,11 @@ def dopri5_dense(y0: torch.Tensor, y1: torch.Tensor, stages: Sequence[torch.Tens
     return trajectory
 
 
+@torch.library.register_fake("amaml_ext::dopri5_dense")
+def _dopri5_dense_fake(y0, y1, stages, h, thetas, first_row, trajectory):
+    return None
+
+
 def heun_update(lam: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor], h: float,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Heun adjoint update: ``lam + h/2 (a + b)``, or ``lam + h a`` when ``b`` is None."""
@@ -64,23 +81,6 @@ def heun_update(lam: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor], h
         out = torch.empty_like(lam, memory_format=torch.contiguous_format)
     _ops.heun_update(lam, a, b, float(h), out)
     return out
-
-
-# ---- fake implementations: the ops only mutate their outputs and return nothing ----------
-
-@torch.library.register_fake("amaml_ext::stage_combine")
-def _stage_combine_fake(y, stages, coeffs, h, out):
-    return None
-
-
-@torch.library.register_fake("amaml_ext::dopri5_finish")
-def _dopri5_finish_fake(y0, stages, h, rtol, atol, y1, err, err_norm):
-    return None
-
-
-@torch.library.register_fake("amaml_ext::dopri5_dense")
-def _dopri5_dense_fake(y0, y1, stages, h, thetas, first_row, trajectory):
-    return None
 
 
 @torch.library.register_fake("amaml_ext::heun_update")

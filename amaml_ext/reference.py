@@ -2,19 +2,25 @@
 
 Tests compare every fused op against these on fresh random inputs, and the benchmarks time
 them as the unfused baseline. They allocate and make several passes over memory; the fused
-ops make one.
+ops make one. Each mirror takes the arguments of its wrapper in :mod:`amaml_ext.ops` in the
+same order, without the output buffers, and returns the outputs.
 """
 
 from typing import Sequence, Tuple
 
 import torch
 
-# Dormand-Prince 5(4) weights (Hairer, Norsett & Wanner, Table 5.2); see csrc/dopri5_tableau.h.
-DOPRI5_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
-DOPRI5_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
-DOPRI5_D = (-12715105075 / 11282082432, 0.0, 87487479700 / 32700410799,
-            -10690763975 / 1880347072, 701980252875 / 199316789632,
-            -1453857185 / 822651844, 69997945 / 29380423)
+from . import _C
+
+# Dormand-Prince 5(4) weights (Hairer, Norsett & Wanner, II.5, Table 5.2): the numbers of
+# csrc/solvers/tableaus.h, their one copy, read through the extension.
+_DOPRI5 = _C.tableaus()["dopri5"]
+DOPRI5_B = tuple(_DOPRI5["b"])
+"""5th-order weights of k1..k6 (b_7 = 0)."""
+DOPRI5_E = tuple(_DOPRI5["e"])
+"""Embedded error weights of k1..k7."""
+DOPRI5_D = tuple(_DOPRI5["d"])
+"""Dense-output weights of k1..k7 (Hairer's contd5)."""
 
 
 def _weighted(stages: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:

@@ -7,7 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "dopri5_tableau.h"
+#include "solvers/tableaus.h"
 
 #if defined(__CUDACC__)
 #define AMAML_HD __host__ __device__ __forceinline__
@@ -59,7 +59,7 @@ AMAML_HD T dopri5_finish_element(const T* y0, const StageRefs<T>& sol, const Sta
   return r * r;
 }
 
-// Hairer's contd5 polynomial pieces for one element (see dopri5_tableau.h).
+// Hairer's contd5 polynomial pieces for one element (see solvers/tableaus.h).
 template <typename T>
 struct DenseCoeffs {
   T y0, ydiff, bspl, r4, r5, y1;

@@ -304,3 +304,19 @@ def test_adjoint_non_finite_is_reported():
     traj = ode.solve_forward(lambda t, y: -y, torch.ones(2, dtype=F64), 1.0, 0.1)
     with pytest.raises(ValueError, match=r"adjoint became non-finite"):
         ode.solve_adjoint(lambda t, y, v: v * float("inf"), traj, torch.ones(2, dtype=F64))
+
+
+def test_scheme_registry_matches_the_drivers():
+    """Every scheme of the registry has an entry of its name in the C++ step tables and back;
+    accuracy's orders and bounds are the registry's."""
+    from amaml_ext import _C, accuracy
+
+    on_grid = [name for name, s in ode.FORWARD_SCHEMES.items() if not s.adaptive]
+    assert sorted(on_grid) == sorted(_C.fixed_schemes())
+    assert sorted(ode.ADJOINT_SCHEMES) == sorted(_C.adjoint_schemes())
+    assert ode.FORWARD_METHODS == ("dopri5", "rk4", "euler") and ode.ADJOINT_METHODS == ("heun", "rk4", "discrete")
+    assert accuracy.ORDERS is ode.ORDERS and accuracy.STABILITY_BOUNDS is ode.STABILITY_BOUNDS
+    assert accuracy.richardson is ode.richardson
+    traj = ode.solve_forward(lambda t, y: -y, torch.ones(1, 2, dtype=F64), 1.0, 0.5, method="euler", batched=True)
+    with pytest.raises(ValueError, match=r"unknown method 'nope' \(one of heun, rk4, discrete\)"):
+        _C.adjoint_solve(lambda t, y, v: v, traj.states, [1, 2], traj.times, torch.ones(1, 2, dtype=F64), "nope")

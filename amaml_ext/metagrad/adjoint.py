@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 from torch import nn
 
-from .. import accuracy
+from .. import accuracy, ode
 from ..accuracy import AdjointAccuracyError, AdjointAccuracyWarning
 from ..functional import TaskFunctions
 from .checks import check_call, check_solver_options
@@ -109,7 +109,7 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
                                      memory=memory, batched=batched, compile=compile, strict=strict, refine=refine,
                                      error_estimate=error_estimate, error_tol=error_tol, memory_modes=MEMORY_MODES)
     check_solver_options(rtol, atol, max_steps, memory_budget)
-    estimate = error_estimate if error_estimate is not False and adjoint != "discrete" else False
+    estimate = error_estimate if error_estimate is not False and ode.ADJOINT_SCHEMES[adjoint].error_estimate else False
     fns = TaskFunctions(model, loss, support, query, batched, compile=compile)
     flow = FlowSolve(fns, theta, T, h=h, solver=solver, adjoint=adjoint, rtol=rtol, atol=atol, memory=memory,
                      batched=batched, batch=batch, memory_budget=memory_budget, max_steps=max_steps)

@@ -8,7 +8,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from .. import ode
+from .. import _checks, ode
 from ..functional import param_shapes
 
 
@@ -87,4 +87,4 @@ def check_call(model, loss, theta, support, query, *, solver: str, adjoint: str,
     if error_estimate not in (True, False, "drift", "richardson"):
         raise ValueError(f"argument 'error_estimate' must be True, False, 'drift' or 'richardson', "
                          f"got {error_estimate!r}")
-    return d, batch, ode._check_positive_real("error_tol", error_tol)
+    return d, batch, _checks.positive_real("error_tol", error_tol)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .. import _checks, accuracy
+from .. import _checks, accuracy, ode
 from ..accuracy import AdjointAccuracyError, AdjointAccuracyWarning
 from ..functional import LossFn, TaskFunctions
 from .checks import check_call, check_solver_options
@@ -178,7 +178,7 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
     flow = FlowSolve(fns, theta, T, h=h, solver=solver, adjoint=adjoint, rtol=rtol, atol=atol, memory=memory,
                      batched=batched, batch=batch, memory_budget=memory_budget, max_steps=max_steps, lr=lr_value)
     flow.fwd.reusable = True          # backward may run more than once (retain_graph, gradcheck)
-    estimate = error_estimate if error_estimate is not False and adjoint != "discrete" else False
+    estimate = error_estimate if error_estimate is not False and ode.ADJOINT_SCHEMES[adjoint].error_estimate else False
     job = dict(flow=flow, params=params, batched=batched, estimate=estimate, error_tol=error_tol, strict=strict,
                stats=stats, T=T if isinstance(T, torch.Tensor) else None,
                lr_dtype=lr.dtype if isinstance(lr, torch.Tensor) else None)

@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .. import ode
+from .. import _checks, ode
 
 MEMORY_MODES = ("store", "checkpoint", "auto")
 
@@ -82,14 +82,14 @@ def default_budget(device: torch.device) -> int:
 def make_plan(u0: torch.Tensor, T, h, *, batched: bool, batch: int, memory: str, memory_budget,
               max_steps: Optional[int]) -> Plan:
     """The plan for the start state ``u0`` (``[d]`` or ``[B, d]``)."""
-    h = ode._check_positive_real("h", h)
+    h = _checks.positive_real("h", h)
     T_max, per_task_T = horizons(T, h, batched, batch)
     n = ode.grid_size(T_max, h)
     state_bytes = u0.numel() * u0.element_size()
     if memory == "auto":
         budget = default_budget(u0.device) if memory_budget is None else int(memory_budget)
         memory = "store" if (n + 1) * state_bytes <= budget else "checkpoint"
-    return Plan(n=n, h=h, T=T_max, times=ode._grid_times(T_max, n), phases=phases(per_task_T, n, h, u0),
+    return Plan(n=n, h=h, T=T_max, times=ode.grid_times(T_max, n), phases=phases(per_task_T, n, h, u0),
                 memory=memory, m=segment_length(n), shape=list(u0.shape), rows=batch if batched else 1,
                 max_steps=max(1000, 10 * n) if max_steps is None else int(max_steps), state_bytes=state_bytes)
 

@@ -1,4 +1,5 @@
-// Unit tests of amaml_ext's CPU kernels (csrc/ops.cpp + csrc/cpu/kernels_cpu.cpp), called
+// Unit tests of amaml_ext's CPU kernels (csrc/ops.cpp + csrc/cpu/kernels_cpu.cpp) and of the
+// tableaus (csrc/solvers/tableaus.h). The kernels are called
 // through the dispatcher exactly as the solver drivers call them, and compared with naive
 // scalar double-precision loops written here.
 //
@@ -28,7 +29,7 @@
 #include <utility>
 #include <vector>
 
-#include "dopri5_tableau.h"
+#include "solvers/tableaus.h"
 #include "op_calls.h"
 
 namespace {
@@ -269,12 +270,50 @@ void ref_dense(const std::vector<double>& y0, const std::vector<double>& y1,
 
 // ---- tests ------------------------------------------------------------------------------------
 
-void test_tableau() {
-  const double eps = 1e-14;
-  auto near = [&](double v, double want, const std::string& what) {
-    expect(std::fabs(v - want) <= eps, what + " = " + fmt(v) + ", expected " + fmt(want));
+// A tableau identity, to rounding.
+void near(double v, double want, const std::string& what) {
+  expect(std::fabs(v - want) <= 1e-14, what + " = " + fmt(v) + ", expected " + fmt(want));
+}
+
+// The fixed-step tableaus: the quadrature conditions sum b c^p = 1/(p+1) up to their order
+// (all of Euler's and Heun's conditions), and RK4's four others ("Solving ODEs I", II.2,
+// Table 2.2) with its matrix a_{i,i-1} = c_i, zero elsewhere.
+void check_fixed_tableaus() {
+  struct Fixed {
+    const char* name;
+    const double* b;
+    const double* c;
+    int stages, order;
   };
-  const double* a[7] = {nullptr, tab::a2, tab::a3, tab::a4, tab::a5, tab::a6, tab::b};
+  const Fixed fixed[] = {{"rk4", amaml::rk4::b, amaml::rk4::c, amaml::rk4::kStages, 4},
+                         {"heun", amaml::heun::b, amaml::heun::c, amaml::heun::kStages, 2},
+                         {"euler", amaml::euler::b, amaml::euler::c, amaml::euler::kStages, 1}};
+  for (const Fixed& m : fixed) {
+    for (int p = 0; p < m.order; ++p) {
+      double s = 0.0;
+      for (int i = 0; i < m.stages; ++i) s += m.b[i] * std::pow(m.c[i], p);
+      near(s, 1.0 / (p + 1), std::string(m.name) + ": sum b c^" + std::to_string(p));
+    }
+  }
+  const double* rb = amaml::rk4::b;
+  const double* rc = amaml::rk4::c;
+  double bac = 0.0, bcac = 0.0, bac2 = 0.0, baac = 0.0;
+  for (int i = 1; i < amaml::rk4::kStages; ++i) {
+    const double ac = rc[i] * rc[i - 1];                          // (A c)_i
+    const double aac = i > 1 ? rc[i] * rc[i - 1] * rc[i - 2] : 0.0;  // (A A c)_i
+    bac += rb[i] * ac;
+    bcac += rb[i] * rc[i] * ac;
+    bac2 += rb[i] * rc[i] * rc[i - 1] * rc[i - 1];
+    baac += rb[i] * aac;
+  }
+  near(bac, 1.0 / 6.0, "rk4: sum b a c");
+  near(bcac, 1.0 / 8.0, "rk4: sum b c a c");
+  near(bac2, 1.0 / 12.0, "rk4: sum b a c^2");
+  near(baac, 1.0 / 24.0, "rk4: sum b a a c");
+}
+
+void test_tableau() {
+  const double* const* a = tab::a_rows;
   for (int i = 1; i < 7; ++i) {
     double s = 0.0;
     for (int j = 0; j < i; ++j) s += a[i][j];
@@ -304,6 +343,7 @@ void test_tableau() {
   }
   near(se, 0.0, "sum e");
   near(sd, 0.0, "sum d (dense output exact for constant f)");
+  check_fixed_tableaus();
 }
 
 void test_stage_combine() {

@@ -1,9 +1,13 @@
-// Dormand-Prince 5(4) tableau (Hairer, Norsett & Wanner, "Solving ODEs I", Table 5.2)
-// and the dense-output coefficients of Hairer's DOPRI5 code (contd5).
-// Pure data: shared by the CPU kernels, the CUDA kernels and the C++ driver.
+// Every Butcher tableau of the solvers, once: Dormand-Prince 5(4) with the dense-output
+// coefficients of Hairer's DOPRI5 code, classical RK4, Heun (explicit trapezoidal rule) and
+// explicit Euler. Pure data: read by the CPU and CUDA kernels (dopri5), the solver drivers
+// (csrc/solvers/*.cpp), the C++ tests, and from Python through _C.tableaus()
+// (amaml_ext.reference).
 #pragma once
 
 namespace amaml {
+
+// ---- Dormand-Prince 5(4) (Hairer, Norsett & Wanner, "Solving ODEs I", II.5, Table 5.2) --------
 namespace dopri5 {
 
 constexpr int kStages = 7;
@@ -22,6 +26,9 @@ constexpr double a6[5] = {9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0
 // 5th-order weights b_i (b_7 = 0). Only the first six enter the solution.
 constexpr double b[6] = {35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0,
                          11.0 / 84.0};
+
+// a_rows[i] is row i + 1 of the Runge-Kutta matrix (i + 1 entries); a_rows[0] is empty.
+constexpr const double* a_rows[kStages] = {nullptr, a2, a3, a4, a5, a6, b};
 
 // Embedded error weights e_i = b_i - bhat_i, bhat the 4th-order weights.
 constexpr double e[kStages] = {71.0 / 57600.0,  0.0,           -71.0 / 16695.0, 71.0 / 1920.0,
@@ -46,4 +53,36 @@ constexpr double e_nz[kErrStages] = {e[0], e[2], e[3], e[4], e[5], e[6]};
 constexpr double d_nz[kErrStages] = {d[0], d[2], d[3], d[4], d[5], d[6]};
 
 }  // namespace dopri5
+
+// ---- classical Runge-Kutta of order 4 (Hairer, Norsett & Wanner, II.1, Table 1.2) -------
+// Its matrix is zero but for the subdiagonal, a_{i,i-1} = c_i: stage i is evaluated at
+// y + h c_i k_{i-1}.
+namespace rk4 {
+
+constexpr int kStages = 4;
+constexpr double c[kStages] = {0.0, 1.0 / 2.0, 1.0 / 2.0, 1.0};
+constexpr double b[kStages] = {1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0};
+
+}  // namespace rk4
+
+// ---- Heun: the explicit trapezoidal rule, order 2 (a_21 = 1) --------------------------------
+// The heun_update kernel applies exactly these weights: predictor lam + h a, corrector
+// lam + h/2 (a + b).
+namespace heun {
+
+constexpr int kStages = 2;
+constexpr double c[kStages] = {0.0, 1.0};
+constexpr double b[kStages] = {1.0 / 2.0, 1.0 / 2.0};
+
+}  // namespace heun
+
+// ---- explicit Euler, order 1 ----------------------------------------------------------------
+namespace euler {
+
+constexpr int kStages = 1;
+constexpr double c[kStages] = {0.0};
+constexpr double b[kStages] = {1.0};
+
+}  // namespace euler
+
 }  // namespace amaml

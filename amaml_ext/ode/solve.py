@@ -1,45 +1,16 @@
-"""Generic ODE API over the C++ solver drivers.
-
-Forward: ``dy/dt = f(t, y)`` on ``[0, T]``, states stored on the fixed grid ``t_j = j h``
-(``j = 0..N``, ``N = T / h``) in one buffer allocated up front. Adjoint: given the stored
-trajectory and ``lam(T)``, solve ``dlam/dt = -(df/dy)^T lam`` backward and return ``lam(0)``,
-the gradient of a loss of ``y(T)`` with respect to ``y(0)``.
-
-Example (the paper's Appendix A problem)::
-
-    >>> import math, torch
-    >>> from amaml_ext import ode
-    >>> f = lambda t, y: -2 * t**3 - 2 * t * y
-    >>> vjp = lambda t, y, v: -2 * t * v
-    >>> traj = ode.solve_forward(f, torch.tensor([1.0], dtype=torch.float64), 1.0, 0.05)
-    >>> yT = traj.states[-1]
-    >>> lam0 = ode.solve_adjoint(vjp, traj, 6 * (yT - 3) ** 5, method="rk4")
-    >>> exact = 6 * (yT - 3) ** 5 * math.exp(-1.0)
-    >>> bool(torch.allclose(lam0, exact, rtol=1e-6))
-    True
-
-Callbacks receive ``y`` (and ``v``) as views into the solver's workspace: valid during the call
-only. Clone them to keep them, and do not modify them in place.
-"""
+"""solve_forward / solve_adjoint: the ODE API over the C++ solver drivers, with the checks of
+every argument, and the trajectory and counts they return."""
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from . import _C
-from .accuracy import richardson
-
-FORWARD_METHODS = ("dopri5", "rk4", "euler")
-"""Forward methods: adaptive Dormand-Prince 5(4) with dense output onto the grid, and
-fixed-step classical RK4 and explicit Euler on the grid."""
-
-ADJOINT_METHODS = ("heun", "rk4", "discrete")
-"""Adjoint methods: ``heun`` (the paper's backward modified Euler, order 2, two VJPs per
-interval), ``rk4`` (backward classical RK4 over pairs of stored intervals, order 4, also two
-VJPs per interval) and ``discrete`` (the exact reverse of ``euler``: one VJP per interval)."""
+from .._checks import positive_real
+from .grid import grid_size, grid_times
+from .rows import adjoint_rows
+from .schemes import ADJOINT_METHODS, ADJOINT_SCHEMES, FORWARD_METHODS, FORWARD_SCHEMES, richardson
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -62,7 +33,8 @@ class AdjointStats:
     steps: int
     error_estimate: Optional[float] = None
     """Step-doubling (Richardson) estimate of the relative error of ``lam(0)`` (max over tasks),
-    with ``error_estimate=True`` and a continuous method; see :mod:`amaml_ext.accuracy`."""
+    with ``error_estimate=True`` and a continuous method; see :func:`~amaml_ext.ode.schemes.richardson`
+    and :mod:`amaml_ext.accuracy`."""
 
 
 @dataclass(frozen=True)
@@ -98,43 +70,6 @@ class Trajectory:
         return float(self.times[-1])
 
 
-def _check_positive_real(name: str, value) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise TypeError(f"argument '{name}' must be a real number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"argument '{name}' must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"argument '{name}' must be finite and > 0, got {value}")
-    return value
-
-
-def grid_size(T: float, h: float) -> int:
-    """N = T / h, checked to be a whole number of steps (relative tolerance 1e-9).
-
-    Raises ValueError naming ``T`` and ``h`` otherwise, or when ``h > T``.
-    """
-    T = _check_positive_real("T", T)
-    h = _check_positive_real("h", h)
-    if h > T * (1 + 1e-12):
-        raise ValueError(f"argument 'h' must be <= T (the grid needs at least one step), got h={h}, T={T}")
-    n = round(T / h)
-    if n < 1 or abs(n * h - T) > 1e-9 * T:
-        raise ValueError(
-            f"T / h must be a whole number of steps, got T={T}, h={h} (T/h={T / h:.6g}); "
-            f"e.g. h={T / max(1, n):.6g} gives N={max(1, n)}"
-        )
-    return int(n)
-
-
-def _grid_times(T: float, n: int) -> torch.Tensor:
-    times = torch.arange(n + 1, dtype=torch.float64) * (T / n)
-    times[-1] = T
-    return times
-
-
 def _check_state(name: str, y: torch.Tensor, batched: bool) -> None:
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"argument '{name}' must be a torch.Tensor, got {type(y).__name__}")
@@ -153,46 +88,19 @@ def _as_2d(y: torch.Tensor, batched: bool) -> torch.Tensor:
     return flat.contiguous()
 
 
-# ---- row-range solves over the C++ drivers (what amaml_ext.metagrad builds on) ----------------
-# States are [rows, d] (rows = tasks); `times` are the grid times of the rows solved, and `shape`
-# is the shape the callbacks see.
-
-def forward_rows(f, y: torch.Tensor, shape, times: torch.Tensor, method: str, rtol: float = 1e-6,
-                 atol: float = 1e-8, max_steps: int = 10000):
-    """Grid states ``[len(times), rows, d]`` from ``y`` at ``times[0]`` by ``method``, and the
-    solver's counts."""
-    if method == "dopri5":
-        states, stats, _ = _C.dopri5_forward(f, y, list(shape), times, float(rtol), float(atol), int(max_steps), 0.0)
-        return states, stats
-    return _C.fixed_forward(f, y, list(shape), times, method)
-
-
-def dopri5_logged(f, y: torch.Tensor, shape, times: torch.Tensor, rtol: float, atol: float, max_steps: int,
-                  checkpoint_cap: int):
-    """dopri5 without a stored trajectory: ``(final state, counts, log)``; the log (steps, which
-    step wrote each grid row, at most ``checkpoint_cap`` step-start states) lets
-    :func:`dopri5_replay_rows` recompute any grid rows bit for bit."""
-    _, stats, log = _C.dopri5_forward(f, y, list(shape), times, float(rtol), float(atol), int(max_steps), 0.0,
-                                      False, int(checkpoint_cap))
-    return log["final"], stats, log
-
-
-def dopri5_replay_rows(f, log, shape, lo: int, hi: int) -> torch.Tensor:
-    """Grid rows ``lo..hi`` (of the logged solve) recomputed from the nearest checkpoint."""
-    s_lo = 0 if lo == 0 else int(log["row_step"][lo])
-    start = max(k for k in log["checkpoints"] if k <= s_lo)
-    s_hi = int(log["row_step"][hi])
-    return _C.dopri5_replay(f, log["checkpoints"][start], list(shape), log["step_t"], log["step_h"], start, s_hi,
-                            log["row_step"], log["row_theta"], lo, hi)
-
-
-def adjoint_rows(vjp, states: torch.Tensor, shape, times: torch.Tensor, lam: torch.Tensor, method: str,
-                 coarse: Optional[torch.Tensor] = None, row0: int = 0, node=None):
-    """The adjoint from ``times[-1]`` down to ``times[0]`` over ``states`` (``[len(times), rows,
-    d]``): ``(lam at times[0], counts, coarse)``. ``coarse`` carries the step-doubling companion
-    (:mod:`amaml_ext.accuracy`), ``row0`` is the absolute grid row of ``times[0]``, ``node(t, lam)``
-    is called where lam is final at a node."""
-    return _C.adjoint_solve(vjp, states, list(shape), times, lam, method, coarse, int(row0), node)
+def _adaptive_options(rtol, atol, max_steps, initial_step, n: int) -> Tuple[float, float, int, float]:
+    """dopri5's checked ``(rtol, atol, max_steps, initial_step)``; ``max_steps`` defaults to
+    ``max(10000, 100 N)``, ``initial_step`` to 0 (Hairer's automatic choice)."""
+    rtol = float(rtol)
+    atol = float(atol)
+    if not (math.isfinite(rtol) and math.isfinite(atol) and rtol >= 0 and atol >= 0 and rtol + atol > 0):
+        raise ValueError(f"arguments 'rtol' and 'atol' must be finite, >= 0 and not both 0, got rtol={rtol}, atol={atol}")
+    if max_steps is None:
+        max_steps = max(10000, 100 * n)
+    if int(max_steps) < 1:
+        raise ValueError(f"argument 'max_steps' must be >= 1, got {max_steps}")
+    h0 = 0.0 if initial_step is None else positive_real("initial_step", initial_step)
+    return rtol, atol, int(max_steps), h0
 
 
 def solve_forward(f: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Tensor, T: float,
@@ -223,23 +131,14 @@ def solve_forward(f: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Te
     T = float(T.item() if isinstance(T, torch.Tensor) else T)
     if method not in FORWARD_METHODS:
         raise ValueError(f"argument 'method' must be one of {FORWARD_METHODS}, got {method!r}")
-    times = _grid_times(T, n)
+    times = grid_times(T, n)
     shape = list(y0.shape)
     y2 = _as_2d(y0, batched)
+    scheme = FORWARD_SCHEMES[method]
     with torch.no_grad():
-        if method == "dopri5":
-            rtol = float(rtol)
-            atol = float(atol)
-            if not (math.isfinite(rtol) and math.isfinite(atol) and rtol >= 0 and atol >= 0 and rtol + atol > 0):
-                raise ValueError(f"arguments 'rtol' and 'atol' must be finite, >= 0 and not both 0, got rtol={rtol}, atol={atol}")
-            if max_steps is None:
-                max_steps = max(10000, 100 * n)
-            if int(max_steps) < 1:
-                raise ValueError(f"argument 'max_steps' must be >= 1, got {max_steps}")
-            h0 = 0.0 if initial_step is None else _check_positive_real("initial_step", initial_step)
-            states, stats, _ = _C.dopri5_forward(f, y2, shape, times, rtol, atol, int(max_steps), h0)
-        else:
-            states, stats = forward_rows(f, y2, shape, times, method)
+        options = _adaptive_options(rtol, atol, max_steps, initial_step, n) if scheme.adaptive else (
+            rtol, atol, max_steps, 0.0)
+        states, stats = scheme.driver(method, f, y2, shape, times, *options)
     return Trajectory(times=times, states=states.view([n + 1] + shape), stats=SolverStats(**stats),
                       method=method, batched=batched)
 
@@ -284,7 +183,7 @@ def solve_adjoint(vjp: Callable[[float, torch.Tensor, torch.Tensor], torch.Tenso
     traj3 = trajectory.states.reshape(n + 1, rows, -1)
     lam2 = _as_2d(lam_T, trajectory.batched)
     with torch.no_grad():
-        coarse = lam2.clone() if error_estimate and method != "discrete" else None
+        coarse = lam2.clone() if error_estimate and ADJOINT_SCHEMES[method].error_estimate else None
         lam0, stats, coarse = adjoint_rows(vjp, traj3, state_shape, trajectory.times, lam2, method, coarse)
         if coarse is not None:
             stats["error_estimate"] = float(richardson(lam0, coarse, method).max())

@@ -1,0 +1,30 @@
+"""The fixed grid every solve stores its states on: ``t_j = j h``, ``j = 0..N``, ``N = T / h``."""
+
+import torch
+
+from .._checks import positive_real
+
+
+def grid_size(T: float, h: float) -> int:
+    """N = T / h, checked to be a whole number of steps (relative tolerance 1e-9).
+
+    Raises ValueError naming ``T`` and ``h`` otherwise, or when ``h > T``.
+    """
+    T = positive_real("T", T)
+    h = positive_real("h", h)
+    if h > T * (1 + 1e-12):
+        raise ValueError(f"argument 'h' must be <= T (the grid needs at least one step), got h={h}, T={T}")
+    n = round(T / h)
+    if n < 1 or abs(n * h - T) > 1e-9 * T:
+        raise ValueError(
+            f"T / h must be a whole number of steps, got T={T}, h={h} (T/h={T / h:.6g}); "
+            f"e.g. h={T / max(1, n):.6g} gives N={max(1, n)}"
+        )
+    return int(n)
+
+
+def grid_times(T: float, n: int) -> torch.Tensor:
+    """``[n+1]`` float64 times ``j * (T / n)``, the last one T exactly."""
+    times = torch.arange(n + 1, dtype=torch.float64) * (T / n)
+    times[-1] = T
+    return times

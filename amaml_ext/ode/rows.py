@@ -1,0 +1,48 @@
+"""Row-range solves over the C++ drivers: what :mod:`amaml_ext.metagrad` builds on (segments of
+the grid, phases of per-task horizons, checkpoints).
+
+States are ``[rows, d]`` (rows = tasks); ``times`` are the grid times of the rows solved, and
+``shape`` is the shape the callbacks see. No argument checks: the callers' own.
+"""
+
+from typing import Optional
+
+import torch
+
+from .. import _C
+from .schemes import ADJOINT_SCHEMES, FORWARD_SCHEMES
+
+
+def forward_rows(f, y: torch.Tensor, shape, times: torch.Tensor, method: str, rtol: float = 1e-6,
+                 atol: float = 1e-8, max_steps: int = 10000):
+    """Grid states ``[len(times), rows, d]`` from ``y`` at ``times[0]`` by ``method``, and the
+    solver's counts."""
+    return FORWARD_SCHEMES[method].driver(method, f, y, shape, times, rtol, atol, max_steps, 0.0)
+
+
+def dopri5_logged(f, y: torch.Tensor, shape, times: torch.Tensor, rtol: float, atol: float, max_steps: int,
+                  checkpoint_cap: int):
+    """dopri5 without a stored trajectory: ``(final state, counts, log)``; the log (steps, which
+    step wrote each grid row, at most ``checkpoint_cap`` step-start states) lets
+    :func:`dopri5_replay_rows` recompute any grid rows bit for bit."""
+    _, stats, log = _C.dopri5_forward(f, y, list(shape), times, float(rtol), float(atol), int(max_steps), 0.0,
+                                      False, int(checkpoint_cap))
+    return log["final"], stats, log
+
+
+def dopri5_replay_rows(f, log, shape, lo: int, hi: int) -> torch.Tensor:
+    """Grid rows ``lo..hi`` (of the logged solve) recomputed from the nearest checkpoint."""
+    s_lo = 0 if lo == 0 else int(log["row_step"][lo])
+    start = max(k for k in log["checkpoints"] if k <= s_lo)
+    s_hi = int(log["row_step"][hi])
+    return _C.dopri5_replay(f, log["checkpoints"][start], list(shape), log["step_t"], log["step_h"], start, s_hi,
+                            log["row_step"], log["row_theta"], lo, hi)
+
+
+def adjoint_rows(vjp, states: torch.Tensor, shape, times: torch.Tensor, lam: torch.Tensor, method: str,
+                 coarse: Optional[torch.Tensor] = None, row0: int = 0, node=None):
+    """The adjoint from ``times[-1]`` down to ``times[0]`` over ``states`` (``[len(times), rows,
+    d]``): ``(lam at times[0], counts, coarse)``. ``coarse`` carries the step-doubling companion
+    (:func:`~amaml_ext.ode.schemes.richardson`), ``row0`` is the absolute grid row of ``times[0]``,
+    ``node(t, lam)`` is called where lam is final at a node."""
+    return ADJOINT_SCHEMES[method].driver(method, vjp, states, shape, times, lam, coarse, row0, node)

@@ -1,0 +1,120 @@
+"""The name -> scheme registry of the ODE solvers (like torchdiffeq's ``SOLVERS``): for every
+forward and adjoint method, its order, its stability bound, and the C++ driver that runs it.
+
+The drivers look the fixed-step and adjoint schemes up by name in their own step tables
+(``csrc/solvers/fixed.cpp``, ``csrc/solvers/adjoint.cpp``); ``python_tests/test_ode.py`` checks
+that those tables and this registry hold the same names. Everything else that depends on a
+scheme (the methods accepted by :func:`~amaml_ext.ode.solve_forward`,
+:func:`~amaml_ext.adjoint_meta_grad` and the command line, the orders and bounds of
+:mod:`amaml_ext.accuracy`) reads this registry.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+from .. import _C
+
+
+def _dopri5_forward(method, f, y, shape, times, rtol, atol, max_steps, initial_step):
+    states, stats, _ = _C.dopri5_forward(f, y, list(shape), times, float(rtol), float(atol), int(max_steps),
+                                         float(initial_step))
+    return states, stats
+
+
+def _fixed_forward(method, f, y, shape, times, rtol, atol, max_steps, initial_step):
+    return _C.fixed_forward(f, y, list(shape), times, method)
+
+
+def _adjoint_solve(method, vjp, states, shape, times, lam, coarse, row0, node):
+    return _C.adjoint_solve(vjp, states, list(shape), times, lam, method, coarse, int(row0), node)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One forward or adjoint method.
+
+    Attributes:
+        name: the ``method`` argument that selects it.
+        order: p, the error being O(h^p) (``discrete``: against the continuous adjoint; it is the
+            exact gradient of ``euler``'s map).
+        stability_bound: the largest ``h * lambda`` on the negative real axis for which the scheme
+            is stable on ``y' = -lambda y``; None for ``dopri5``, which chooses its own steps.
+        driver: ``driver(name, ...)`` runs it. Forward:
+            ``(name, f, y, shape, times, rtol, atol, max_steps, initial_step) -> (states, counts)``
+            (fixed-step schemes ignore the last four). Adjoint:
+            ``(name, vjp, states, shape, times, lam, coarse, row0, node) -> (lam, counts, coarse)``.
+        summary: what it is, in a line.
+        adaptive: it takes its own steps (rtol/atol, dense output onto the grid).
+        error_estimate: (adjoint) the step-doubling companion can run alongside.
+    """
+
+    name: str
+    order: int
+    stability_bound: Optional[float]
+    driver: Callable
+    summary: str
+    adaptive: bool = False
+    error_estimate: bool = False
+
+
+def _registry(*schemes: Scheme) -> Dict[str, Scheme]:
+    return {s.name: s for s in schemes}
+
+
+FORWARD_SCHEMES = _registry(
+    Scheme("dopri5", 5, None, _dopri5_forward, "adaptive Dormand-Prince 5(4), dense output onto the grid",
+           adaptive=True),
+    Scheme("rk4", 4, 2.785, _fixed_forward, "classical RK4 on the grid"),
+    Scheme("euler", 1, 2.0, _fixed_forward, "explicit Euler on the grid (for a gradient flow: gradient descent)"),
+)
+"""Forward methods by name."""
+
+ADJOINT_SCHEMES = _registry(
+    Scheme("heun", 2, 2.0, _adjoint_solve, "backward Heun (the paper's modified Euler), two VJPs per interval",
+           error_estimate=True),
+    Scheme("rk4", 4, 2.785, _adjoint_solve, "backward classical RK4 over pairs of stored intervals, two VJPs "
+           "per interval", error_estimate=True),
+    Scheme("discrete", 1, 2.0, _adjoint_solve, "the exact reverse of euler, one VJP per interval"),
+)
+"""Adjoint methods by name."""
+
+FORWARD_METHODS = tuple(FORWARD_SCHEMES)
+"""Forward methods: adaptive Dormand-Prince 5(4) with dense output onto the grid, and
+fixed-step classical RK4 and explicit Euler on the grid."""
+
+ADJOINT_METHODS = tuple(ADJOINT_SCHEMES)
+"""Adjoint methods: ``heun`` (the paper's backward modified Euler, order 2, two VJPs per
+interval), ``rk4`` (backward classical RK4 over pairs of stored intervals, order 4, also two
+VJPs per interval) and ``discrete`` (the exact reverse of ``euler``: one VJP per interval)."""
+
+
+def _by_name(field: str) -> Dict[str, float]:
+    """``field`` of every scheme by name; a name that is both a forward and an adjoint method
+    (``rk4``) must have one value."""
+    out: Dict[str, float] = {}
+    for s in (*FORWARD_SCHEMES.values(), *ADJOINT_SCHEMES.values()):
+        value = getattr(s, field)
+        if value is not None and out.setdefault(s.name, value) != value:
+            raise ValueError(f"scheme {s.name!r}: its forward and adjoint {field} differ")
+    return out
+
+
+ORDERS = _by_name("order")
+"""Order of each scheme, forward and adjoint."""
+
+STABILITY_BOUNDS = _by_name("stability_bound")
+"""Stability bound of each fixed-step scheme (explicit Euler and Heun: 2; classical RK4: about
+2.785). dopri5 chooses its own steps and has none."""
+
+
+def richardson(lam: torch.Tensor, lam_coarse: torch.Tensor, method: str) -> torch.Tensor:
+    """Per-row relative error estimate ``|lam - lam_c| / (2^p - 1) / |lam|`` of an adjoint solve
+    ``lam`` from its step-doubling companion ``lam_c`` (``[rows, d]``), p the order of ``method``."""
+    p = ORDERS[method]
+    num = (lam - lam_coarse).norm(dim=-1) / (2 ** p - 1)
+    den = lam.norm(dim=-1)
+    tiny = torch.finfo(lam.dtype).tiny
+    return torch.where(den > tiny, num / den.clamp_min(tiny), torch.where(num > 0, torch.full_like(num, math.inf), num))
