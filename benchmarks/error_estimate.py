@@ -7,10 +7,8 @@
 Settings and method: docs/benchmarks.md, Methods.
 """
 
-import argparse
 import statistics
 import time
-import warnings
 
 import torch
 from torch.nn import functional as F
@@ -19,7 +17,10 @@ import amaml_ext
 from amaml_ext import models, tasks
 
 from .common.machine import machine_info
+from .common.problems import SMOOTH_CONV4, smooth_conv4_batch
+from .common.options import cost_parser, parse
 from .common.results import write_json
+from .common.timing import rounds
 
 
 def settings(quick: bool):
@@ -34,14 +35,8 @@ def settings(quick: bool):
     out.append(("CosMixture MLP, 5 tasks, T=2, h=0.01, dopri5+heun, compile=True", net, F.mse_loss, pool,
                 dict(T=2.0, h=0.01, compile=True)))
     if not quick:
-        torch.manual_seed(0)
-        conv = models.Conv4(ways=20, channels=16, activation="gelu", pool="avg")
-        g = torch.Generator().manual_seed(0)
-        xs, xq = torch.rand(5, 20, 1, 28, 28, generator=g), torch.rand(5, 20, 1, 28, 28, generator=g)
-        y = torch.arange(20).expand(5, 20).clone()
-        batch = tasks.TaskBatch((xs, y), (xq, y))
-        out.append(("smooth Conv4 (16 ch), 5 tasks 20-way 1-shot, T=0.05, h=0.002, dopri5+heun", conv,
-                    F.cross_entropy, batch, dict(T=0.05, h=0.002)))
+        conv, batch = smooth_conv4_batch()
+        out.append((SMOOTH_CONV4, conv, F.cross_entropy, batch, dict(T=0.05, h=0.002)))
     return out
 
 
@@ -83,30 +78,15 @@ def refine_cost(reps: int):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.error_estimate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="MLP settings only")
-    p.add_argument("--out", default=None, help="JSON file for the results")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore")
+    args = parse(cost_parser("python -m benchmarks.error_estimate", __doc__), argv)
     rows = []
+    kinds = {"off": False, "on": True, "richardson": "richardson"}
     for name, net, loss, batch, opts in settings(args.quick):
-        kinds = (False, True, "richardson")
-        for est in kinds:              # warm-up (and compilation) outside the timings
-            call(net, loss, batch, opts, est)
-        times, stats = {k: [] for k in kinds}, {}
-        for _ in range(args.reps):
-            for est in kinds:
-                dt, r = call(net, loss, batch, opts, est)
-                times[est].append(dt)
-                stats[est] = r.stats
-        stats_on, stats_off = stats[True], stats[False]
-        off, on, rich = (statistics.median(times[k]) for k in kinds)
-        row = {"setting": name, "ms_off": 1e3 * off, "ms_on": 1e3 * on, "ratio": on / off,
-               "ms_richardson": 1e3 * rich, "ratio_richardson": rich / off,
+        calls = {k: (lambda est=est: call(net, loss, batch, opts, est)[1].stats) for k, est in kinds.items()}
+        ms, stats = rounds(calls, args.reps)
+        stats_on, stats_off = stats["on"], stats["off"]
+        row = {"setting": name, "ms_off": ms["off"], "ms_on": ms["on"], "ratio": ms["on"] / ms["off"],
+               "ms_richardson": ms["richardson"], "ratio_richardson": ms["richardson"] / ms["off"],
                "hvps_richardson": stats["richardson"]["hvps"],
                "estimate": stats_on["adjoint_error_estimate"], "richardson": stats_on["richardson_estimate"],
                "drift": stats_on["invariant_drift"], "hvps_off": stats_off["hvps"], "hvps_on": stats_on["hvps"],

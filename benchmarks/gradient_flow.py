@@ -8,10 +8,7 @@ timed side by side and interleaved in one process.
 Settings and method: docs/benchmarks.md, Methods.
 """
 
-import argparse
-import statistics
 import time
-import warnings
 
 import torch
 from torch.nn import functional as F
@@ -21,7 +18,10 @@ from amaml_ext import models, tasks
 from amaml_ext.functional import TaskFunctions
 
 from .common.machine import machine_info
+from .common.problems import SMOOTH_CONV4, smooth_conv4_batch
+from .common.options import cost_parser, parse
 from .common.results import write_json
+from .common.timing import rounds
 
 
 def settings(quick: bool):
@@ -31,13 +31,8 @@ def settings(quick: bool):
            ("CosMixture MLP, 5 tasks, K=200 GD steps of 0.01, exact (euler+discrete)", models.mlp(width=32), pool,
             dict(T=2.0, h=0.01, solver="euler", adjoint="discrete"))]
     if not quick:
-        torch.manual_seed(0)
-        conv = models.Conv4(ways=20, channels=16, activation="gelu", pool="avg")
-        g = torch.Generator().manual_seed(0)
-        xs, xq = torch.rand(5, 20, 1, 28, 28, generator=g), torch.rand(5, 20, 1, 28, 28, generator=g)
-        y = torch.arange(20).expand(5, 20).clone()
-        out.append(("smooth Conv4 (16 ch), 5 tasks 20-way 1-shot, T=0.05, h=0.002, dopri5+heun", conv,
-                    tasks.TaskBatch((xs, y), (xq, y)), dict(T=0.05, h=0.002)))
+        conv, batch = smooth_conv4_batch()
+        out.append((SMOOTH_CONV4, conv, batch, dict(T=0.05, h=0.002)))
     return out
 
 
@@ -87,27 +82,11 @@ def variants(net, batch, opts, loss):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gradient_flow", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="MLP settings only")
-    p.add_argument("--out", default=None, help="JSON file for the results")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore")
+    args = parse(cost_parser("python -m benchmarks.gradient_flow", __doc__), argv)
     rows = []
     for name, net, batch, opts in settings(args.quick):
         calls = variants(net, batch, opts, F.mse_loss if batch.support[1].is_floating_point() else F.cross_entropy)
-        for fn in calls.values():          # warm-up outside the timings
-            fn()
-        times, stats = {k: [] for k in calls}, {}
-        for _ in range(args.reps):
-            for k, fn in calls.items():     # interleaved: drift in the machine's speed hits all alike
-                t0 = time.perf_counter()
-                stats[k] = fn()
-                times[k].append(time.perf_counter() - t0)
-        ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        ms, stats = rounds(calls, args.reps)     # interleaved: drift in the machine's speed hits all alike
         base = ms["gradient_flow + backward"]
         row = {"setting": name, "ms": ms, "ratio_flow_vs_amg": base / ms["adjoint_meta_grad"],
                "ratio_vs_flow": {k: v / base for k, v in ms.items()},

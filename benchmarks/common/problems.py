@@ -61,3 +61,18 @@ def flat_loss(model: nn.Module, module: nn.Module, loss: Callable, u: torch.Tens
     if batched:
         return torch.func.vmap(task_loss)(u, x, y).sum()
     return task_loss(u, x, y)
+
+
+SMOOTH_CONV4 = "smooth Conv4 (16 ch), 5 tasks 20-way 1-shot, T=0.05, h=0.002, dopri5+heun"
+
+
+def smooth_conv4_batch(tasks_: int = 5, ways: int = 20):
+    """The smooth Conv4 setting of the cost benchmarks: ``models.Conv4`` (16 channels, GELU,
+    average pooling; seed 0) and ``tasks_`` random 28x28 ``ways``-way 1-shot tasks as a TaskBatch."""
+    from amaml_ext import models
+    torch.manual_seed(0)
+    conv = models.Conv4(ways=ways, channels=16, activation="gelu", pool="avg")
+    g = torch.Generator().manual_seed(0)
+    xs, xq = torch.rand(tasks_, ways, 1, 28, 28, generator=g), torch.rand(tasks_, ways, 1, 28, 28, generator=g)
+    y = torch.arange(ways).expand(tasks_, ways).clone()
+    return conv, tasks.TaskBatch((xs, y), (xq, y))

@@ -102,3 +102,18 @@ def measure_interleaved(fns: Dict[str, Tuple[Callable, int, int]], device, warmu
             spent[n] += dt
         r += 1
     return {n: quartile_stats(t) for n, t in times.items()}
+
+
+def rounds(calls: Dict[str, Callable[[], object]], reps: int) -> Tuple[Dict[str, float], Dict[str, object]]:
+    """One untimed call of each (warm-up, compilation), then ``reps`` rounds calling each once in
+    turn (CPU): the median milliseconds of each and the result of its last call."""
+    for fn in calls.values():
+        fn()
+    times: Dict[str, List[float]] = {k: [] for k in calls}
+    last: Dict[str, object] = {}
+    for _ in range(reps):
+        for k, fn in calls.items():
+            t0 = time.perf_counter()
+            last[k] = fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}, last
