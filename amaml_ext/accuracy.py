@@ -37,7 +37,7 @@ import torch
 # schemes (amaml_ext.ode.schemes); re-exported here.
 from .ode.schemes import ORDERS, STABILITY_BOUNDS, richardson  # noqa: F401
 
-__all__ = ["AdjointAccuracyWarning", "AdjointAccuracyError", "ORDERS", "STABILITY_BOUNDS",
+__all__ = ["AdjointAccuracyWarning", "AdjointAccuracyError", "ORDERS", "STABILITY_BOUNDS", "richardson",
            "ErrorMonitor", "lambda_max", "advice", "stability_bound"]
 
 

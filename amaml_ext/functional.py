@@ -28,6 +28,7 @@ compilation fails, a warning is issued and the eager callbacks are used.
 
 import copy
 import math
+import os
 import warnings
 import weakref
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -205,6 +206,36 @@ def compile_refusal() -> Optional[str]:
     return None
 
 
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def compile_pays(model: nn.Module, device: torch.device) -> bool:
+    """Where ``compile="auto"`` compiles: measured (docs/benchmarks.md) to pay for dense models on
+    the CPU, where eager overhead dominates (2.4-3.5x per meta-gradient for the paper's MLPs), and
+    not for convolutional nets on the CPU, whose time is in the convolutions. Not measured on a
+    GPU: eager there until it is."""
+    return device.type == "cpu" and not any(isinstance(m, _CONV) for m in model.modules())
+
+
+COMPILE_ENV = "AMAML_EXT_COMPILE"
+"""Environment variable deciding ``compile="auto"`` for a whole process: ``auto`` (default),
+``on`` or ``off``."""
+
+
+def resolve_compile(compile, model: nn.Module, device: torch.device) -> bool:
+    """``compile`` (True, False or ``"auto"``) as a bool. ``"auto"`` follows ``$AMAML_EXT_COMPILE``
+    (``on``/``off``), else :func:`compile_pays`; it is off, without a warning, where the running
+    torch cannot compile safely."""
+    if compile != "auto":
+        return bool(compile)
+    mode = os.environ.get(COMPILE_ENV, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"environment variable {COMPILE_ENV} must be auto, on or off, got {mode!r}")
+    if mode == "off" or compile_refusal() is not None:
+        return False
+    return mode == "on" or compile_pays(model, device)
+
+
 _COMPILED: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, _CompiledCallbacks]]" = weakref.WeakKeyDictionary()
 
 
@@ -227,11 +258,12 @@ class TaskFunctions:
             dimension B.
         batched: whether states are ``[B, d]``.
         compile: use ``torch.compile``-d ``grad`` and forward-over-reverse ``hvp`` (faster for
-            small models after a one-off compilation; falls back to eager with a warning).
+            small models after a one-off compilation; falls back to eager with a warning);
+            ``"auto"``: where it pays (:func:`compile_pays`).
     """
 
     def __init__(self, model: nn.Module, loss: LossFn, support, query, batched: bool = False,
-                 compile: bool = False):
+                 compile=False):
         self.model = model
         self.module = functional_module(model)
         self.loss = loss
@@ -257,6 +289,8 @@ class TaskFunctions:
         self._lin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._grad_key = None
         self._grad_at_key: Optional[torch.Tensor] = None
+        like = next(iter(support))
+        compile = resolve_compile(compile, model, like.device)
         refusal = compile_refusal() if compile else None
         if refusal is not None:
             warnings.warn(f"amaml_ext: {refusal}; using the eager callbacks", RuntimeWarning, stacklevel=3)

@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# compile="auto" (the learners' default) compiles dense models on the CPU: seconds per model and
+# shape, for every small model the tests build. The tests run the eager callbacks unless a test
+# asks for compile=True or sets AMAML_EXT_COMPILE itself (test_compile_auto_* do); the compiled
+# path has its own tests against the eager one.
+os.environ.setdefault("AMAML_EXT_COMPILE", "off")
 
 from helpers import DEVICES  # noqa: F401  (its home is helpers.py; kept importable from here)
 

@@ -317,3 +317,43 @@ def test_dopri5_warns_when_its_steps_collapse_below_the_grid():
         warnings.simplefilter("error", RuntimeWarning)  # a smooth loss at the defaults: no warning
         adjoint_meta_grad(net2, F.mse_loss, flatten_params(net2), 0.5, support=regression_task(1),
                           query=regression_task(2))
+
+
+def test_compile_auto_compiles_dense_models_on_the_cpu_only(monkeypatch):
+    from amaml_ext.functional import compile_pays, resolve_compile
+    from amaml_ext import models
+    cpu = torch.device("cpu")
+    mlp_net, conv = models.mlp(width=8), models.Conv4(ways=3, channels=4, image_size=16)
+    assert compile_pays(mlp_net, cpu) and not compile_pays(conv, cpu)
+    assert not compile_pays(mlp_net, torch.device("cuda"))           # not measured on a GPU: eager
+    monkeypatch.setenv("AMAML_EXT_COMPILE", "auto")
+    assert resolve_compile("auto", mlp_net, cpu) is COMPILE_OK and resolve_compile("auto", conv, cpu) is False
+    assert resolve_compile(False, mlp_net, cpu) is False and resolve_compile(True, conv, cpu) is True
+    monkeypatch.setenv("AMAML_EXT_COMPILE", "on")
+    assert resolve_compile("auto", conv, cpu) is COMPILE_OK
+    monkeypatch.setenv("AMAML_EXT_COMPILE", "off")
+    assert resolve_compile("auto", mlp_net, cpu) is False
+    monkeypatch.setenv("AMAML_EXT_COMPILE", "sometimes")
+    with pytest.raises(ValueError, match="AMAML_EXT_COMPILE must be auto, on or off, got 'sometimes'"):
+        resolve_compile("auto", mlp_net, cpu)
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")      # refused there: auto is silently eager
+    monkeypatch.setenv("AMAML_EXT_COMPILE", "auto")
+    assert resolve_compile("auto", mlp_net, cpu) is False
+
+
+def test_compile_auto_is_the_learners_default_and_gives_the_eager_gradient(monkeypatch):
+    from amaml_ext import learners as L
+    monkeypatch.setenv("AMAML_EXT_COMPILE", "auto")
+    net = mlp(0, width=4, depth=1)
+    support, query, _, _ = batch_of_tasks(2)
+    from amaml_ext.tasks import TaskBatch
+    tasks_ = TaskBatch(support, query)
+    learner = L.make_learner("amaml", net, F.mse_loss, inner_steps=4, inner_lr=0.05, solver="euler",
+                             adjoint="discrete")
+    assert learner.options["compile"] == "auto"
+    step = learner.meta_grad(flatten_params(net), tasks_)
+    assert step.stats["compiled"] is COMPILE_OK
+    eager = L.make_learner("amaml", net, F.mse_loss, inner_steps=4, inner_lr=0.05, solver="euler",
+                           adjoint="discrete", compile=False).meta_grad(flatten_params(net), tasks_)
+    assert eager.stats["compiled"] is False
+    assert rel(step.grad, eager.grad) < 1e-10

@@ -16,6 +16,7 @@ from ..metagrad import MEMORY_MODES
 from ..ode import ADJOINT_METHODS, FORWARD_METHODS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+COMPILE_MODES = {"auto": "auto", "on": True, "off": False}
 
 
 # ---- argument parsing -------------------------------------------------------------------------
@@ -83,7 +84,9 @@ def _add_problem_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory", choices=MEMORY_MODES, default="store", help="A-MAML trajectory memory mode")
     g.add_argument("--rtol", type=_positive_float, default=1e-6, help="A-MAML dopri5 rtol")
     g.add_argument("--atol", type=_positive_float, default=1e-8, help="A-MAML dopri5 atol")
-    g.add_argument("--compile", action="store_true", help="A-MAML: torch.compile the model callbacks")
+    g.add_argument("--compile", nargs="?", const="on", default="auto", choices=COMPILE_MODES,
+                   help="A-MAML: torch.compile the model callbacks: on, off, or auto (where it pays: dense "
+                        "models on the CPU; compiled once per model and shape, cached on disk across runs)")
     g.add_argument("--error-tol", type=_positive_float, default=1e-2,
                    help="A-MAML (continuous adjoint): relative error estimate above which it warns")
     g.add_argument("--strict", action="store_true",

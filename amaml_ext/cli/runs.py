@@ -12,7 +12,7 @@ from .. import learners as L
 from ..data.benchmarks import BENCHMARKS
 from ..functional import flatten_params
 from ..train import CONFIG, THETA, UnreadableRunFile, load_checkpoint, meta_test, meta_train, read_json_file, read_torch_file
-from .options import DTYPES, device_of
+from .options import COMPILE_MODES, DTYPES, device_of
 from .report import compare_plot
 
 EVAL = "eval.json"
@@ -28,7 +28,7 @@ def run_config(args, method: str) -> Dict:
     cfg.update(bench.config(**vars(args)))
     if L.METHODS[method].flow:
         cfg.update(T=args.inner_steps * args.inner_lr, solver=args.solver, adjoint=args.adjoint,
-                   memory=args.memory, rtol=args.rtol, atol=args.atol, compile=args.compile)
+                   memory=args.memory, rtol=args.rtol, atol=args.atol)
     else:
         cfg["inner_steps"] = L.method_steps(method, args.inner_steps, args.maml_steps)
     cfg.update({opt: getattr(args, opt) for opt in L.METHODS[method].options})
@@ -54,14 +54,14 @@ class RunProblem:
 
 
 def make_run_learner(cfg: Dict, model, loss, accuracy: Optional[Dict] = None) -> L.MetaLearner:
-    """The learner of a run; ``accuracy`` (A-MAML: error_tol, strict, refine) is not part of the
-    run's settings, so it may change when a run is resumed."""
+    """The learner of a run; ``accuracy`` (A-MAML: error_tol, strict, refine, compile) is not part
+    of the run's settings, so it may change when a run is resumed."""
     m = cfg["method"]
     if L.METHODS[m].flow:
         steps = round(cfg["T"] / cfg["inner_lr"])
         return L.make_learner(m, model, loss, inner_steps=steps, inner_lr=cfg["inner_lr"],
                               solver=cfg["solver"], adjoint=cfg["adjoint"], memory=cfg["memory"],
-                              rtol=cfg["rtol"], atol=cfg["atol"], compile=cfg["compile"], **(accuracy or {}))
+                              rtol=cfg["rtol"], atol=cfg["atol"], **(accuracy or {}))
     options = {opt: cfg[opt] for opt in L.METHODS[m].options if opt in cfg}
     return L.make_learner(m, model, loss, inner_steps=cfg["inner_steps"], maml_steps=cfg["inner_steps"],
                           inner_lr=cfg["inner_lr"], **options)
@@ -71,8 +71,8 @@ def train_one(args, method: str, out: str, resume: bool) -> torch.Tensor:
     cfg = run_config(args, method)
     prob = RunProblem(cfg, args.device, args.data_root)
     model = prob.model(args.seed)
-    acc = ({"error_tol": args.error_tol, "strict": args.strict, "refine": args.refine}
-           if L.METHODS[method].flow else None)
+    acc = ({"error_tol": args.error_tol, "strict": args.strict, "refine": args.refine,
+            "compile": COMPILE_MODES[args.compile]} if L.METHODS[method].flow else None)
     learner = make_run_learner(cfg, model, prob.loss, acc)
     return meta_train(learner, prob.train_pool, meta_steps=args.meta_steps, out_dir=out, meta_batch=args.meta_batch,
                       lr=args.lr, seed=args.seed, resume=resume, checkpoint_every=args.checkpoint_every,

@@ -18,8 +18,10 @@ class AMAML(MetaLearner):
     """A-MAML: :func:`amaml_ext.adjoint_meta_grad` of the gradient flow up to ``T``.
 
     ``h`` is the grid (the adjoint's step, and the GD step of ``adapt``): ``T = K h``. Other
-    keyword arguments (``solver``, ``adjoint``, ``rtol``, ``atol``, ``memory``, ``compile``)
-    go to ``adjoint_meta_grad``."""
+    keyword arguments (``solver``, ``adjoint``, ``rtol``, ``atol``, ``memory``, ``compile``, ...)
+    go to ``adjoint_meta_grad``; ``compile`` defaults to ``"auto"`` here (compiled callbacks
+    where they pay: dense models on the CPU), as a learner calls it many times with the same
+    shapes."""
 
     name = "amaml"
     second_order = True
@@ -33,7 +35,8 @@ class AMAML(MetaLearner):
             raise ValueError(f"argument 'T' must be a whole multiple of h={h:g}, got T={T:g}")
         super().__init__(model, loss, inner_lr=h, steps=steps)
         self.T, self.h, self.solver, self.adjoint = T, h, solver, adjoint
-        self.options = options
+        self.options = dict(options)
+        self.options.setdefault("compile", "auto")
 
     def meta_grad(self, theta, tasks):
         self._check(theta, tasks)

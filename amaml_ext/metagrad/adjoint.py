@@ -56,7 +56,7 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
                       h: float = 0.01, solver: str = "dopri5", adjoint: str = "heun",
                       rtol: float = 1e-6, atol: float = 1e-8, memory: str = "store",
                       batched: bool = False, memory_budget: Optional[int] = None,
-                      max_steps: Optional[int] = None, compile: bool = False,
+                      max_steps: Optional[int] = None, compile: Union[bool, str] = False,
                       error_estimate: Union[bool, str] = True, error_tol: float = 1e-2, strict: bool = False,
                       refine: bool = False, _refinements: int = 0) -> MetaGradResult:
     """The A-MAML meta-gradient ``d V(u(T)) / d theta`` of inner training by gradient flow.
@@ -81,7 +81,9 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
         max_steps: dopri5 step limit, accepted + rejected (default ``max(1000, 10 N)``).
         compile: gradients and HVPs from ``torch.compile``-d ``torch.func`` functions: 2.4-3.5x
             per meta-gradient for small models after a one-off compilation (docs/benchmarks.md);
-            falls back to eager with a warning. ``stats["compiled"]`` says which ran.
+            falls back to eager with a warning. ``stats["compiled"]`` says which ran. ``"auto"``
+            compiles where it pays (dense models on the CPU); one call stays eager unless asked,
+            the learners default to ``"auto"``.
         error_estimate: estimate the relative error of a continuous adjoint by the drift of the
             invariant ``lam . grad L`` (:mod:`amaml_ext.accuracy`; about 3% of a meta-gradient);
             ``"richardson"`` adds step doubling; ``False`` turns it off. Exact mode has none.

@@ -81,7 +81,10 @@ def check_call(model, loss, theta, support, query, *, solver: str, adjoint: str,
     batch = xs.shape[0] if batched else 1
     if batched and xq.shape[0] != batch:
         raise ValueError(f"arguments 'support' and 'query' must hold the same number of tasks, got {batch} and {xq.shape[0]}")
-    for name, v in (("compile", compile), ("strict", strict), ("refine", refine)):
+    if compile != "auto" and not isinstance(compile, bool):
+        raise TypeError(f"argument 'compile' must be a bool, got {type(compile).__name__} ({compile!r}; 'auto' "
+                        f"is also accepted: compile where it pays)")
+    for name, v in (("strict", strict), ("refine", refine)):
         if not isinstance(v, bool):
             raise TypeError(f"argument '{name}' must be a bool, got {type(v).__name__}")
     if error_estimate not in (True, False, "drift", "richardson"):

@@ -41,7 +41,7 @@ def _check_lr(lr, theta: torch.Tensor) -> Optional[torch.Tensor]:
     return value
 
 
-def _check_extras(T, theta: torch.Tensor, adjoint_params, adjoint: str, compile: bool):
+def _check_extras(T, theta: torch.Tensor, adjoint_params, adjoint: str, compile):
     """``adjoint_params`` as a tuple; a differentiable T refused where it has no derivative."""
     if isinstance(adjoint_params, torch.Tensor):
         adjoint_params = (adjoint_params,)
@@ -55,7 +55,7 @@ def _check_extras(T, theta: torch.Tensor, adjoint_params, adjoint: str, compile:
             got = type(p).__name__ if not isinstance(p, torch.Tensor) else "a tensor with requires_grad=False"
             raise ValueError(f"argument 'adjoint_params' must hold tensors that require grad (the training "
                              f"loss's closure uses them), got {got} at position {i}")
-    if params and compile:
+    if params and compile is True:
         raise ValueError("argument 'compile' must be False with adjoint_params: their gradients are taken "
                          "through the eager linearisation, which the compiled callbacks do not keep")
     if isinstance(T, torch.Tensor) and T.requires_grad:
@@ -128,7 +128,7 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
                   h: float = 0.01, solver: str = "dopri5", adjoint: str = "heun", lr=None,
                   adjoint_params: Sequence[torch.Tensor] = (), memory: str = "store", batched: bool = False,
                   rtol: float = 1e-6, atol: float = 1e-8, memory_budget: Optional[int] = None,
-                  max_steps: Optional[int] = None, compile: bool = False, error_estimate: Union[bool, str] = True,
+                  max_steps: Optional[int] = None, compile=False, error_estimate: Union[bool, str] = True,
                   error_tol: float = 1e-2, strict: bool = False, stats: Optional[Dict] = None) -> torch.Tensor:
     """The parameters after inner training, ``u(T)``, differentiable by the adjoint method.
 
@@ -166,6 +166,7 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
                                      error_estimate=error_estimate, error_tol=error_tol, memory_modes=MEMORY_MODES)
     check_solver_options(rtol, atol, max_steps, memory_budget)
     params = _check_extras(T, theta, adjoint_params, adjoint, compile)
+    compile = False if params else compile          # "auto": the eager graph holds the params
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"argument 'stats' must be None or a dict to fill, got {type(stats).__name__}")
     lr_value = _check_lr(lr, theta)

@@ -123,6 +123,11 @@ def _meta_batch(pool, idx: torch.Tensor, step: int, seed: int, device, dtype):
     return pool.batch(idx, device=device, dtype=dtype)
 
 
+_NOT_COMPARED = ("meta_steps", "data_root", "compile")
+"""Settings a run may resume with changed: its length, where the data is read from, and whether
+the callbacks are compiled (the same gradients up to rounding)."""
+
+
 def _open_run(out_dir: str, resume: bool, config: Dict, meta_steps: int) -> Optional[Dict]:
     """Create (or check) the run directory, refuse to overwrite a run or to resume one made with
     other settings, write config.json; the checkpoint to resume from (or None)."""
@@ -140,7 +145,7 @@ def _open_run(out_dir: str, resume: bool, config: Dict, meta_steps: int) -> Opti
     if resume and ckpt is not None and os.path.exists(cfg_path):
         old = read_json_file(cfg_path, "the run's settings")
         diff = {k: (old.get(k), config.get(k)) for k in set(old) | set(config)
-                if k not in ("meta_steps", "data_root") and old.get(k) != config.get(k)}
+                if k not in _NOT_COMPARED and old.get(k) != config.get(k)}
         if diff:
             raise RunConfigMismatch(f"cannot resume the run in {out_dir!r}: its settings differ (saved vs now): {diff}")
     atomic_write_bytes(cfg_path, (json.dumps(dict(config, meta_steps=meta_steps), indent=2) + "\n").encode())
