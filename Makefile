@@ -58,7 +58,7 @@ bench: build
 PEERS_VENV ?= .venv-peers
 PEERS_BIN := $(PEERS_VENV)/bin
 LEARN2LEARN ?= learn2learn==0.2.0
-PEERS_ARGS ?= --out docs/results/peers_cpu.json
+PEERS_ARGS ?= --mem-limit 4 --out docs/results/peers_cpu.json
 PURELIB := import sysconfig; print(sysconfig.get_paths()['purelib'])
 
 peers-env: $(PEERS_VENV)/.deps

@@ -206,7 +206,9 @@ def prewarm_k(method: str, K: int) -> Optional[int]:
     return None
 
 CONTINUOUS = {"ours_store", "ours_dopri5_ckpt", "ours_store_compiled", "learner_amaml", "odeint_adjoint"}
-"""Methods that solve the continuous gradient flow and its adjoint (dopri5 + heun)."""
+"""Methods that solve the gradient flow by dopri5 (and its continuous adjoint): not run on a
+ReLU/max-pool net, where dopri5 cannot step over the kinks at the default tolerances and the
+continuous adjoint is not the net's gradient. The fixed-step ``authors_*`` do run there."""
 
 
 def peer_versions() -> Dict[str, Optional[str]]:
