@@ -15,7 +15,7 @@ endif
 
 SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/solvers/*.h csrc/solvers/*.cpp) setup.py pyproject.toml
 
-.PHONY: setup build test pytest ctest demo bench clean
+.PHONY: setup build test pytest ctest demo bench peers-env bench-peers clean
 
 setup: $(VENV)/.deps
 build: $(VENV)/.built
@@ -52,6 +52,28 @@ demo: build
 
 bench: build
 	$(BIN)/python -m pytest benchmarks -q --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+# The peer benchmark (docs/benchmarks.md, Peers): its own venv with higher and TorchOpt on top of
+# $(VENV) (a .pth file, no second torch), learn2learn's source package unpacked beside them.
+PEERS_VENV ?= .venv-peers
+PEERS_BIN := $(PEERS_VENV)/bin
+LEARN2LEARN ?= learn2learn==0.2.0
+PEERS_ARGS ?= --mem-limit 4 --out docs/results/peers_cpu.json
+PURELIB := import sysconfig; print(sysconfig.get_paths()['purelib'])
+
+peers-env: $(PEERS_VENV)/.deps
+
+$(PEERS_VENV)/.deps: benchmarks/peers/requirements.txt | $(VENV)/.deps
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(BIN)/python -c "$(PURELIB)" > "$$($(PEERS_BIN)/python -c "$(PURELIB)")/_amaml_project_venv.pth"
+	$(PEERS_BIN)/python -m pip install -q -r benchmarks/peers/requirements.txt
+	rm -rf $(PEERS_VENV)/src
+	$(PEERS_BIN)/python -m pip download -q --no-deps --no-binary :all: -d $(PEERS_VENV)/src "$(LEARN2LEARN)"
+	cd $(PEERS_VENV)/src && tar xzf learn2learn-*.tar.gz
+	touch $@
+
+bench-peers: build peers-env
+	OMP_NUM_THREADS=1 $(PEERS_BIN)/python -m benchmarks.peers $(PEERS_ARGS)
 
 clean:
 	rm -rf build build-ctest *.egg-info amaml_ext/_C*.so

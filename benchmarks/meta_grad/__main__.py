@@ -33,7 +33,8 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=MODELS, default="cosmixture")
     ap.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="inner steps K, comma-separated")
-    ap.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {ALL_METHODS}")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated; default {ALL_METHODS}; also "
+                         f"{[m for m in METHODS if m not in ALL_METHODS]} (benchmarks.peers)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
     ap.add_argument("--h", type=float, default=0.01, help="inner step / grid spacing; T = K h")
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
-        ap.error(f"unknown methods {bad}; choose from {ALL_METHODS}")
+        ap.error(f"unknown methods {bad}; choose from {list(METHODS)}")
     if args.mem_limit is None:
         avail = mem_available_bytes()
         args.mem_limit = (avail / 2 / 2**30) if avail else 8.0

@@ -21,7 +21,10 @@ FINE = 8
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64."""
+    """||a - b|| / ||b|| in float64; a ``[d]`` against a ``[B, d]`` reference is compared with the
+    reference's mean over the tasks (the learners' meta-gradient)."""
+    if a.dim() == b.dim() - 1:
+        b = b.mean(0)
     a, b = a.double().reshape(-1), b.double().reshape(-1)
     return ((a - b).norm() / b.norm()).item()
 

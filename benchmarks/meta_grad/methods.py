@@ -9,6 +9,7 @@ import torch
 
 from amaml_ext import adjoint_meta_grad
 
+from ..peers.methods import LEARNER_METHODS, PEER_METHODS
 from .problem import GradFlow, MetaGradProblem
 
 try:  # imported with the methods, before any baseline: its import is not part of a method's memory
@@ -138,6 +139,10 @@ METHODS: Dict[str, Callable] = {
     "odeint_adjoint": odeint_adjoint,
 }
 ALL_METHODS = list(METHODS)
+"""The default selection; the peers' and the learners' methods (``benchmarks.peers``) are chosen by
+name with ``--methods``: they need the peers' environment (``make peers-env``)."""
+METHODS.update(PEER_METHODS)
+METHODS.update(LEARNER_METHODS)
 OURS = {m for m in METHODS if m.startswith("ours_")}
 COMPILED = {m for m in OURS if m.endswith("_compiled")}
 CHECKPOINT_PAIRS = (("ours_checkpoint", "ours_exact"), ("ours_dopri5_ckpt", "ours_store"))
