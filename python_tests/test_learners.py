@@ -167,3 +167,14 @@ def test_learners_reject_bad_arguments(problem):
         L.Reptile(net, F.mse_loss, steps=2).meta_grad(theta[:5], tasks)
     with pytest.raises(TypeError, match="argument 'tasks' must be an amaml_ext.tasks.TaskBatch"):
         L.Reptile(net, F.mse_loss, steps=2).meta_grad(theta, (tasks.support, tasks.query))
+
+
+def test_amaml_on_one_task_equals_the_batched_path():
+    """A one-task batch runs unbatched (no vmap): the same meta-gradient as a batch of that task twice."""
+    net = mlp(width=5, depth=1)
+    one = tiny_tasks(B=1)
+    two = TaskBatch(tuple(torch.cat([t, t]) for t in one.support), tuple(torch.cat([t, t]) for t in one.query))
+    learner = L.make_learner("amaml", net, F.mse_loss, inner_steps=5, inner_lr=0.05, solver="euler", adjoint="discrete")
+    a, b = learner.meta_grad(flatten_params(net), one), learner.meta_grad(flatten_params(net), two)
+    assert a.grad.shape == b.grad.shape and a.query_loss.shape == (1,)
+    assert rel(a.grad, b.grad) < 1e-12 and torch.allclose(a.query_loss, b.query_loss[:1], rtol=1e-12)
