@@ -28,13 +28,14 @@ compilation fails, a warning is issued and the eager callbacks are used.
 
 import copy
 import math
-import os
 import warnings
 import weakref
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from .compile_policy import compile_refusal, resolve_compile
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -193,47 +194,6 @@ class _CompiledCallbacks:
         self.grad = torch.compile(grad, dynamic=False)
         self.hvp = torch.compile(hvp, dynamic=False)
         self.failed: Optional[str] = None
-
-
-def compile_refusal() -> Optional[str]:
-    """Why ``compile=True`` is refused with the running torch, or None. torch 2.13's inductor
-    dereferences the ``aten._efficientzerotensor`` that the compiled HVP of ``F.mse_loss``
-    makes (the zero tangent of the target) and segfaults, which no fallback can catch."""
-    major_minor = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    if major_minor == (2, 13):
-        return (f"torch {torch.__version__}'s inductor segfaults on the compiled HVP (zero tangents of "
-                "the loss's target); compile=True needs torch >= 2.14 or <= 2.12")
-    return None
-
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def compile_pays(model: nn.Module, device: torch.device) -> bool:
-    """Where ``compile="auto"`` compiles: measured (docs/benchmarks.md) to pay for dense models on
-    the CPU, where eager overhead dominates (2.4-3.5x per meta-gradient for the paper's MLPs), and
-    not for convolutional nets on the CPU, whose time is in the convolutions. Not measured on a
-    GPU: eager there until it is."""
-    return device.type == "cpu" and not any(isinstance(m, _CONV) for m in model.modules())
-
-
-COMPILE_ENV = "AMAML_EXT_COMPILE"
-"""Environment variable deciding ``compile="auto"`` for a whole process: ``auto`` (default),
-``on`` or ``off``."""
-
-
-def resolve_compile(compile, model: nn.Module, device: torch.device) -> bool:
-    """``compile`` (True, False or ``"auto"``) as a bool. ``"auto"`` follows ``$AMAML_EXT_COMPILE``
-    (``on``/``off``), else :func:`compile_pays`; it is off, without a warning, where the running
-    torch cannot compile safely."""
-    if compile != "auto":
-        return bool(compile)
-    mode = os.environ.get(COMPILE_ENV, "auto").strip().lower() or "auto"
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"environment variable {COMPILE_ENV} must be auto, on or off, got {mode!r}")
-    if mode == "off" or compile_refusal() is not None:
-        return False
-    return mode == "on" or compile_pays(model, device)
 
 
 _COMPILED: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, _CompiledCallbacks]]" = weakref.WeakKeyDictionary()
