@@ -181,3 +181,21 @@ def test_a_dead_rank_ends_the_job_with_an_error(tmp_path):
     assert procs[0].returncode not in (0, None)
     assert "DistributedError" in outs[0][1] and "another rank stopped" in outs[0][1], outs[0][1][-2000:]
     assert torch.load(str(tmp_path / "run" / "checkpoint.pt"), weights_only=True)["step"] >= 1
+
+
+def test_the_command_under_torchrun(tmp_path):
+    """``torchrun --nproc-per-node 2 -m amaml_ext train``: rank 0 alone prints and writes; the
+    theta of the single-process command within rounding."""
+    args = ["train", "--task", "cosmixture", "--method", "maml", "--meta-steps", "2", "--meta-batch", "3",
+            "--inner-steps", "3", "--maml-steps", "2", "--pool-size", "6", "--dtype", "float64", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "amaml_ext"] + args + ["--out", str(tmp_path / "d")]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("wrote") == 1
+    assert sorted(os.listdir(tmp_path / "d")) == ["checkpoint.pt", "config.json", "metrics.csv", "theta.pt"]
+    from amaml_ext.cli import main
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    torch.testing.assert_close(torch.load(tmp_path / "d" / "theta.pt"), torch.load(tmp_path / "one" / "theta.pt"),
+                               rtol=1e-12, atol=1e-14)
