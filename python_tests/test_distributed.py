@@ -63,6 +63,7 @@ def _job(rank: int, world: int, port: int, tmp: str) -> None:
     res = {}
     for method in ("amaml", "maml"):
         res[method] = _train(method, os.path.join(tmp, f"{method}-w{world}"))
+    res["maml-groups"] = _train("maml", None, distributed=Distributed(tasks_per_call=2))   # groups 2 + 2 + 1
     learner, _, test = _problem("maml")
     res["test"] = meta_test(learner.model, F.mse_loss, res["maml"], test.all(dtype=torch.float64), steps=4, lr=0.05,
                             chunk=3, distributed=Distributed())
@@ -113,6 +114,14 @@ def test_any_world_size_gives_the_same_theta_bit_for_bit(jobs, method):
     plain = _train(method, None, distributed=None)        # the single-process run: within rounding
     torch.testing.assert_close(ref, plain, rtol=1e-12, atol=1e-14)
     assert not torch.equal(ref, flatten_params(_problem(method)[0].model))     # it did train
+
+
+def test_groups_of_tasks_per_call_are_independent_of_the_world_size(jobs):
+    ref = jobs[(1, 0)]["maml-groups"]
+    for w in (2, 3):
+        for r in range(w):
+            assert torch.equal(jobs[(w, r)]["maml-groups"], ref), (w, r)
+    torch.testing.assert_close(ref, jobs[(1, 0)]["maml"], rtol=1e-12, atol=1e-14)
 
 
 def test_resume_with_another_world_size_equals_the_uninterrupted_run(jobs):

@@ -88,7 +88,7 @@ def _join_torchrun(args):
     nccl with --device cuda, which becomes cuda:LOCAL_RANK); ranks other than 0 are quiet."""
     if not launched_by_torchrun():
         return None
-    group = init_distributed(args.device or "cpu", timeout=args.dist_timeout)
+    group = init_distributed(args.device or "cpu", timeout=args.dist_timeout, tasks_per_call=args.tasks_per_call)
     if args.device and group.device.type == "cuda":
         args.device = str(group.device)
     if not group.is_main:

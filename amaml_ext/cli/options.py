@@ -110,6 +110,9 @@ def _add_dist_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dist-timeout", type=_positive_float, default=None,
                    help="under torchrun: seconds a rank waits for the others before it fails (default: "
                         "AMAML_DIST_TIMEOUT or 600)")
+    p.add_argument("--tasks-per-call", type=_positive_int, default=1,
+                   help="under torchrun: tasks per meta-gradient call (fixed groups split over the ranks; the "
+                        "result depends on it by rounding, not on the number of processes)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:

@@ -3,11 +3,12 @@
 meta-training".
 
 Each meta-step's tasks (those of the single-process run, :func:`task_indices`) are split over
-the ranks contiguously; every rank computes the meta-gradient of its tasks **one task at a time**,
-the per-task ``[grad, query loss, stats]`` rows are all-gathered (padded when the split is
-uneven), and every rank sums them in task order and divides by the meta-batch. Every task's row
-is thus computed the same way whatever the split, and the sum runs in one fixed order: float64
-runs end at the same theta bit for bit for any world size. Every rank holds theta and Adam's
+the ranks contiguously; every rank computes the meta-gradient of its tasks **one task at a time**
+(or in fixed groups of ``tasks_per_call``), the per-task ``[grad, query loss, stats]`` rows are
+all-gathered (padded when the split is uneven), and every rank sums them in task order and
+divides by the meta-batch. Every task's row is thus computed the same way whatever the split,
+and the sum runs in one fixed order: float64 runs end at the same theta bit for bit for any
+world size. Every rank holds theta and Adam's
 state and takes the same step; rank 0 alone writes files.
 """
 
@@ -52,13 +53,14 @@ def _timeout_seconds(timeout: Optional[float]) -> float:
 
 
 def init_distributed(device: Union[str, torch.device] = "cpu", backend: Optional[str] = None,
-                     timeout: Optional[float] = None) -> "Distributed":
+                     timeout: Optional[float] = None, tasks_per_call: int = 1) -> "Distributed":
     """Join the process group described by torchrun's environment (``RANK``, ``WORLD_SIZE``,
     ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); a no-op if it is already initialised.
 
     ``backend``: default gloo on the CPU, nccl for ``device`` cuda (which becomes
     ``cuda:LOCAL_RANK``). ``timeout``: seconds a collective waits for the others (default
-    ``AMAML_DIST_TIMEOUT`` or 600): a rank that died makes the others fail instead of hanging."""
+    ``AMAML_DIST_TIMEOUT`` or 600): a rank that died makes the others fail instead of hanging.
+    ``tasks_per_call``: see :class:`Distributed`."""
     seconds = _timeout_seconds(timeout)
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
@@ -71,14 +73,23 @@ def init_distributed(device: Union[str, torch.device] = "cpu", backend: Optional
                                "with 'torchrun --nproc-per-node N ...' or call torch.distributed.init_process_group")
         dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"),
                                 timeout=timedelta(seconds=seconds))
-    return Distributed(timeout=seconds, device=dev)
+    return Distributed(timeout=seconds, device=dev, tasks_per_call=tasks_per_call)
 
 
 class Distributed:
     """The default process group as this package uses it: the split of a meta-batch, the gather
-    of per-task rows in task order, the agreement on a stop, rank 0's broadcasts."""
+    of per-task rows in task order, the agreement on a stop, rank 0's broadcasts.
 
-    def __init__(self, timeout: Optional[float] = None, device: Optional[torch.device] = None):
+    ``tasks_per_call``: the meta-batch is cut into fixed groups of this many tasks (the last may
+    be smaller), each group one (vmapped) ``meta_grad`` call; the groups, not the tasks, are
+    split over the ranks. The result depends on it (by rounding) but not on the world size: 1
+    (the default) parallelises best; more amortises the per-call cost of small models."""
+
+    def __init__(self, timeout: Optional[float] = None, device: Optional[torch.device] = None,
+                 tasks_per_call: int = 1):
+        if isinstance(tasks_per_call, bool) or not isinstance(tasks_per_call, int) or tasks_per_call < 1:
+            raise ValueError(f"argument 'tasks_per_call' must be a positive int, got {tasks_per_call!r}")
+        self.tasks_per_call = tasks_per_call
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("distributed=True needs an initialised process group: launch with torchrun, or call "
                                "amaml_ext.train.init_distributed() (or torch.distributed.init_process_group) first")
@@ -168,41 +179,50 @@ class Distributed:
 
     def meta_grad(self, learner: MetaLearner, theta: torch.Tensor, tasks: TaskBatch) -> MetaStep:
         """The meta-batch's mean meta-gradient, the same on every rank and for every world size:
-        this rank's tasks one at a time, gathered, summed in task order, divided by the batch."""
-        B, n = tasks.size, theta.numel()
-        a, b = self.span(B)
-        rows = torch.full((b - a, n + 2 + len(_STATS)), float("nan"), dtype=theta.dtype, device=self.device)
+        this rank's groups of ``tasks_per_call`` tasks one call each, their rows gathered, the
+        gradients summed in group order, divided by the batch."""
+        B, n, c = tasks.size, theta.numel(), self.tasks_per_call
+        groups = -(-B // c)
+        a, b = self.span(groups)
+        rows = torch.full((b - a, n + 1 + len(_STATS)), float("nan"), dtype=theta.dtype, device=self.device)
+        losses = torch.full((b - a, c), float("nan"), dtype=theta.dtype, device=self.device)
         error = None
-        for i in range(a, b):
+        for j in range(a, b):
+            size = min(c, B - j * c)
             try:
-                out = learner.meta_grad(theta, tasks.select(slice(i, i + 1)))
+                out = learner.meta_grad(theta, tasks.select(slice(j * c, j * c + size)))
             except Exception as e:  # noqa: BLE001  (every rank learns of it through the gather, then raises)
                 error, rows[:, -1] = e, (_FAILED_ACCURACY if isinstance(e, AdjointAccuracyError) else _FAILED)
                 break
-            rows[i - a, :n] = out.grad.reshape(-1)
-            rows[i - a, n] = out.query_loss.reshape(-1)[0]
+            rows[j - a, :n] = out.grad.reshape(-1) * size      # the group's sum (exact for one task)
+            losses[j - a, :size] = out.query_loss.reshape(-1)
             for k, name in enumerate(_STATS):
                 if out.stats.get(name) is not None:
-                    rows[i - a, n + 1 + k] = float(out.stats[name])
-            rows[i - a, -1] = 0.0
-        full = self.gather_rows(rows, B)
-        failed = full[:, -1] > 0
-        if bool(failed.any()):
-            if error is not None:
-                raise error
-            first = int(failed.nonzero()[0])
-            kind = AdjointAccuracyError if float(full[first, -1]) == _FAILED_ACCURACY else DistributedError
-            raise kind(f"the meta-gradient of task {first} of the meta-batch failed on another rank (rank of tasks "
-                       f"{self.span(B, self._rank_of(first, B))}); see that rank's error")
+                    rows[j - a, n + k] = float(out.stats[name])
+            rows[j - a, -1] = 0.0
+        full = self.gather_rows(torch.cat([rows, losses], 1), groups)
+        self._raise_failures(full[:, n + len(_STATS)], error, groups)
         grad = full[0, :n].clone()
-        for i in range(1, B):          # the fixed-order sum: the same for every split
-            grad += full[i, :n]
+        for j in range(1, groups):          # the fixed-order sum: the same for every split
+            grad += full[j, :n]
         stats = {}
         for k, name in enumerate(_STATS):
-            col = full[:, n + 1 + k]
+            col = full[:, n + k]
             if not bool(col.isnan().all()):
                 stats[name] = float(col[~col.isnan()].max())
-        return MetaStep((grad / B).to(theta.device), full[:, n].to(theta.device), stats)
+        loss = full[:, -c:].reshape(-1)[:B]
+        return MetaStep((grad / B).to(theta.device), loss.to(theta.device), stats)
+
+    def _raise_failures(self, status: torch.Tensor, error: Optional[BaseException], groups: int) -> None:
+        failed = status > 0
+        if not bool(failed.any()):
+            return
+        if error is not None:
+            raise error
+        first = int(failed.nonzero()[0])
+        kind = AdjointAccuracyError if float(status[first]) == _FAILED_ACCURACY else DistributedError
+        raise kind(f"the meta-gradient of task group {first} of the meta-batch failed on rank "
+                   f"{self._rank_of(first, groups)}; see that rank's error")
 
     def _rank_of(self, i: int, n: int) -> int:
         return next(r for r in range(self.world) if self.span(n, r)[0] <= i < self.span(n, r)[1])
