@@ -32,12 +32,14 @@ CASES = {
 }
 
 
-def run_once(case: str, procs: int, steps: int, meta_batch: int, extra: List[str], timeout: float) -> Dict:
+def run_once(case: str, procs: int, steps: int, meta_batch: int, extra: List[str], timeout: float,
+             per_call: int = 1) -> Dict:
     out = tempfile.mkdtemp(prefix="bench-dist-")
     train = ["train", *CASES[case], "--meta-steps", str(steps), "--meta-batch", str(meta_batch),
              "--checkpoint-every", str(steps), "--quiet", "--out", out, *extra]
     cmd = (module_command("amaml_ext", *train) if procs == 0 else
-           module_command("torch.distributed.run", "--nproc-per-node", str(procs), "-m", "amaml_ext", *train))
+           module_command("torch.distributed.run", "--nproc-per-node", str(procs), "-m", "amaml_ext", *train,
+                          "--tasks-per-call", str(per_call)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.perf_counter()
     child = Child(cmd, env=env, own_session=True)
@@ -51,7 +53,7 @@ def run_once(case: str, procs: int, steps: int, meta_batch: int, extra: List[str
         return {"case": case, "procs": procs, "error": f"exit {rc}: " + " | ".join(child.stderr_lines()[-3:])}
     with open(os.path.join(out, "metrics.csv")) as f:
         secs = [float(r["seconds"]) for r in csv.DictReader(f)]
-    return {"case": case, "procs": procs, "meta_batch": meta_batch, "steps": steps,
+    return {"case": case, "procs": procs, "tasks_per_call": per_call, "meta_batch": meta_batch, "steps": steps,
             "step_seconds_median": statistics.median(secs[1:] or secs), "wall_seconds": wall}
 
 
@@ -60,6 +62,7 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", default="cosmixture-amaml,cosmixture-maml", help=",".join(CASES))
     p.add_argument("--procs", default="1,2", help="torchrun process counts (the single-process command is run too)")
+    p.add_argument("--tasks-per-call", default="1", help="comma-separated values for the torchrun runs")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--meta-batch", type=int, default=5)
     p.add_argument("--data-root", default=None)
@@ -69,12 +72,13 @@ def main(argv=None) -> None:
     extra = ["--data-root", args.data_root] if args.data_root else []
     rows = []
     print("| case | processes | meta-batch | median step s | steps/s | vs alone | wall s |\n|---|---|---|---|---|---|---|")
+    runs = [(0, 1)] + [(int(n), int(k)) for k in args.tasks_per_call.split(",") for n in args.procs.split(",")]
     for case in args.case.split(","):
         base = None
-        for procs in [0] + [int(n) for n in args.procs.split(",")]:
-            r = run_once(case, procs, args.steps, args.meta_batch, extra, args.timeout)
+        for procs, per_call in runs:
+            r = run_once(case, procs, args.steps, args.meta_batch, extra, args.timeout, per_call)
             rows.append(r)
-            who = "alone" if procs == 0 else f"torchrun {procs}"
+            who = "alone" if procs == 0 else f"torchrun {procs}, {per_call} task(s)/call"
             if "error" in r:
                 print(f"| {case} | {who} | {args.meta_batch} | {r['error']} |||||")
                 continue
