@@ -8,7 +8,7 @@ from typing import Dict, Optional, Sequence
 
 from ..accuracy import AdjointAccuracyError
 from ..data.benchmarks import BENCHMARKS
-from ..train import THETA, RunConfigMismatch, RunFileError, load_checkpoint
+from ..train import THETA, DistributedError, RunConfigMismatch, RunFileError, init_distributed, launched_by_torchrun, load_checkpoint
 from .options import build_parser, device_of, resolve_task_args
 from .report import compare_plot, compare_table, paired_table
 from .runs import RunProblem, evaluate_run, run_config, train_one
@@ -32,10 +32,13 @@ def compare(args) -> Dict:
         elif not args.quiet:
             print(f"{method}: already trained in {run}")
         rows = (load_checkpoint(run) or {}).get("metrics", [])
-        curve = evaluate_run(run, args.test_steps, args.device, quiet=args.quiet, data_root=args.data_root)
+        curve = evaluate_run(run, args.test_steps, args.device, quiet=args.quiet, data_root=args.data_root,
+                             distributed=args.distributed)
         curve["train_seconds"] = sum(r["seconds"] for r in rows)
         curve["wall_seconds_this_call"] = time.perf_counter() - t0
         curves[method] = curve
+    if args.distributed is not None and not args.distributed.is_main:
+        return curves                # rank 0 writes the table and the plot
     what = args.setting
     if BENCHMARKS[args.task].episodes:
         prob = RunProblem(run_config(args, args.methods[0]), args.device, args.data_root)
@@ -66,28 +69,51 @@ def compare(args) -> Dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.distributed = _join_torchrun(args)
     try:
-        return _main(args)
+        code = _main(args)
+        if args.distributed is not None:
+            args.distributed.barrier("the end of the command")   # no rank tears the group down under another
+        return code
     except RunFileError as e:
         raise SystemExit(f"amaml-ext: {e}") from None
+    finally:
+        if args.distributed is not None:
+            import torch.distributed
+            torch.distributed.destroy_process_group()
+
+
+def _join_torchrun(args):
+    """Under torchrun (its environment names a rank): join the process group (gloo on the CPU,
+    nccl with --device cuda, which becomes cuda:LOCAL_RANK); ranks other than 0 are quiet."""
+    if not launched_by_torchrun():
+        return None
+    group = init_distributed(args.device or "cpu", timeout=args.dist_timeout, tasks_per_call=args.tasks_per_call)
+    if args.device and group.device.type == "cuda":
+        args.device = str(group.device)
+    if not group.is_main:
+        args.quiet = True
+    return group
 
 
 def _main(args) -> int:
     if args.command == "evaluate":
-        evaluate_run(args.run, args.test_steps, device_of(args.device) if args.device else None, args.quiet)
+        evaluate_run(args.run, args.test_steps, device_of(args.device) if args.device else None, args.quiet,
+                     distributed=args.distributed)
         return 0
     args.device = device_of(args.device)
     resolve_task_args(args)
     try:
         if args.command == "train":
-            if not args.resume and load_checkpoint(args.out) is not None:
+            if not args.resume and args.distributed is None and load_checkpoint(args.out) is not None:
                 raise SystemExit(f"amaml-ext: argument --out: {args.out!r} already holds a run; add --resume "
                                  f"to continue it or choose another directory")
             train_one(args, args.method, args.out, args.resume)
-            print(f"wrote {os.path.join(args.out, THETA)}")
+            if args.distributed is None or args.distributed.is_main:
+                print(f"wrote {os.path.join(args.out, THETA)}")
         else:
             compare(args)
-    except (RunConfigMismatch, AdjointAccuracyError, FloatingPointError) as e:
+    except (RunConfigMismatch, AdjointAccuracyError, FloatingPointError, FileExistsError, DistributedError) as e:
         raise SystemExit(f"amaml-ext: {e}") from None
     except KeyboardInterrupt as e:
         print(f"\namaml-ext: {e or 'interrupted'}", file=sys.stderr)

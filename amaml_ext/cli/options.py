@@ -106,6 +106,15 @@ def _add_problem_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_dist_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dist-timeout", type=_positive_float, default=None,
+                   help="under torchrun: seconds a rank waits for the others before it fails (default: "
+                        "AMAML_DIST_TIMEOUT or 600)")
+    p.add_argument("--tasks-per-call", type=_positive_int, default=1,
+                   help="under torchrun: tasks per meta-gradient call (fixed groups split over the ranks; the "
+                        "result depends on it by rounding, not on the number of processes)")
+
+
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-steps", type=_nonneg_int, default=None,
                    help="GD steps of meta-test adaptation (default: the run's --inner-steps)")
@@ -131,12 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     _add_problem_args(p)
+    _add_dist_args(p)
     p = sub.add_parser("evaluate", help="meta-test a trained run: curves -> RUN/eval.json and RUN/eval.png",
                        formatter_class=_Formatter)
-    p.add_argument("--run", required=True, help="a run directory written by 'train'")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="a run directory written by 'train' (under torchrun: --run-dir)")
     _add_eval_args(p)
     p.add_argument("--device", default=None, help="default: the run's device")
     p.add_argument("--quiet", action="store_true")
+    _add_dist_args(p)
     p = sub.add_parser("compare", help="train several methods on the same tasks; plot and table",
                        formatter_class=_Formatter)
     p.add_argument("--methods", type=_methods, default=list(L.PAPER_METHODS),
@@ -144,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (one run per method inside)")
     _add_problem_args(p)
     _add_eval_args(p)
+    _add_dist_args(p)
     return ap
 
 

@@ -76,11 +76,14 @@ def train_one(args, method: str, out: str, resume: bool) -> torch.Tensor:
     learner = make_run_learner(cfg, model, prob.loss, acc)
     return meta_train(learner, prob.train_pool, meta_steps=args.meta_steps, out_dir=out, meta_batch=args.meta_batch,
                       lr=args.lr, seed=args.seed, resume=resume, checkpoint_every=args.checkpoint_every,
-                      device=args.device, dtype=prob.dtype, config=cfg, progress=not args.quiet)
+                      device=args.device, dtype=prob.dtype, config=cfg, progress=not args.quiet,
+                      distributed=getattr(args, "distributed", None))
 
 
 def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.device] = None,
-                 quiet: bool = False, data_root: Optional[str] = None) -> Dict:
+                 quiet: bool = False, data_root: Optional[str] = None, distributed=None) -> Dict:
+    """Meta-test the run in ``run`` (its test tasks split over the ranks with ``distributed``;
+    rank 0 writes eval.json and eval.png)."""
     cfg_path = os.path.join(run, CONFIG)
     if not os.path.exists(cfg_path):
         raise SystemExit(f"amaml-ext: argument --run: {run!r} has no {CONFIG}; is it a directory written by 'train'?")
@@ -110,10 +113,12 @@ def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.dev
     init, scale = learner.test_adaptation(theta)        # learned step sizes scale the test GD step
     lr = cfg["inner_lr"] if scale is None else cfg["inner_lr"] * scale
     curve = meta_test(model, prob.loss, init, batch, steps=steps, lr=lr, metric=prob.metric,
-                      adapt_mask=learner.adapt_mask)        # ANIL adapts the head only
+                      adapt_mask=learner.adapt_mask, distributed=distributed)   # ANIL adapts the head only
     curve.update(method=cfg["method"], test_tasks=batch.size, test_steps=steps, seconds=time.perf_counter() - t0)
     if hasattr(learner, "horizon"):
         curve["learned_T"] = learner.horizon(theta)
+    if distributed is not None and not distributed.is_main:
+        return curve
     with open(os.path.join(run, EVAL), "w") as f:
         json.dump(curve, f, indent=1)
     compare_plot({cfg["method"]: curve}, os.path.join(run, "eval.png"),

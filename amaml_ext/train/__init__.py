@@ -21,13 +21,14 @@ records the query nRMSE after every step (the curves of the paper's Fig. 2).
 
 
 from ..data.batch import task_indices
+from .distributed import Distributed, DistributedError, init_distributed, launched_by_torchrun
 from .evaluate import METRICS_FNS, Z95, accuracy, confidence_interval, half_width, meta_test, nrmse
 from .io import (CHECKPOINT, CHECKPOINT_KEYS, CONFIG, METRIC_FIELDS, METRICS, OPTIONAL_METRIC_FIELDS, THETA,
                  RunConfigMismatch, RunFileError, UnreadableRunFile, atomic_write_bytes, load_checkpoint,
                  read_json_file, read_torch_file)
 from .loop import Terminated, meta_train
 
-__all__ = ["meta_train", "meta_test", "task_indices", "nrmse", "accuracy", "METRICS_FNS", "confidence_interval",
+__all__ = ["meta_train", "meta_test", "Distributed", "DistributedError", "init_distributed", "launched_by_torchrun", "task_indices", "nrmse", "accuracy", "METRICS_FNS", "confidence_interval",
            "half_width", "Z95", "load_checkpoint", "read_torch_file", "read_json_file", "atomic_write_bytes",
            "RunConfigMismatch", "RunFileError", "UnreadableRunFile", "Terminated", "CHECKPOINT", "CHECKPOINT_KEYS",
            "CONFIG", "METRICS", "METRIC_FIELDS", "OPTIONAL_METRIC_FIELDS", "THETA"]

@@ -9,6 +9,7 @@ import torch
 
 from ..data.batch import TaskBatch
 from ..functional import TaskFunctions, unflatten_params
+from .distributed import Distributed
 
 #: the normal quantile of a two-sided 95% interval (``mean ± Z95 * std / sqrt(n)``)
 Z95 = 1.96
@@ -45,12 +46,15 @@ METRICS_FNS = {"nrmse": nrmse, "accuracy": accuracy}
 
 def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatch, *, steps: int,
               lr: float = 0.01, record_every: int = 1, metric: str = "nrmse",
-              chunk: int = 100, adapt_mask: Optional[torch.Tensor] = None) -> Dict[str, List[float]]:
+              chunk: int = 100, adapt_mask: Optional[torch.Tensor] = None,
+              distributed=None) -> Dict[str, List[float]]:
     """Adapt from ``theta`` on every task's support set with ``steps`` plain GD steps of ``lr``
     (``chunk`` tasks at a time, batched) and record the query ``metric`` (``"nrmse"`` or
     ``"accuracy"``; over the real points of ``tasks.query_mask`` when there is one) after every
     ``record_every`` steps. ``adapt_mask`` (``[d]``, 0/1) adapts only the marked parameters
-    (ANIL: the head).
+    (ANIL: the head). ``distributed`` (True or a :class:`amaml_ext.train.Distributed`): each rank
+    adapts its contiguous share of the tasks, the per-task values are gathered in task order and
+    every rank returns the same result.
 
     Returns ``{"metric", "step": [...], "mean": [...], "std": [...], "ci95": [...], "final":
     [per-task value]}`` (std over tasks, population; ``ci95 = Z95 std / sqrt(tasks)``, ``Z95 = 1.96``)."""
@@ -60,11 +64,30 @@ def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatc
         raise ValueError(f"argument 'metric' must be one of {sorted(METRICS_FNS)}, got {metric!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"argument 'chunk' must be a positive int, got {chunk!r}")
-    score = METRICS_FNS[metric]
     recorded = [s for s in range(steps + 1) if s % record_every == 0 or s == steps]
+    group = Distributed.resolve(distributed)
+    if group is None:
+        values = _per_task(model, loss, theta, tasks, recorded, lr, METRICS_FNS[metric], chunk, adapt_mask)
+    else:
+        a, b = group.span(tasks.size)
+        mine = _per_task(model, loss, theta, tasks.select(slice(a, b)), recorded, lr, METRICS_FNS[metric], chunk,
+                         adapt_mask)
+        values = group.gather_rows(mine, tasks.size, "the gather of meta-test results").cpu()
+    out = {"metric": metric, "step": recorded, "mean": [], "std": [], "ci95": []}
+    for e in values.t():
+        sd = float(e.std(unbiased=False))
+        out["mean"].append(float(e.mean()))
+        out["std"].append(sd)
+        out["ci95"].append(half_width(sd, e.numel()))
+    out["final"] = values[:, -1].tolist()
+    return out
+
+
+def _per_task(model, loss, theta, tasks: TaskBatch, recorded: List[int], lr: float, score, chunk: int,
+              adapt_mask) -> torch.Tensor:
+    """The metric of every task after each recorded step: ``[tasks, len(recorded)]``."""
     per_task: List[List[torch.Tensor]] = [[] for _ in recorded]
-    B = tasks.size
-    for a in range(0, B, chunk):
+    for a in range(0, tasks.size, chunk):
         part = tasks.select(slice(a, a + chunk))
         fns = TaskFunctions(model, loss, part.support, part.query, batched=True)
         u = theta.detach().to(part.support[0].dtype).expand(part.size, -1).clone()
@@ -80,21 +103,15 @@ def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatc
             per_task[0].append(value())
             k = 1
         with torch.no_grad():
-            for s in range(1, steps + 1):
+            for s in range(1, recorded[-1] + 1):
                 g = fns.grad(u)
                 u = u - lr * (g if adapt_mask is None else g * adapt_mask.to(g))
                 if k < len(recorded) and s == recorded[k]:
                     per_task[k].append(value())
                     k += 1
-    out = {"metric": metric, "step": recorded, "mean": [], "std": [], "ci95": []}
-    for vals in per_task:
-        e = torch.cat(vals)
-        sd = float(e.std(unbiased=False))
-        out["mean"].append(float(e.mean()))
-        out["std"].append(sd)
-        out["ci95"].append(half_width(sd, e.numel()))
-    out["final"] = torch.cat(per_task[-1]).tolist()
-    return out
+    if tasks.size == 0:
+        return torch.zeros(0, len(recorded), dtype=torch.float64 if score is accuracy else tasks.support[0].dtype)
+    return torch.stack([torch.cat(vals) for vals in per_task], 1)
 
 
 def confidence_interval(accuracies, z: float = Z95) -> Tuple[float, float]:

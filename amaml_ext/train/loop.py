@@ -8,6 +8,7 @@ import signal
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -17,6 +18,7 @@ from ..accuracy import AdjointAccuracyError
 from ..data.batch import TaskPool, task_indices
 from ..functional import flatten_params
 from ..learners import MetaLearner
+from .distributed import Distributed, DistributedError, StopFlags
 from .io import (CHECKPOINT, CONFIG, METRICS, OPTIONAL_METRIC_FIELDS, THETA, RunConfigMismatch, RunFileError,
                  UnreadableRunFile, atomic_write_bytes, csv_bytes, load_checkpoint, read_json_file, torch_bytes)
 
@@ -26,7 +28,7 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
                meta_batch: int = 5, lr: float = 1e-3, seed: int = 0, resume: bool = False,
                checkpoint_every: int = 50, device="cpu", dtype=torch.float32, config: Optional[Dict] = None,
                progress: bool = True, on_step: Optional[Callable[[int, Dict], None]] = None,
-               checkpoint_seconds: Optional[float] = 600.0) -> torch.Tensor:
+               checkpoint_seconds: Optional[float] = 600.0, distributed=None) -> torch.Tensor:
     """Meta-train ``learner`` on ``pool`` for ``meta_steps`` Adam steps; returns the learned theta.
 
     Args:
@@ -50,55 +52,96 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
         config: the run's settings (JSON-able), stored in ``config.json`` and compared on resume.
         progress: show a progress bar (tqdm).
         on_step: called as ``on_step(step, row)`` after every step (tests use it to interrupt).
+        distributed: None/False: this process alone. True (or an
+            :class:`amaml_ext.train.Distributed`): one rank of a ``torch.distributed`` job (the
+            process group initialised by torchrun's environment if it is not yet): the tasks of
+            each step are split over the ranks, their per-task meta-gradients summed in task
+            order (the same theta bit for bit for any world size), rank 0 alone writes
+            ``out_dir`` and reads the checkpoint (broadcast to the others), SIGINT/SIGTERM stop
+            every rank at the same step boundary; every rank returns the same theta.
 
     Interrupted (Ctrl-C, or SIGTERM, which schedulers send before they preempt a job), it saves
     a checkpoint of every finished step and raises KeyboardInterrupt; ``resume=True`` continues
     to exactly the theta of an uninterrupted run. A meta-step whose meta-gradient or query loss is
     not finite stops the run with FloatingPointError, after saving the steps before it.
     """
+    group = Distributed.resolve(distributed)
     if out_dir is None:
         if resume:
             raise ValueError("argument 'resume' needs an 'out_dir' to resume from, got out_dir=None")
         with tempfile.TemporaryDirectory(prefix="amaml-run-") as tmp:
             return meta_train(learner, pool, meta_steps=meta_steps, out_dir=tmp, theta0=theta0, meta_batch=meta_batch,
                               lr=lr, seed=seed, checkpoint_every=checkpoint_every, device=device, dtype=dtype,
-                              config=config, progress=progress, on_step=on_step, checkpoint_seconds=None)
+                              config=config, progress=progress, on_step=on_step, checkpoint_seconds=None,
+                              distributed=group)
     _check_options(pool, meta_steps, meta_batch, checkpoint_every, lr)
     config = dict(config or {}, meta_batch=meta_batch, lr=lr, seed=seed)
-    ckpt = _open_run(out_dir, resume, config, meta_steps)
-    run = _RunState(out_dir, learner, theta0, lr, device, dtype, ckpt)
-    bar = _progress_bar(meta_steps, run.start, learner.name) if progress else None
-    previous = _sigterm_as_interrupt()
+    if group is None:
+        ckpt = _open_run(out_dir, resume, config, meta_steps)
+    else:
+        ckpt = group.on_main(lambda: _open_run(out_dir, resume, config, meta_steps), "opening the run (rank 0)")
+    run = _RunState(out_dir, learner, theta0, lr, device, dtype, ckpt, group)
+    bar = _progress_bar(meta_steps, run.start, learner.name) if progress and run.writes else None
+    every = (checkpoint_every, checkpoint_seconds)
     try:
-        for step in range(run.start, meta_steps):
-            idx = task_indices(seed, step, len(pool), meta_batch)
-            row = run.step(learner, _meta_batch(pool, idx, step, seed, device, dtype), step, idx)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(query_loss=f"{row['query_loss']:.4g}")
-            if ((step + 1) % checkpoint_every == 0 or step + 1 == meta_steps
-                    or (checkpoint_seconds is not None and time.monotonic() - run.last_save >= checkpoint_seconds)):
-                run.save(step + 1)
-            if on_step is not None:
-                on_step(step + 1, row)
-    except AdjointAccuracyError as e:
+        with _interruptions(group) as stop:
+            _steps(run, learner, pool, meta_steps, meta_batch, seed, device, dtype, every, bar, on_step, stop)
+    except (AdjointAccuracyError, DistributedError) as e:
         done = run.save_done(bar)
-        raise AdjointAccuracyError(f"meta_train stopped at meta-step {done + 1} (strict): {e} The checkpoint in "
-                                   f"{out_dir!r} holds the {done} meta-steps before it.") from None
+        why = " (strict)" if isinstance(e, AdjointAccuracyError) else ""
+        raise type(e)(f"meta_train stopped at meta-step {done + 1}{why}: {e} The checkpoint in {out_dir!r} holds "
+                      f"the {done} meta-steps before it.") from None
     except KeyboardInterrupt as e:
         done = run.save_done(bar)
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         raise KeyboardInterrupt(f"meta_train {what} after meta-step {done}; checkpoint saved in "
                                 f"{out_dir!r}: run again with resume=True (--resume) to continue") from None
-    finally:
-        _restore_sigterm(previous)
     if bar is not None:
         bar.close()
     if run.start >= meta_steps:  # nothing left to do: make sure the final files exist
         run.save(run.start)
     result = run.theta.detach().cpu().clone()
-    atomic_write_bytes(os.path.join(out_dir, THETA), torch_bytes(result))
+    if run.writes:
+        atomic_write_bytes(os.path.join(out_dir, THETA), torch_bytes(result))
+    if group is not None:
+        group.barrier("the end of meta-training")     # theta.pt exists before any rank goes on
     return result
+
+
+def _steps(run, learner, pool, meta_steps, meta_batch, seed, device, dtype, every, bar, on_step, stop) -> None:
+    """The meta-steps from ``run.start``; in distributed mode the ranks first agree, at every step
+    boundary, whether one of them received SIGINT/SIGTERM."""
+    checkpoint_every, checkpoint_seconds = every
+    for step in range(run.start, meta_steps):
+        if run.group is not None:
+            code = run.group.agree_max(stop.code)
+            if code:
+                raise Terminated() if code == StopFlags.CODES[signal.SIGTERM] else KeyboardInterrupt()
+        idx = task_indices(seed, step, len(pool), meta_batch)
+        row = run.step(learner, _meta_batch(pool, idx, step, seed, device, dtype), step, idx)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(query_loss=f"{row['query_loss']:.4g}")
+        if ((step + 1) % checkpoint_every == 0 or step + 1 == meta_steps
+                or (checkpoint_seconds is not None and time.monotonic() - run.last_save >= checkpoint_seconds)):
+            run.save(step + 1)
+        if on_step is not None:
+            on_step(step + 1, row)
+
+
+@contextmanager
+def _interruptions(group):
+    """Alone: SIGTERM raises :class:`Terminated` (Ctrl-C: KeyboardInterrupt). Distributed: both set
+    a flag the ranks agree on at the next step boundary (:class:`StopFlags`)."""
+    if group is not None:
+        with StopFlags() as stop:
+            yield stop
+        return
+    previous = _sigterm_as_interrupt()
+    try:
+        yield None
+    finally:
+        _restore_sigterm(previous)
 
 
 def _check_options(pool, meta_steps, meta_batch, checkpoint_every, lr) -> None:
@@ -156,10 +199,14 @@ class _RunState:
     """theta, its Adam state and the metric rows of a run, restored from ``ckpt`` if given;
     ``step`` makes one meta-step, ``save`` writes the checkpoint and metrics atomically."""
 
-    def __init__(self, out_dir: str, learner: MetaLearner, theta0, lr: float, device, dtype, ckpt: Optional[Dict]):
-        self.out_dir = out_dir
+    def __init__(self, out_dir: str, learner: MetaLearner, theta0, lr: float, device, dtype, ckpt: Optional[Dict],
+                 group: Optional[Distributed] = None):
+        self.out_dir, self.group = out_dir, group
+        self.writes = group is None or group.is_main       # rank 0 alone writes the run's files
         theta0 = learner.meta_params(flatten_params(learner.model)) if theta0 is None else theta0
         self.theta = torch.nn.Parameter(theta0.detach().to(device=device, dtype=dtype).clone())
+        if group is not None:      # every rank starts from rank 0's theta, whatever model it built
+            group.broadcast_(self.theta)
         self.opt = torch.optim.Adam([self.theta], lr=lr)
         self.rows: List[Dict] = []
         self.start = 0
@@ -180,6 +227,8 @@ class _RunState:
 
     def save(self, step: int) -> None:
         self.last_save = time.monotonic()
+        if not self.writes:
+            return
         state = {"theta": self.theta.detach().cpu().clone(), "optimizer": self.opt.state_dict(), "step": step,
                  "metrics": self.rows}
         atomic_write_bytes(os.path.join(self.out_dir, CHECKPOINT), torch_bytes(state))
@@ -196,7 +245,8 @@ class _RunState:
         """One Adam step on the meta-gradient of ``batch``; its metrics row. A non-finite
         meta-gradient, norm or query loss stops the run after saving the steps before it."""
         t0 = time.perf_counter()
-        out = learner.meta_grad(self.theta.detach(), batch)
+        theta = self.theta.detach()
+        out = learner.meta_grad(theta, batch) if self.group is None else self.group.meta_grad(learner, theta, batch)
         grad_norm = float(out.grad.norm())      # inf or NaN for any non-finite entry, or on overflow
         bad = [what for what, ok in (("meta-gradient", math.isfinite(grad_norm)),
                                      ("query loss", bool(torch.isfinite(out.query_loss).all()))) if not ok]
