@@ -59,7 +59,16 @@ class AdjointLearner(nn.Module):
         self.loss = loss
         self.T, self.h = _checks.positive("T", T), _checks.positive("h", h)
         self.options = options
-        like = next(p for p in model.parameters() if p.requires_grad)
+        if learn_T and options.get("adjoint") == "discrete":
+            raise ValueError("argument 'learn_T' needs a continuous adjoint ('heun' or 'rk4'): exact mode "
+                             "(adjoint='discrete') differentiates T / h GD steps, whose number has no derivative")
+        steps = round(self.T / self.h)
+        if not learn_T and (steps < 1 or abs(steps * self.h - self.T) > 1e-9 * max(1.0, self.T)):
+            raise ValueError(f"argument 'T' must be a whole multiple of h={self.h:g}, got T={self.T:g}")
+        like = next((p for p in model.parameters() if p.requires_grad), None)
+        if like is None:
+            raise ValueError("argument 'model' has no trainable parameters (none with requires_grad=True): "
+                             "there is nothing to adapt or meta-learn")
         d = sum(math.prod(s) for _, s in param_shapes(model))
         self.log_lr = nn.Parameter(torch.zeros(d, dtype=like.dtype, device=like.device)) if learn_lr else None
         self.log_T = nn.Parameter(like.new_tensor(math.log(self.T))) if learn_T else None

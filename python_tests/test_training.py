@@ -305,3 +305,24 @@ def test_command_compare_on_an_omniglot_fixture(tmp_path, monkeypatch):
         main(["train", "--task", "omniglot", "--setting", "10shot-15val", "--method", "maml", "--out", out])
     with pytest.raises(SystemExit, match="--ways/--shots/--query-shots: only for the image tasks"):
         main(["train", "--task", "cosmixture", "--ways", "5", "--method", "maml", "--out", out])
+
+
+def test_resume_across_devices_and_json_config(tmp_path):
+    """The device string (``cuda`` alone, ``cuda:0`` under torchrun) and the compile mode may change
+    on resume; a config with tuples resumes (config.json turns them into lists); a config that is
+    not JSON-able is refused up front."""
+    _, pool, learner = _setup("fomaml")
+    out = str(tmp_path / "r")
+    kw = dict(meta_batch=2, progress=False, out_dir=out)
+    meta_train(learner, pool, meta_steps=1, config={"device": "cuda", "hidden": (4, 4)}, **kw)
+    meta_train(learner, pool, meta_steps=2, config={"device": "cuda:0", "hidden": (4, 4)}, resume=True, **kw)
+    with pytest.raises(ValueError, match="argument 'config' must be JSON-able"):
+        meta_train(learner, pool, meta_steps=3, config={"f": object()}, resume=True, **kw)
+
+
+def test_meta_test_rejects_a_bad_record_every():
+    net, pool, _ = _setup("fomaml")
+    theta = flatten_params(net)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=f"argument 'record_every' must be a positive int, got {bad}"):
+            meta_test(net, F.mse_loss, theta, pool.all(dtype=torch.float32), steps=2, record_every=bad)

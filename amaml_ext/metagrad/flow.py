@@ -90,7 +90,7 @@ class Sensitivities:
         self.fns, self.plan, self.lr, self.want_lr, self.params = fns, plan, lr, want_lr, list(params)
         self.discrete = adjoint == "discrete"
         self.quad = Quadrature(2 if adjoint == "heun" else 4)
-        self.sums: Optional[List[torch.Tensor]] = None
+        self.sums: Optional[List[torch.Tensor]] = None     # exact sums, or the closed phases' integrals
         self.mask: Optional[torch.Tensor] = None
 
     def _integrand(self, key: float, lam: torch.Tensor) -> List[torch.Tensor]:
@@ -116,6 +116,22 @@ class Sensitivities:
         if not self.discrete:
             self.quad.add(key, self._integrand(key, lam))
 
+    def new_phase(self, t: float, lam: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        """A phase of per-task horizons starts at ``t`` (going down): tasks whose horizon is ``t``
+        become active. The quadrature closes at ``t`` and starts again from the node at ``t``
+        with the new mask, so no panel straddles the jump of the integrand there (the node's
+        linearisation is still the last one made)."""
+        self.mask = mask
+        if self.discrete:
+            return
+        self._add(self.quad.result())
+        self.quad = Quadrature(self.quad.order)
+        self.quad.add(t, self._integrand(t, lam))
+
+    def _add(self, terms: Optional[List[torch.Tensor]]) -> None:
+        if terms is not None:
+            self.sums = list(terms) if self.sums is None else [a + b for a, b in zip(self.sums, terms)]
+
     def node(self, t: float, lam: torch.Tensor) -> None:
         """A node of a continuous adjoint: ``lam`` is final at ``t``, its linearisation kept."""
         if not self.discrete:
@@ -126,11 +142,13 @@ class Sensitivities:
         p = self.plan
         k = int(round(t * p.n / p.T))
         width = float(p.times[k + 1] - p.times[k])
-        terms = [width * a for a in self._integrand(t, v)]
-        self.sums = terms if self.sums is None else [a + b for a, b in zip(self.sums, terms)]
+        self._add([width * a for a in self._integrand(t, v)])
 
     def grads(self) -> List[Optional[torch.Tensor]]:
-        total = self.sums if self.discrete else self.quad.result()
+        if not self.discrete:
+            self._add(self.quad.result())
+            self.quad = Quadrature(self.quad.order)
+        total = self.sums
         n = int(self.want_lr) + len(self.params)
         if total is None:                # no interval at all
             return [None] * n
@@ -143,7 +161,7 @@ class FlowSolve:
 
     def __init__(self, fns: TaskFunctions, theta: torch.Tensor, T, *, h, solver: str, adjoint: str, rtol: float,
                  atol: float, memory: str, batched: bool, batch: int, memory_budget, max_steps,
-                 lr: Optional[torch.Tensor] = None):
+                 lr: Optional[torch.Tensor] = None, caller: str = "adjoint_meta_grad", stacklevel: int = 4):
         d = theta.numel()
         self.fns, self.solver, self.adjoint = fns, solver, adjoint
         self.u0 = theta.detach().expand(batch, d).contiguous() if batched else theta.detach().clone()
@@ -151,7 +169,7 @@ class FlowSolve:
                               memory_budget=memory_budget, max_steps=max_steps)
         self.lr = lr
         self.fwd = Forward(fns, self.plan, solver, rtol, atol, lr=lr)
-        self.rtol, self.atol = rtol, atol
+        self.rtol, self.atol, self.caller, self.stacklevel = rtol, atol, caller, stacklevel
         self.u_T: Optional[torch.Tensor] = None
 
     def forward(self) -> torch.Tensor:
@@ -159,9 +177,9 @@ class FlowSolve:
         try:
             y = self.fwd.run(self.u0)
         except ValueError as e:
-            raise explain_forward_failure(e, self.rtol, self.atol, p.h) from None
+            raise explain_forward_failure(e, self.rtol, self.atol, p.h, self.caller) from None
         if self.solver == "dopri5":
-            warn_if_dopri5_collapsed(self.fwd.stats, p.n, p.h, self.rtol, self.atol)
+            warn_if_dopri5_collapsed(self.fwd.stats, p.n, p.h, self.rtol, self.atol, self.caller, self.stacklevel)
         self.u_T = y.reshape(p.shape).clone()
         return self.u_T
 

@@ -177,7 +177,8 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
         h = T_value / max(1, math.ceil(T_value / h - 1e-9))
     fns = TaskFunctions(model, loss, support, support, batched, compile=compile)
     flow = FlowSolve(fns, theta, T, h=h, solver=solver, adjoint=adjoint, rtol=rtol, atol=atol, memory=memory,
-                     batched=batched, batch=batch, memory_budget=memory_budget, max_steps=max_steps, lr=lr_value)
+                     batched=batched, batch=batch, memory_budget=memory_budget, max_steps=max_steps, lr=lr_value,
+                     caller="gradient_flow", stacklevel=5)
     flow.fwd.reusable = True          # backward may run more than once (retain_graph, gradcheck)
     estimate = error_estimate if error_estimate is not False and ode.ADJOINT_SCHEMES[adjoint].error_estimate else False
     job = dict(flow=flow, params=params, batched=batched, estimate=estimate, error_tol=error_tol, strict=strict,

@@ -101,26 +101,31 @@ class Forward:
         return self._solve(mask, self.kept[c], c, e)[0]
 
 
-def explain_forward_failure(e: ValueError, rtol: float, atol: float, h: float) -> ValueError:
-    """The forward's ValueError in the meta-gradient's terms."""
+def explain_forward_failure(e: ValueError, rtol: float, atol: float, h: float,
+                            caller: str = "adjoint_meta_grad") -> ValueError:
+    """The forward's ValueError in the meta-gradient's terms (``caller``: the function the user called)."""
     if "non-finite" in str(e):
-        return ValueError(f"adjoint_meta_grad: the inner training loss or its gradient became non-finite: {e}")
+        return ValueError(f"{caller}: the inner training loss or its gradient became non-finite: {e}")
     if "reached max_steps" in str(e):
-        return ValueError(f"adjoint_meta_grad(solver='dopri5', rtol={rtol:g}, atol={atol:g}, h={h:g}): {e}. "
+        return ValueError(f"{caller}(solver='dopri5', rtol={rtol:g}, atol={atol:g}, h={h:g}): {e}. "
                           f"A training loss that is not smooth (ReLU, max-pool) makes dopri5's steps "
                           f"collapse; solver='rk4' or 'euler' step on the grid instead.")
     return e
 
 
-def warn_if_dopri5_collapsed(stats, n: int, h: float, rtol: float, atol: float) -> None:
-    if stats["accepted_steps"] > n:
-        warnings.warn(f"adjoint_meta_grad: dopri5 took {stats['accepted_steps']} accepted and "
+def warn_if_dopri5_collapsed(stats, n: int, h: float, rtol: float, atol: float, caller: str = "adjoint_meta_grad",
+                             stacklevel: int = 3) -> None:
+    """Warn when dopri5 needed several times more steps than the grid has intervals: its steps
+    collapsed (a smooth flow at tight tolerances may take a few more steps than a coarse grid;
+    a ReLU net takes ten times as many)."""
+    if stats["accepted_steps"] > 4 * n:
+        warnings.warn(f"{caller}: dopri5 took {stats['accepted_steps']} accepted and "
                       f"{stats['rejected_steps']} rejected steps for {n} grid intervals of h={h:g} (rtol={rtol:g}, "
-                      f"atol={atol:g}): its steps fell below h, because the training loss is not smooth (ReLU, "
+                      f"atol={atol:g}): its steps fell far below h, because the training loss is not smooth (ReLU, "
                       f"max-pool) or the flow is stiff (Hessian eigenvalues near 2/h or above, where GD "
                       f"with step h and the grid adjoint are unstable too: rescale the inputs or lower h). "
                       f"For a non-smooth loss, solver='rk4' or 'euler' on the grid cost less.", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=stacklevel)
 
 
 def backward(fns: TaskFunctions, fwd: Forward, lam: torch.Tensor, u_T: torch.Tensor, adjoint: str,
@@ -151,8 +156,8 @@ def backward(fns: TaskFunctions, fwd: Forward, lam: torch.Tensor, u_T: torch.Ten
             a, b, mask = phase
             if monitor is not None:
                 monitor.set_mask(mask, lam, float(p.times[b]))
-            if sens is not None:
-                sens.mask = mask
+            if sens is not None and b < p.n:     # below the top phase: a horizon T_b ends here
+                sens.new_phase(float(p.times[b]), lam, mask)
             rhs = adjoint_rhs(fns, mask, lr, sens.vjp if sens is not None and adjoint == "discrete" else None)
             for c, e in fwd.pieces(a, b):
                 seg = fwd.rows(phase, c, e)

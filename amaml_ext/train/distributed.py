@@ -192,7 +192,7 @@ class Distributed:
             try:
                 out = learner.meta_grad(theta, tasks.select(slice(j * c, j * c + size)))
             except Exception as e:  # noqa: BLE001  (every rank learns of it through the gather, then raises)
-                error, rows[:, -1] = e, (_FAILED_ACCURACY if isinstance(e, AdjointAccuracyError) else _FAILED)
+                error, rows[j - a:, -1] = e, (_FAILED_ACCURACY if isinstance(e, AdjointAccuracyError) else _FAILED)
                 break
             rows[j - a, :n] = out.grad.reshape(-1) * size      # the group's sum (exact for one task)
             losses[j - a, :size] = out.query_loss.reshape(-1)

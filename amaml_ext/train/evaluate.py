@@ -64,6 +64,8 @@ def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatc
         raise ValueError(f"argument 'metric' must be one of {sorted(METRICS_FNS)}, got {metric!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"argument 'chunk' must be a positive int, got {chunk!r}")
+    if isinstance(record_every, bool) or not isinstance(record_every, int) or record_every < 1:
+        raise ValueError(f"argument 'record_every' must be a positive int, got {record_every!r}")
     recorded = [s for s in range(steps + 1) if s % record_every == 0 or s == steps]
     group = Distributed.resolve(distributed)
     if group is None:

@@ -76,6 +76,12 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
                               distributed=group)
     _check_options(pool, meta_steps, meta_batch, checkpoint_every, lr)
     config = dict(config or {}, meta_batch=meta_batch, lr=lr, seed=seed)
+    if group is not None and group.tasks_per_call != 1:   # it decides how each task's gradient is taken
+        config["tasks_per_call"] = group.tasks_per_call
+    try:                               # as config.json will hold it (tuples become lists), for resume
+        config = json.loads(json.dumps(config))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"argument 'config' must be JSON-able (it is stored in config.json): {e}") from None
     if group is None:
         ckpt = _open_run(out_dir, resume, config, meta_steps)
     else:
@@ -166,9 +172,10 @@ def _meta_batch(pool, idx: torch.Tensor, step: int, seed: int, device, dtype):
     return pool.batch(idx, device=device, dtype=dtype)
 
 
-_NOT_COMPARED = ("meta_steps", "data_root", "compile")
-"""Settings a run may resume with changed: its length, where the data is read from, and whether
-the callbacks are compiled (the same gradients up to rounding)."""
+_NOT_COMPARED = ("meta_steps", "data_root", "compile", "device")
+"""Settings a run may resume with changed: its length, where the data is read from, whether
+the callbacks are compiled and the device (``cuda`` alone or ``cuda:<rank>`` under torchrun):
+the same gradients up to rounding."""
 
 
 def _open_run(out_dir: str, resume: bool, config: Dict, meta_steps: int) -> Optional[Dict]:
