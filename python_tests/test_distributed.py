@@ -83,7 +83,11 @@ def _job(rank: int, world: int, port: int, tmp: str) -> None:
             res["sigterm"] = str(e)
     res["written"] = written
     torch.save(res, os.path.join(tmp, f"res-w{world}-r{rank}.pt"))
+    # as the command does: no rank tears the group down while another is still in it (a rank that
+    # left first once aborted in gloo's teardown, "terminate called without an active exception")
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    os._exit(0)        # done and saved: skip the interpreter's teardown of torch's C++ state
 
 
 def _spawn(world: int, tmp: str) -> None:
@@ -96,11 +100,27 @@ def _spawn(world: int, tmp: str) -> None:
             pytest.fail(f"the {world}-rank job did not finish within {JOB_DEADLINE:g} s")
 
 
+def _spawn_or_retry(world: int, tmp: str) -> None:
+    """A job whose process died by a signal inside torch's C++ (not a Python error, which fails at
+    once) runs again once, with a warning in the test summary; a second death fails the tests."""
+    try:
+        _spawn(world, tmp)
+    except mp.ProcessExitedException as e:
+        if e.signal_name is None:
+            raise
+        import shutil
+        import warnings
+        warnings.warn(f"the {world}-rank job lost a process to {e.signal_name}; running it again once")
+        for name in (f"amaml-w{world}", f"maml-w{world}", os.path.join("half", str(world)), "sigterm"):
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)     # this world's own runs
+        _spawn(world, tmp)
+
+
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("dist"))
     for world in (1, 2, 3):
-        _spawn(world, tmp)
+        _spawn_or_retry(world, tmp)
     return {(w, r): torch.load(os.path.join(tmp, f"res-w{w}-r{r}.pt"), weights_only=False)
             for w in (1, 2, 3) for r in range(w)} | {"tmp": tmp}
 
