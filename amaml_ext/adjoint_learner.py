@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from .functional import LossFn, param_shapes, unflatten_params
+from .functional import LossFn, flatten_params, unflatten_params
 from .metagrad import gradient_flow
 
 
@@ -65,12 +65,8 @@ class AdjointLearner(nn.Module):
         steps = round(self.T / self.h)
         if not learn_T and (steps < 1 or abs(steps * self.h - self.T) > 1e-9 * max(1.0, self.T)):
             raise ValueError(f"argument 'T' must be a whole multiple of h={self.h:g}, got T={self.T:g}")
-        like = next((p for p in model.parameters() if p.requires_grad), None)
-        if like is None:
-            raise ValueError("argument 'model' has no trainable parameters (none with requires_grad=True): "
-                             "there is nothing to adapt or meta-learn")
-        d = sum(math.prod(s) for _, s in param_shapes(model))
-        self.log_lr = nn.Parameter(torch.zeros(d, dtype=like.dtype, device=like.device)) if learn_lr else None
+        like = flatten_params(model)      # [d]; names a model with nothing trainable
+        self.log_lr = nn.Parameter(torch.zeros_like(like)) if learn_lr else None
         self.log_T = nn.Parameter(like.new_tensor(math.log(self.T))) if learn_T else None
 
     def forward(self, *args, **kwargs):
@@ -79,8 +75,7 @@ class AdjointLearner(nn.Module):
 
     def theta(self) -> torch.Tensor:
         """The model's trainable parameters as one flat vector, in the graph (grads reach them)."""
-        named = dict(self.module.named_parameters())
-        return torch.cat([named[n].reshape(-1) for n, _ in param_shapes(self.module)])
+        return torch.cat([p.reshape(-1) for p in self.module.parameters() if p.requires_grad])
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor, *, T: Optional[float] = None) -> AdaptedModel:
         """Inner training on ``(x, y)``: the adapted model (``T`` overrides the horizon)."""

@@ -27,6 +27,13 @@ from .passes import Forward, backward, explain_forward_failure, warn_if_dopri5_c
 from .plan import Plan, make_plan
 
 
+def _plus(total: Optional[List[torch.Tensor]], terms: Optional[List[torch.Tensor]]):
+    """Elementwise sum of two lists of tensors (None: nothing yet)."""
+    if terms is None:
+        return total
+    return list(terms) if total is None else [a + b for a, b in zip(total, terms)]
+
+
 def _quadratic_weights(ts: Sequence[float], lo: float, hi: float) -> List[float]:
     """Weights ``w`` with ``sum w_i y_i = integral_lo^hi p`` for the quadratic ``p`` through
     ``(ts[i], y_i)``: the integrals of the three Lagrange basis polynomials."""
@@ -50,33 +57,32 @@ class Quadrature:
         self.spare = None            # the middle node of the last Simpson panel
         self.total: Optional[List[torch.Tensor]] = None
 
-    def _panel(self, nodes, lo: float, hi: float) -> None:
-        ws = _quadratic_weights([t for t, _ in nodes], lo, hi)
-        vals = [v for _, v in nodes]
-        self.total = [sum(w * v[k] for w, v in zip(ws, vals)) + (0 if self.total is None else self.total[k])
-                      for k in range(len(vals[0]))]
+    def _weighted(self, weights: Sequence[float], nodes) -> None:
+        terms = [sum(w * v[k] for w, (_, v) in zip(weights, nodes)) for k in range(len(nodes[0][1]))]
+        self.total = _plus(self.total, terms)
+
+    def _trapezoid(self) -> None:
+        half = 0.5 * (self.nodes[0][0] - self.nodes[1][0])
+        self._weighted((half, half), self.nodes)
+        self.nodes = [self.nodes[1]]
 
     def add(self, t: float, values: List[torch.Tensor]) -> None:
         self.nodes.append((t, values))
         if self.order == 2 and len(self.nodes) == 2:
-            (t0, v0), (t1, v1) = self.nodes
-            half = 0.5 * (t0 - t1)
-            self.total = [half * (a + b) + (0 if self.total is None else self.total[k])
-                          for k, (a, b) in enumerate(zip(v0, v1))]
-            self.nodes = [self.nodes[1]]
+            self._trapezoid()
         elif self.order == 4 and len(self.nodes) == 3:
-            self._panel(self.nodes, self.nodes[2][0], self.nodes[0][0])
+            self._weighted(_quadratic_weights([t for t, _ in self.nodes], self.nodes[2][0], self.nodes[0][0]),
+                           self.nodes)
             self.spare, self.nodes = self.nodes[1], [self.nodes[2]]
 
     def result(self) -> Optional[List[torch.Tensor]]:
         if len(self.nodes) == 2:     # order 4: one interval left over
-            (t0, v0), (t1, v1) = self.nodes
-            if self.spare is not None:
-                self._panel([self.spare] + self.nodes, t1, t0)
-            else:
-                half = 0.5 * (t0 - t1)
-                self.total = [half * (a + b) for a, b in zip(v0, v1)]
-            self.nodes = [self.nodes[1]]
+            if self.spare is None:
+                self._trapezoid()
+            else:                    # the quadratic through it and the node above, over it
+                nodes = [self.spare] + self.nodes
+                self._weighted(_quadratic_weights([t for t, _ in nodes], nodes[2][0], nodes[1][0]), nodes)
+                self.nodes = [self.nodes[1]]
         return self.total
 
 
@@ -124,13 +130,9 @@ class Sensitivities:
         self.mask = mask
         if self.discrete:
             return
-        self._add(self.quad.result())
+        self.sums = _plus(self.sums, self.quad.result())
         self.quad = Quadrature(self.quad.order)
         self.quad.add(t, self._integrand(t, lam))
-
-    def _add(self, terms: Optional[List[torch.Tensor]]) -> None:
-        if terms is not None:
-            self.sums = list(terms) if self.sums is None else [a + b for a, b in zip(self.sums, terms)]
 
     def node(self, t: float, lam: torch.Tensor) -> None:
         """A node of a continuous adjoint: ``lam`` is final at ``t``, its linearisation kept."""
@@ -142,17 +144,15 @@ class Sensitivities:
         p = self.plan
         k = int(round(t * p.n / p.T))
         width = float(p.times[k + 1] - p.times[k])
-        self._add([width * a for a in self._integrand(t, v)])
+        self.sums = _plus(self.sums, [width * a for a in self._integrand(t, v)])
 
     def grads(self) -> List[Optional[torch.Tensor]]:
         if not self.discrete:
-            self._add(self.quad.result())
+            self.sums = _plus(self.sums, self.quad.result())
             self.quad = Quadrature(self.quad.order)
-        total = self.sums
-        n = int(self.want_lr) + len(self.params)
-        if total is None:                # no interval at all
-            return [None] * n
-        return list(total)
+        if self.sums is None:            # no interval at all
+            return [None] * (int(self.want_lr) + len(self.params))
+        return list(self.sums)
 
 
 class FlowSolve:
@@ -189,11 +189,9 @@ class FlowSolve:
         ``[rows, d]``, then ``dJ/dlr``, ``[dJ/dphi]`` and ``dJ/dT_b`` per task row (``[rows]``)."""
         p = self.plan
         sens = Sensitivities(self.fns, p, self.adjoint, self.lr, want_lr, params) if want_lr or params else None
-        if want_T and sens is None:      # dJ/dT needs grad L(u(T)): the monitor's, or this one
-            sens = Sensitivities(self.fns, p, self.adjoint, self.lr, False, ())
         lam = lam_T.reshape(p.rows, -1).contiguous()
         lam_top = lam.clone() if want_T else None
-        out = backward(self.fns, self.fwd, lam, self.u_T, self.adjoint, estimate, sens)
+        out = backward(self.fns, self.fwd, lam, self.u_T, self.adjoint, estimate, sens, need_grad_T=want_T)
         grads = sens.grads() if sens is not None else []
         out["lr"] = grads[0] if want_lr else None
         out["params"] = grads[int(want_lr):] if params else []

@@ -129,11 +129,12 @@ def warn_if_dopri5_collapsed(stats, n: int, h: float, rtol: float, atol: float, 
 
 
 def backward(fns: TaskFunctions, fwd: Forward, lam: torch.Tensor, u_T: torch.Tensor, adjoint: str,
-             error_estimate, sens=None) -> Dict:
+             error_estimate, sens=None, need_grad_T: bool = False) -> Dict:
     """The adjoint from ``lam = lam(T)`` (``[rows, d]``) down to t = 0 over the forward's states:
     ``{"lam", "steps", "coarse", "monitor"}`` (the last two with the error estimate on).
     ``sens`` (a :class:`~amaml_ext.metagrad.flow.Sensitivities`) collects the gradients of the
-    step sizes and of ``adjoint_params`` along the way."""
+    step sizes and of ``adjoint_params`` along the way; ``grad_T``, the training-loss gradient at
+    u(T), comes back when the estimate, ``sens`` or ``need_grad_T`` (dJ/dT) needs it."""
     p, lr = fwd.plan, fwd.lr
     coarse = monitor = None
     grad_T = None
@@ -141,7 +142,7 @@ def backward(fns: TaskFunctions, fwd: Forward, lam: torch.Tensor, u_T: torch.Ten
         key = float(p.times[-1])
         sens.top(lam, u_T, key, p.phases[-1][2])
         grad_T = fns.grad_at(key).reshape(p.rows, -1)
-    elif error_estimate:
+    elif error_estimate or need_grad_T:
         grad_T = fns.grad(u_T).reshape(p.rows, -1)
     if error_estimate:
         coarse = lam.clone() if error_estimate == "richardson" else None
