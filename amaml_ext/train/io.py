@@ -1,24 +1,40 @@
-"""A run directory's files: names, atomic writes, and reading them back with errors that name the
-file and leave it as it is."""
+"""A run directory's files: names, atomic writes, reading them back with errors that name the
+file and leave it as it is, the settings a run may not change, and the directory's lock."""
 
 import csv
+import errno
 import io
 import json
 import os
-from typing import Dict, List, Optional
+import socket
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .._io import atomic_write_bytes, torch_bytes
+from .._io import TMP_PREFIX, atomic_write_bytes, torch_bytes
 
-__all__ = ["CHECKPOINT", "METRICS", "THETA", "CONFIG", "METRIC_FIELDS", "OPTIONAL_METRIC_FIELDS", "CHECKPOINT_KEYS",
-           "RunConfigMismatch", "RunFileError", "UnreadableRunFile", "atomic_write_bytes", "torch_bytes",
-           "csv_bytes", "read_torch_file", "read_json_file", "load_checkpoint"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover  (not POSIX: runs are not locked)
+    fcntl = None
+
+__all__ = ["CHECKPOINT", "METRICS", "THETA", "CONFIG", "LOCK", "METRIC_FIELDS", "OPTIONAL_METRIC_FIELDS",
+           "CHECKPOINT_KEYS", "NOT_COMPARED", "RunConfigMismatch", "RunFileError", "RunLocked", "UnreadableRunFile",
+           "atomic_write_bytes", "torch_bytes", "csv_bytes", "read_torch_file", "read_json_file", "load_checkpoint",
+           "settings_diff", "check_resumable", "lock_run_dir", "unlock_run_dir", "run_dir_locked",
+           "remove_stale_temp_files"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 THETA = "theta.pt"
 CONFIG = "config.json"
+LOCK = ".amaml-ext.lock"
+"""The lock file of a run directory: it exists while a process uses the directory (it holds an
+``flock`` on it, which the system drops when the process ends) and names that process."""
 METRIC_FIELDS = ["step", "query_loss", "grad_norm", "seconds"]
 OPTIONAL_METRIC_FIELDS = ["adjoint_error_estimate", "h_lambda_max"]
 """Written to metrics.csv when the learner reports them (A-MAML with a continuous adjoint)."""
@@ -86,3 +102,156 @@ def load_checkpoint(out_dir: str) -> Optional[Dict]:
         raise UnreadableRunFile(f"{path} (checkpoint) is unreadable: it lacks {missing}. It was left as it is")
     return ck
 
+
+
+# ---- the settings of a run ----------------------------------------------------------------------
+
+NOT_COMPARED = ("meta_steps", "data_root", "compile", "device")
+"""Settings a run may resume with changed: its length (not below the steps done), where the data
+is read from, whether the callbacks are compiled and the device (``cuda`` alone or
+``cuda:<rank>`` under torchrun): the same gradients up to rounding."""
+
+
+def settings_diff(old: Dict, new: Dict) -> Dict[str, Tuple]:
+    """``{setting: (old, new)}`` for every compared setting that differs."""
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if k not in NOT_COMPARED and old.get(k) != new.get(k)}
+
+
+def check_resumable(out_dir: str, config: Dict, meta_steps: int, ckpt: Dict) -> None:
+    """Refuse (RunConfigMismatch) to continue the run in ``out_dir``, at its checkpoint ``ckpt``,
+    with other settings than its config.json holds, or up to fewer meta-steps than it has done."""
+    cfg_path = os.path.join(out_dir, CONFIG)
+    if os.path.exists(cfg_path):
+        diff = settings_diff(read_json_file(cfg_path, "the run's settings"), config)
+        if diff:
+            raise RunConfigMismatch(f"cannot resume the run in {out_dir!r}: its settings differ (saved vs now): {diff}")
+    done = int(ckpt["step"])
+    if done > meta_steps:
+        raise RunConfigMismatch(
+            f"argument 'meta_steps' (--meta-steps): the run in {out_dir!r} has already done {done} meta-steps, "
+            f"more than the {meta_steps} asked for, and steps cannot be undone: ask for {done} or more to continue "
+            f"it (its theta.pt is the {done}-step result), or train the shorter run into another directory")
+
+
+# ---- the lock of a run directory ------------------------------------------------------------------
+
+class RunLocked(RunFileError):
+    """Another process is using the run directory (it holds the directory's lock)."""
+
+
+_HELD: Dict[str, List] = {}
+"""The run directories this process holds: real path -> [lock file descriptor, holds, lock path]."""
+
+
+def lock_run_dir(out_dir: str, create: bool = True) -> None:
+    """Lock the run directory ``out_dir`` (made if ``create``) for this process: ``flock`` on its
+    :data:`LOCK` file, which names this process (pid, host, start, command). Another process
+    holding it: :class:`RunLocked` naming it; the system drops a lock when its process ends, so a
+    lock file left by a killed process does not block. Re-entrant (holds are counted; release
+    each with :func:`unlock_run_dir`). The first hold removes the stale temporary files that a
+    killed write left in the directory."""
+    if create:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise _unwritable(out_dir, e) from None
+    key = os.path.realpath(out_dir)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return
+    path = os.path.join(key, LOCK)
+    _HELD[key] = [_take_lock(out_dir, path), 1, path]
+    remove_stale_temp_files(out_dir)
+
+
+def unlock_run_dir(out_dir: str) -> None:
+    """Release one hold of :func:`lock_run_dir`; the last removes the lock file and unlocks."""
+    key = os.path.realpath(out_dir)
+    held = _HELD.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] > 0:
+        return
+    del _HELD[key]
+    fd, _, path = held
+    try:
+        os.unlink(path)           # still locked: a process that opened it before sees it gone, and retries
+    except OSError:
+        pass
+    os.close(fd)
+
+
+@contextmanager
+def run_dir_locked(out_dir: str, create: bool = True):
+    """:func:`lock_run_dir` for the ``with`` block."""
+    lock_run_dir(out_dir, create)
+    try:
+        yield
+    finally:
+        unlock_run_dir(out_dir)
+
+
+def remove_stale_temp_files(out_dir: str) -> List[str]:
+    """Remove the temporary files (``.tmp-*``) of atomic writes that a killed process left in
+    ``out_dir`` (call it holding the directory's lock); their names."""
+    gone = []
+    for name in sorted(os.listdir(out_dir)):
+        path = os.path.join(out_dir, name)
+        if name.startswith(TMP_PREFIX) and os.path.isfile(path) and not os.path.islink(path):
+            try:
+                os.unlink(path)
+                gone.append(name)
+            except OSError:
+                pass
+    return gone
+
+
+def _unwritable(out_dir: str, e: OSError) -> RunFileError:
+    return RunFileError(f"argument 'out_dir': cannot write the run directory {out_dir!r}: {e.strerror or e}")
+
+
+def _take_lock(out_dir: str, path: str) -> int:
+    """Open and flock ``path``, retrying while the file we locked is not the one at ``path`` (a
+    holder removed it as it released it); the descriptor, with this process recorded in it."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise _unwritable(out_dir, e) from None
+        if fcntl is None:
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):   # a filesystem without locks
+                warnings.warn(f"amaml_ext: cannot lock the run directory {out_dir!r} ({e.strerror or e}); "
+                              f"nothing keeps two processes from writing it at once", RuntimeWarning, stacklevel=4)
+                return fd
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise RunLocked(f"the run directory {out_dir!r} is in use by another process ({_describe(holder)}); "
+                            f"wait for it to end (or stop it), or choose another directory") from None
+        try:
+            st = os.stat(path)
+            ours = (st.st_ino, st.st_dev) == (os.fstat(fd).st_ino, os.fstat(fd).st_dev)
+        except FileNotFoundError:
+            ours = False
+        if ours:
+            break
+        os.close(fd)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+          "command": " ".join(sys.argv)[:300]}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    return fd
+
+
+def _describe(holder: str) -> str:
+    """The lock holder recorded in a lock file, in words."""
+    try:
+        h = json.loads(holder)
+        return f"pid {h['pid']} on {h['host']}, since {h['since']}: {h['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "one that has not yet recorded itself in the lock file"

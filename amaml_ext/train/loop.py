@@ -19,8 +19,9 @@ from ..data.batch import TaskPool, task_indices
 from ..functional import flatten_params
 from ..learners import MetaLearner
 from .distributed import Distributed, DistributedError, StopFlags
-from .io import (CHECKPOINT, CONFIG, METRICS, OPTIONAL_METRIC_FIELDS, THETA, RunConfigMismatch, RunFileError,
-                 UnreadableRunFile, atomic_write_bytes, csv_bytes, load_checkpoint, read_json_file, torch_bytes)
+from .io import (CHECKPOINT, CONFIG, METRICS, OPTIONAL_METRIC_FIELDS, THETA, RunFileError, UnreadableRunFile,
+                 atomic_write_bytes, check_resumable, csv_bytes, load_checkpoint, lock_run_dir, torch_bytes,
+                 unlock_run_dir)
 
 
 def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir: Optional[str] = None,
@@ -39,13 +40,16 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
         meta_steps: total number of outer steps (a resumed run continues up to it).
         out_dir: run directory (created); see the module doc for its files. None: no files are
             kept (a temporary directory holds the checkpoints during the run; nothing to resume).
+            It is locked during the call: one that another process is using is refused
+            (:class:`~amaml_ext.train.io.RunLocked`, naming it).
         theta0: initial meta-parameters ``[d + learner.extra]`` (default: the learner's model's
             parameters and the learner's own initial ones, ``learner.meta_params``).
         meta_batch: tasks per step (at most the pool size).
         lr: Adam's learning rate.
         seed: seeds the task draws.
-        resume: continue from ``out_dir/checkpoint.pt`` (an error if ``out_dir`` holds a run with
-            another ``config``); without it, an existing checkpoint is an error, not overwritten.
+        resume: continue from ``out_dir/checkpoint.pt`` (RunConfigMismatch if ``out_dir`` holds a
+            run with another ``config``, or one that has done more than ``meta_steps``); without
+            it, an existing checkpoint is an error, not overwritten.
         checkpoint_every: steps between checkpoints.
         checkpoint_seconds: also save a checkpoint when this long has passed since the last one
             (None: by step count only).
@@ -75,20 +79,38 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
                               config=config, progress=progress, on_step=on_step, checkpoint_seconds=None,
                               distributed=group)
     _check_options(pool, meta_steps, meta_batch, checkpoint_every, lr)
-    config = dict(config or {}, meta_batch=meta_batch, lr=lr, seed=seed)
-    if group is not None and group.tasks_per_call != 1:   # it decides how each task's gradient is taken
-        config["tasks_per_call"] = group.tasks_per_call
-    try:                               # as config.json will hold it (tuples become lists), for resume
-        config = json.loads(json.dumps(config))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"argument 'config' must be JSON-able (it is stored in config.json): {e}") from None
+    config = run_settings(config, meta_batch=meta_batch, lr=lr, seed=seed,
+                          tasks_per_call=1 if group is None else group.tasks_per_call)
     if group is None:
         ckpt = _open_run(out_dir, resume, config, meta_steps)
     else:
         ckpt = group.on_main(lambda: _open_run(out_dir, resume, config, meta_steps), "opening the run (rank 0)")
-    run = _RunState(out_dir, learner, theta0, lr, device, dtype, ckpt, group)
+    try:                          # rank 0 holds the run directory's lock until the end
+        run = _RunState(out_dir, learner, theta0, lr, device, dtype, ckpt, group)
+        return _train(run, learner, pool, meta_steps, meta_batch, seed, device, dtype,
+                      (checkpoint_every, checkpoint_seconds), progress, on_step)
+    finally:
+        if group is None or group.is_main:
+            unlock_run_dir(out_dir)
+
+
+def run_settings(config: Optional[Dict], *, meta_batch: int, lr: float, seed: int, tasks_per_call: int = 1) -> Dict:
+    """The settings :func:`meta_train` stores in config.json (with ``meta_steps``) and compares on
+    resume: ``config`` with the outer loop's, as JSON holds them (tuples become lists)."""
+    config = dict(config or {}, meta_batch=meta_batch, lr=lr, seed=seed)
+    if tasks_per_call != 1:              # it decides how each task's gradient is taken
+        config["tasks_per_call"] = tasks_per_call
+    try:
+        return json.loads(json.dumps(config))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"argument 'config' must be JSON-able (it is stored in config.json): {e}") from None
+
+
+def _train(run, learner, pool, meta_steps, meta_batch, seed, device, dtype, every, progress, on_step) -> torch.Tensor:
+    """The meta-steps of an opened run from ``run.start`` to ``meta_steps``, and its final files;
+    the learned theta."""
+    out_dir, group = run.out_dir, run.group
     bar = _progress_bar(meta_steps, run.start, learner.name) if progress and run.writes else None
-    every = (checkpoint_every, checkpoint_seconds)
     try:
         with _interruptions(group) as stop:
             _steps(run, learner, pool, meta_steps, meta_batch, seed, device, dtype, every, bar, on_step, stop)
@@ -172,33 +194,30 @@ def _meta_batch(pool, idx: torch.Tensor, step: int, seed: int, device, dtype):
     return pool.batch(idx, device=device, dtype=dtype)
 
 
-_NOT_COMPARED = ("meta_steps", "data_root", "compile", "device")
-"""Settings a run may resume with changed: its length, where the data is read from, whether
-the callbacks are compiled and the device (``cuda`` alone or ``cuda:<rank>`` under torchrun):
-the same gradients up to rounding."""
-
-
 def _open_run(out_dir: str, resume: bool, config: Dict, meta_steps: int) -> Optional[Dict]:
-    """Create (or check) the run directory, refuse to overwrite a run or to resume one made with
-    other settings, write config.json; the checkpoint to resume from (or None)."""
+    """Lock the run directory (:func:`~amaml_ext.train.io.lock_run_dir`: made, refused if another
+    process uses it, stale temporary files removed), refuse to overwrite a run or to resume one
+    made with other settings or past ``meta_steps``, write config.json; the checkpoint to resume
+    from (or None). The lock stays held (the caller releases it) unless this raises."""
+    lock_run_dir(out_dir)
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".tmp-probe-"):
-            pass
-    except OSError as e:
-        raise RunFileError(f"argument 'out_dir': cannot write the run directory {out_dir!r}: {e.strerror or e}") from None
-    cfg_path = os.path.join(out_dir, CONFIG)
-    ckpt = load_checkpoint(out_dir)
-    if ckpt is not None and not resume:
-        raise FileExistsError(f"argument 'out_dir': {out_dir!r} already holds a run (step {ckpt['step']}); "
-                              f"pass resume=True (--resume) to continue it, or choose another directory")
-    if resume and ckpt is not None and os.path.exists(cfg_path):
-        old = read_json_file(cfg_path, "the run's settings")
-        diff = {k: (old.get(k), config.get(k)) for k in set(old) | set(config)
-                if k not in _NOT_COMPARED and old.get(k) != config.get(k)}
-        if diff:
-            raise RunConfigMismatch(f"cannot resume the run in {out_dir!r}: its settings differ (saved vs now): {diff}")
-    atomic_write_bytes(cfg_path, (json.dumps(dict(config, meta_steps=meta_steps), indent=2) + "\n").encode())
+        try:
+            with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".tmp-probe-"):
+                pass
+        except OSError as e:
+            raise RunFileError(f"argument 'out_dir': cannot write the run directory {out_dir!r}: "
+                               f"{e.strerror or e}") from None
+        ckpt = load_checkpoint(out_dir)
+        if ckpt is not None and not resume:
+            raise FileExistsError(f"argument 'out_dir': {out_dir!r} already holds a run (step {ckpt['step']}); "
+                                  f"pass resume=True (--resume) to continue it, or choose another directory")
+        if resume and ckpt is not None:
+            check_resumable(out_dir, config, meta_steps, ckpt)
+        atomic_write_bytes(os.path.join(out_dir, CONFIG),
+                           (json.dumps(dict(config, meta_steps=meta_steps), indent=2) + "\n").encode())
+    except BaseException:
+        unlock_run_dir(out_dir)
+        raise
     return ckpt if resume else None
 
 
