@@ -36,15 +36,23 @@ COMPILE_ENV = "AMAML_EXT_COMPILE"
 ``on`` or ``off``."""
 
 
+def compile_env() -> str:
+    """``$AMAML_EXT_COMPILE`` as ``"auto"``, ``"on"`` or ``"off"``; ValueError naming it for any
+    other value. :func:`resolve_compile` reads it only when a callback is built; a command checks
+    it up front with this."""
+    mode = os.environ.get(COMPILE_ENV, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"environment variable {COMPILE_ENV} must be auto, on or off, got {mode!r}")
+    return mode
+
+
 def resolve_compile(compile, model: nn.Module, device: torch.device) -> bool:
     """``compile`` (True, False or ``"auto"``) as a bool. ``"auto"`` follows ``$AMAML_EXT_COMPILE``
     (``on``/``off``), else :func:`compile_pays`; it is off, without a warning, where the running
     torch cannot compile safely."""
     if compile != "auto":
         return bool(compile)
-    mode = os.environ.get(COMPILE_ENV, "auto").strip().lower() or "auto"
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"environment variable {COMPILE_ENV} must be auto, on or off, got {mode!r}")
+    mode = compile_env()
     if mode == "off" or compile_refusal() is not None:
         return False
     return mode == "on" or compile_pays(model, device)
