@@ -2,6 +2,7 @@
 that meta-learn the flow's step sizes or its horizon with the initialisation."""
 
 import math
+from contextlib import contextmanager
 from typing import Dict
 
 import torch
@@ -12,6 +13,7 @@ from ..data.batch import TaskBatch
 from ..functional import LossFn, TaskFunctions
 from ..metagrad import adjoint_meta_grad, gradient_flow
 from .base import MetaLearner, MetaStep
+from .checks import InnerLoopDiverged
 
 
 class AMAML(MetaLearner):
@@ -42,14 +44,30 @@ class AMAML(MetaLearner):
         self._check(theta, tasks)
         batched = tasks.size > 1     # one task: no vmap (measured 1.5-1.7x faster eager, docs/benchmarks.md)
         data = tasks if batched else tasks.task(0)
-        r = adjoint_meta_grad(self.model, self.loss, theta, self.T, support=data.support, query=data.query,
-                              h=self.h, solver=self.solver, adjoint=self.adjoint, batched=batched, **self.options)
-        return MetaStep(r.grad.mean(0) if batched else r.grad, r.loss.reshape(-1), dict(r.stats))
+        with self._diverging():
+            r = adjoint_meta_grad(self.model, self.loss, theta, self.T, support=data.support, query=data.query,
+                                  h=self.h, solver=self.solver, adjoint=self.adjoint, batched=batched, **self.options)
+        return self._checked(MetaStep(r.grad.mean(0) if batched else r.grad, r.loss.reshape(-1), dict(r.stats)))
+
+    def _advice(self, lr=None, steps=None) -> str:
+        if lr is not None or steps is not None:       # adapt: plain GD
+            return super()._advice(lr, steps)
+        return (f"lower the horizon (T={self.T:g}) or, with a fixed-step solver ('rk4', 'euler'), the grid "
+                f"step (h={self.h:g})")
+
+    @contextmanager
+    def _diverging(self):
+        """The adjoint's refusal of a non-finite inner flow (theta and the data were checked
+        finite) as :class:`InnerLoopDiverged`, like the other learners' divergence."""
+        try:
+            yield
+        except ValueError as e:
+            if isinstance(e, InnerLoopDiverged) or "non-finite" not in str(e) or str(e).startswith("argument"):
+                raise
+            raise InnerLoopDiverged(f"{self!r}.meta_grad: the inner loop diverged: {e}; {self._advice()}") from e
 
     def __repr__(self):
-        return f"AMAML(T={self.T:g}, h={self.h:g}, solver={self.solver!r}, adjoint={self.adjoint!r})"
-
-
+        return f"{type(self).__name__}(T={self.T:g}, h={self.h:g}, solver={self.solver!r}, adjoint={self.adjoint!r})"
 
 
 class _LearnedFlow(AMAML):
@@ -77,12 +95,13 @@ class _LearnedFlow(AMAML):
 
     def _flow_step(self, tasks: TaskBatch, theta: torch.Tensor, inputs, T, lr=None) -> MetaStep:
         stats: Dict = {}
-        u = gradient_flow(self.model, self.loss, theta, T, tasks.support, h=self.h, solver=self.solver,
-                          adjoint=self.adjoint, lr=lr, batched=True, stats=stats, **self.options)
-        with torch.enable_grad():
-            per_task = TaskFunctions(self.model, self.loss, tasks.support, tasks.query, True).losses(u, tasks.query)
-            grads = torch.autograd.grad(per_task.mean(), inputs)
-        return MetaStep(torch.cat([g.reshape(-1) for g in grads]), per_task.detach(), stats)
+        with self._diverging():
+            u = gradient_flow(self.model, self.loss, theta, T, tasks.support, h=self.h, solver=self.solver,
+                              adjoint=self.adjoint, lr=lr, batched=True, stats=stats, **self.options)
+            with torch.enable_grad():
+                per_task = TaskFunctions(self.model, self.loss, tasks.support, tasks.query, True).losses(u, tasks.query)
+                grads = torch.autograd.grad(per_task.mean(), inputs)
+        return self._checked(MetaStep(torch.cat([g.reshape(-1) for g in grads]), per_task.detach(), stats))
 
 
 class AMAMLSGD(_LearnedFlow):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import _checks
+from . import checks
 from ..data.batch import TaskBatch
 from ..functional import LossFn, TaskFunctions, param_shapes
 
@@ -66,18 +67,25 @@ class MetaLearner:
     # -- helpers -------------------------------------------------------------------------------
 
     def _check(self, theta: torch.Tensor, tasks: TaskBatch) -> None:
-        n = self.d + self.extra
-        if not isinstance(theta, torch.Tensor) or theta.dim() != 1 or theta.numel() != n:
-            got = tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__
-            what = "the model's parameter count" if not self.extra else (
-                f"the model's {self.d} parameters and the learner's {self.extra} own")
-            raise ValueError(f"argument 'theta' must have shape [{n}] ({what}), got {got}")
-        if not isinstance(tasks, TaskBatch):
-            raise TypeError(f"argument 'tasks' must be an amaml_ext.tasks.TaskBatch, got {type(tasks).__name__}")
-        if tasks.query_mask is not None:
-            raise ValueError("argument 'tasks' must have same-size query sets (query_mask None) to meta-train on, "
-                             f"got padded query sets with a query_mask of shape {tuple(tasks.query_mask.shape)} "
-                             "(a test pool: meta-train on the training pool)")
+        """The shared argument checks (:mod:`amaml_ext.learners.checks`): theta ``[d + extra]``,
+        float32/float64 and finite; the tasks of theta's dtype and device, finite, unpadded."""
+        what = "the model's parameter count" if not self.extra else (
+            f"the model's {self.d} parameters and the learner's {self.extra} own")
+        checks.check_theta(theta, self.d + self.extra, what)
+        checks.check_tasks(tasks, theta)
+        checks.check_model_device(self.model, theta)
+
+    def _checked(self, step: MetaStep) -> MetaStep:
+        """``step``, once its meta-gradient and query losses are finite (the data were checked
+        finite): else :class:`~amaml_ext.learners.checks.InnerLoopDiverged`."""
+        checks.diverged(f"{self!r}.meta_grad", [("query loss", step.query_loss), ("meta-gradient", step.grad)],
+                        per_task=step.query_loss, advice=self._advice())
+        return step
+
+    def _advice(self, lr: Optional[float] = None, steps: Optional[int] = None) -> str:
+        """What to change when the inner loop diverges."""
+        return (f"lower the inner step size (inner_lr={self.inner_lr if lr is None else lr:g}) or the number "
+                f"of inner steps (steps={self.steps if steps is None else steps})")
 
     def functions(self, tasks: TaskBatch, batched: bool = True) -> TaskFunctions:
         return TaskFunctions(self.model, self.loss, tasks.support, tasks.query, batched)
@@ -109,10 +117,16 @@ class MetaLearner:
         steps) of ``lr`` (default ``inner_lr``): ``[d]``, or ``[B, d]`` with ``batched``."""
         steps = self.steps if steps is None else _checks.positive("steps", steps, integer=True)
         lr = self.inner_lr if lr is None else _checks.positive("lr", lr)
+        checks.check_theta(theta, self.d)
+        checks.check_pairs("support", (("support", support),), theta, batched)
+        checks.check_model_device(self.model, theta)
         fns = TaskFunctions(self.model, self.loss, support, support, batched)
         u = self._start(theta, support[0].shape[0]) if batched else theta.detach().clone()
         with torch.no_grad():
-            return self._gd(fns, u, steps, lr)
+            u = self._gd(fns, u, steps, lr)
+        checks.diverged(f"{self!r}.adapt", [("adapted parameters", u)], per_task=u if batched else None,
+                        advice=self._advice(lr, steps).replace("inner_lr=", "lr="))
+        return u
 
     def meta_grad(self, theta: torch.Tensor, tasks: TaskBatch) -> MetaStep:  # pragma: no cover
         raise NotImplementedError

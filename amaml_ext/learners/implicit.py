@@ -34,8 +34,8 @@ class IMAML(MetaLearner):
         per_task, g = fns.value_and_grad_val(psi)
         x = self.cg_solve(fns, psi, g)
         fns.release()
-        return MetaStep(x.mean(0), per_task, {"grad_evals": fns.grad_evals + 1, "hvps": fns.hvp_evals,
-                                              "inner_steps": self.steps, "cg_steps": self.cg_steps})
+        return self._checked(MetaStep(x.mean(0), per_task, {"grad_evals": fns.grad_evals + 1, "hvps": fns.hvp_evals,
+                                                            "inner_steps": self.steps, "cg_steps": self.cg_steps}))
 
     def cg_solve(self, fns: TaskFunctions, psi: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``cg_steps`` CG iterations on ``(I + H(psi) / lam) x = b``, per task (rows), from x = 0."""
@@ -60,6 +60,11 @@ class IMAML(MetaLearner):
             p = r + beta * p
             rr = rr_new
         return x
+
+    def _advice(self, lr=None, steps=None) -> str:
+        if lr is not None or steps is not None:       # adapt: plain GD
+            return super()._advice(lr, steps)
+        return super()._advice() + f" (or raise lam={self.lam:g}: CG on a system far from positive definite)"
 
     def __repr__(self):
         return f"IMAML(steps={self.steps}, inner_lr={self.inner_lr:g}, lam={self.lam:g}, cg_steps={self.cg_steps})"

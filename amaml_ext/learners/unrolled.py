@@ -28,7 +28,8 @@ class MAML(MetaLearner):
                 u = u - self.inner_lr * (g if self.adapt_mask is None else g * self.adapt_mask.to(g))
             per_task = fns.losses(u, tasks.query)
             (grad,) = torch.autograd.grad(per_task.mean(), th)
-        return MetaStep(grad, per_task.detach(), {"grad_evals": B * (self.steps + 1), "inner_steps": self.steps})
+        return self._checked(MetaStep(grad, per_task.detach(), {"grad_evals": B * (self.steps + 1),
+                                                                "inner_steps": self.steps}))
 
 
 class MAML1(MAML):
@@ -65,7 +66,7 @@ class FOMAML(MetaLearner):
     def meta_grad(self, theta, tasks):
         fns, psi = self._adapt_batch(theta, tasks)
         per_task, g = fns.value_and_grad_val(psi)
-        return MetaStep(g.mean(0), per_task, {"grad_evals": fns.grad_evals + 1, "inner_steps": self.steps})
+        return self._checked(MetaStep(g.mean(0), per_task, {"grad_evals": fns.grad_evals + 1, "inner_steps": self.steps}))
 
 
 class Reptile(MetaLearner):
@@ -79,7 +80,7 @@ class Reptile(MetaLearner):
         fns, psi = self._adapt_batch(theta, tasks)
         with torch.no_grad():
             per_task = fns.losses(psi, tasks.query)
-        return MetaStep((theta.detach() - psi).mean(0), per_task,
-                        {"grad_evals": fns.grad_evals, "inner_steps": self.steps})
+        return self._checked(MetaStep((theta.detach() - psi).mean(0), per_task,
+                                      {"grad_evals": fns.grad_evals, "inner_steps": self.steps}))
 
 

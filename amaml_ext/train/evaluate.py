@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from ..data.batch import TaskBatch
-from ..functional import TaskFunctions, unflatten_params
+from ..functional import TaskFunctions, param_shapes, unflatten_params
+from ..learners.checks import check_tasks, check_theta, diverged
 from .distributed import Distributed
 
 #: the normal quantile of a two-sided 95% interval (``mean ± Z95 * std / sqrt(n)``)
@@ -66,6 +67,8 @@ def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatc
         raise ValueError(f"argument 'chunk' must be a positive int, got {chunk!r}")
     if isinstance(record_every, bool) or not isinstance(record_every, int) or record_every < 1:
         raise ValueError(f"argument 'record_every' must be a positive int, got {record_every!r}")
+    check_theta(theta, sum(math.prod(s) for _, s in param_shapes(model)))
+    check_tasks(tasks, theta, same_dtype=False, masked=True)     # theta is cast to the data's dtype
     recorded = [s for s in range(steps + 1) if s % record_every == 0 or s == steps]
     group = Distributed.resolve(distributed)
     if group is None:
@@ -75,6 +78,7 @@ def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatc
         mine = _per_task(model, loss, theta, tasks.select(slice(a, b)), recorded, lr, METRICS_FNS[metric], chunk,
                          adapt_mask)
         values = group.gather_rows(mine, tasks.size, "the gather of meta-test results").cpu()
+    _check_adapted(values, steps, lr)        # after the gather: every rank raises alike
     out = {"metric": metric, "step": recorded, "mean": [], "std": [], "ci95": []}
     for e in values.t():
         sd = float(e.std(unbiased=False))
@@ -111,9 +115,20 @@ def _per_task(model, loss, theta, tasks: TaskBatch, recorded: List[int], lr: flo
                 if k < len(recorded) and s == recorded[k]:
                     per_task[k].append(value())
                     k += 1
+        lost = ~torch.isfinite(u).all(1)          # diverged: NaN at the last record (accuracy would not show it)
+        if bool(lost.any()):
+            per_task[-1][-1] = torch.where(lost.to(per_task[-1][-1].device), float("nan"), per_task[-1][-1])
     if tasks.size == 0:
         return torch.zeros(0, len(recorded), dtype=torch.float64 if score is accuracy else tasks.support[0].dtype)
     return torch.stack([torch.cat(vals) for vals in per_task], 1)
+
+
+def _check_adapted(values: torch.Tensor, steps: int, lr) -> None:
+    """The per-task metrics ``[tasks, records]`` are finite (theta and the data were checked
+    finite; a task whose adapted parameters are not holds NaN): else the test-time GD diverged."""
+    rate = f"lr={lr:g}" if isinstance(lr, (int, float)) else "lr (per parameter)"
+    diverged(f"meta_test(steps={steps}, {rate})", [("query metric (or the adapted parameters)", values)],
+             per_task=values, advice=f"lower the test step size ({rate}) or the number of test steps ({steps})")
 
 
 def confidence_interval(accuracies, z: float = Z95) -> Tuple[float, float]:

@@ -1,0 +1,135 @@
+"""What every learner checks before it trains, written once (A-MAML included) and used by
+meta-testing too: theta's kind, shape, dtype and values; the task data's shapes, dtype, device
+and values; and :class:`InnerLoopDiverged`, raised when finite theta and data gave non-finite
+numbers. Each error names the argument, what it expects and what it got; the finiteness checks
+cost one ``torch.isfinite(...).all()`` per tensor."""
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..data.batch import TaskBatch
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+class InnerLoopDiverged(FloatingPointError, ValueError):
+    """Finite theta and finite data gave non-finite parameters, losses or meta-gradients: the
+    inner loop diverged (its step size, number of steps or horizon is too large for the loss).
+    A ``ValueError`` like the learners' other refusals, and a ``FloatingPointError`` like
+    ``meta_train``'s stop on a non-finite meta-step."""
+
+
+def _first_bad(t: torch.Tensor) -> Tuple[int, float, int]:
+    """``(flat index, value, count)`` of the non-finite entries of ``t`` (only called when it has some)."""
+    bad = ~torch.isfinite(t.detach()).reshape(-1)
+    i = int(bad.nonzero()[0])
+    return i, float(t.detach().reshape(-1)[i]), int(bad.sum())
+
+
+def check_finite(name: str, t: torch.Tensor, part: Optional[str] = None, tasks_first: bool = False) -> None:
+    """``t`` (a floating tensor; others pass) holds only finite values. ``part`` names the piece of
+    the argument (``"support x"``); ``tasks_first``: dimension 0 indexes tasks, and the message
+    names the first task that holds a non-finite value."""
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return
+    i, value, count = _first_bad(t)
+    what = f"argument '{name}'" + (f" ({part})" if part else "")
+    if tasks_first and t.dim() >= 1 and t.shape[0] > 0:
+        rows = (~torch.isfinite(t.detach())).reshape(t.shape[0], -1).any(1)
+        task, others = int(rows.nonzero()[0]), int(rows.sum()) - 1
+        where = f" at task {task}" + (f" (and {others} other task{'s' if others > 1 else ''})" if others else "")
+    else:
+        where = f" at index {i}"
+    why = " (one NaN or inf in the data makes every gradient of its task NaN)" if part else ""
+    raise ValueError(f"{what} holds non-finite values{where}: {count} of {t.numel()} entries (e.g. {value}); "
+                     f"expected finite numbers{why}")
+
+
+def check_theta(theta, n: int, what: str = "the model's parameter count") -> torch.Tensor:
+    """``theta``: a float32/float64 tensor of shape ``[n]`` with finite values."""
+    if not isinstance(theta, torch.Tensor):
+        raise TypeError(f"argument 'theta' must be a torch.Tensor of shape [{n}] ({what}), got {type(theta).__name__}")
+    if theta.dim() != 1 or theta.numel() != n:
+        raise ValueError(f"argument 'theta' must have shape [{n}] ({what}), got {tuple(theta.shape)}")
+    if theta.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"argument 'theta' must be float32 or float64, got {theta.dtype}")
+    check_finite("theta", theta)
+    return theta
+
+
+def check_model_device(model: nn.Module, theta: torch.Tensor) -> None:
+    """The model's parameters and buffers live on theta's device."""
+    for p in list(model.parameters()) + list(model.buffers()):
+        if p.device != theta.device:
+            raise ValueError(f"argument 'model' must be on theta's device {theta.device}, has a tensor on {p.device} "
+                             f"(move it with model.to(theta.device))")
+
+
+def check_pairs(name: str, pairs: Sequence[Tuple[str, object]], theta: torch.Tensor, batched: bool,
+                same_dtype: bool = True, finite: bool = True) -> None:
+    """Task data ``pairs`` (``[("support", (x, y)), ...]``) of argument ``name``: tensors with a task
+    dimension (``batched``) and a sample dimension, x and y of a set with as many samples, every set
+    with as many tasks, on theta's device, floating ones of theta's dtype (``same_dtype``) and
+    finite (``finite``)."""
+    tasks = None
+    for part, pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
+            raise TypeError(f"argument '{name}' ({part}) must be a pair (x, y) of tensors, got {type(pair).__name__}")
+        x, y = pair
+        lead = 2 if batched else 1
+        if x.dim() < lead or y.dim() < lead or x.shape[lead - 1] != y.shape[lead - 1]:
+            layout = "[tasks, samples, ...]" if batched else "[samples, ...]"
+            raise ValueError(f"argument '{name}' ({part}): x and y must be {layout} with as many samples, got "
+                             f"x {tuple(x.shape)}, y {tuple(y.shape)}")
+        if batched:
+            if tasks is None:
+                tasks = (part, x.shape[0])
+            elif x.shape[0] != tasks[1]:
+                raise ValueError(f"argument '{name}' ({part}) must hold as many tasks as the {tasks[0]} set "
+                                 f"({tasks[1]}), got {x.shape[0]}")
+        for which, t in (("x", x), ("y", y)):
+            label = f"{part} {which}"
+            if t.device != theta.device:
+                raise ValueError(f"argument '{name}' ({label}) must be on theta's device {theta.device}, got "
+                                 f"{t.device}")
+            if same_dtype and t.is_floating_point() and t.dtype != theta.dtype:
+                raise ValueError(f"argument '{name}' ({label}) must have theta's dtype {theta.dtype}, got {t.dtype} "
+                                 f"(cast the data, e.g. tasks.to(dtype={theta.dtype}), or theta)")
+            if finite:
+                check_finite(name, t, label, tasks_first=batched)
+
+
+def check_tasks(tasks, theta: torch.Tensor, name: str = "tasks", same_dtype: bool = True,
+                masked: bool = False) -> TaskBatch:
+    """``tasks``: a :class:`TaskBatch` whose data :func:`check_pairs` accepts; padded query sets
+    (a ``query_mask``) only with ``masked`` (meta-testing)."""
+    if not isinstance(tasks, TaskBatch):
+        raise TypeError(f"argument '{name}' must be an amaml_ext.tasks.TaskBatch, got {type(tasks).__name__}")
+    if tasks.query_mask is not None and not masked:
+        raise ValueError(f"argument '{name}' must have same-size query sets (query_mask None) to meta-train on, "
+                         f"got padded query sets with a query_mask of shape {tuple(tasks.query_mask.shape)} "
+                         "(a test pool: meta-train on the training pool)")
+    check_pairs(name, (("support", tasks.support), ("query", tasks.query)), theta, True, same_dtype)
+    return tasks
+
+
+def diverged(who: str, values: Sequence[Tuple[str, torch.Tensor]], per_task: Optional[torch.Tensor] = None,
+             advice: str = "lower the inner step size or the number of inner steps", offset: int = 0,
+             total: Optional[int] = None) -> None:
+    """Raise :class:`InnerLoopDiverged` if any of ``values`` (``[(what, tensor)]``, computed from
+    finite theta and data) is not finite. ``per_task`` (``[B]`` or ``[B, ...]``) names the tasks:
+    row ``b`` is task ``offset + b`` of ``total`` (default B)."""
+    bad = [what for what, v in values if not bool(torch.isfinite(v).all())]
+    if not bad:
+        return
+    where = ""
+    if per_task is not None and per_task.dim() >= 1 and per_task.shape[0] > 0:
+        rows = (~torch.isfinite(per_task.detach())).reshape(per_task.shape[0], -1).any(1)
+        if bool(rows.any()):
+            first, n = int(rows.nonzero()[0]), int(rows.sum())
+            of = per_task.shape[0] if total is None else total
+            where = f" on task {offset + first}" + (f" (and {n - 1} more)" if n > 1 else "") + f" of {of}"
+    raise InnerLoopDiverged(f"{who}: the inner loop diverged{where}: the {' and the '.join(bad)} "
+                            f"{'is' if len(bad) == 1 else 'are'} not finite although theta and the data are; {advice}")
