@@ -46,11 +46,13 @@ from .. import _checks
 from ..functional import LossFn
 from .adjoint import AMAML, AMAMLSGD, AMAMLT
 from .base import MetaLearner, MetaStep, head_mask
+from .checks import InnerLoopDiverged
 from .implicit import IMAML
 from .unrolled import ANIL, FOMAML, MAML, MAML1, Reptile
 
 __all__ = ["MetaStep", "MetaLearner", "AMAML", "AMAMLSGD", "AMAMLT", "MAML", "MAML1", "ANIL", "FOMAML", "Reptile", "IMAML",
-           "METHODS", "Method", "LEARNERS", "LABELS", "PAPER_METHODS", "make_learner", "method_steps", "head_mask"]
+           "METHODS", "Method", "LEARNERS", "LABELS", "PAPER_METHODS", "make_learner", "method_steps", "head_mask",
+           "InnerLoopDiverged"]
 
 
 @dataclass(frozen=True)
