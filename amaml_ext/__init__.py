@@ -13,13 +13,14 @@ import torch  # noqa: F401  (first: loads libc10/libtorch that _C links against)
 from . import _C  # noqa: F401  (loads and registers torch.ops.amaml_ext.*)
 from . import accuracy, ops, ode
 from ._build import build_info
-from .functional import flatten_params, unflatten_params
+from .functional import NondeterministicModelWarning, flatten_params, unflatten_params
 from .accuracy import AdjointAccuracyError, AdjointAccuracyWarning
 from .metagrad import MetaGradResult, adjoint_meta_grad, gradient_flow
 from .adjoint_learner import AdaptedModel, AdjointLearner
 from . import learners, models, tasks, train
 
-__all__ = ["AdaptedModel", "AdjointLearner", "AdjointAccuracyError", "AdjointAccuracyWarning", "MetaGradResult", "accuracy", "adjoint_meta_grad",
+__all__ = ["AdaptedModel", "AdjointLearner", "AdjointAccuracyError", "AdjointAccuracyWarning", "MetaGradResult",
+           "NondeterministicModelWarning", "accuracy", "adjoint_meta_grad",
            "build_info", "flatten_params", "gradient_flow", "learners", "models", "ode", "ops", "tasks", "train",
            "unflatten_params"]
 __version__ = "0.1.0"

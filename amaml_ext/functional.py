@@ -26,8 +26,8 @@ model, loss and input shape; later calls with new task data of the same shapes r
 compilation fails, a warning is issued and the eager callbacks are used.
 """
 
-import copy
 import math
+import threading
 import warnings
 import weakref
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 from .compile_policy import compile_refusal, resolve_compile
+from .model_state import (NondeterministicModelWarning, cast_constants, check_same_loss,  # noqa: F401 (re-exported)
+                          constants, differentiable, fingerprint, functional_module)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -45,17 +47,6 @@ def param_shapes(model: nn.Module) -> Sequence[Tuple[str, torch.Size]]:
     ``model.named_parameters()`` order: what theta covers. Frozen parameters are used as they
     are and never adapted or meta-trained."""
     return [(name, p.shape) for name, p in model.named_parameters() if p.requires_grad]
-
-
-def constants(model: nn.Module, module: nn.Module) -> Dict[str, torch.Tensor]:
-    """The tensors a functional call of ``module`` (the private copy of ``model``) takes from the
-    user's ``model`` as they are *now*: its frozen parameters and its buffers (those the copy
-    keeps: training-mode BatchNorm copies keep no running statistics). Read at every call, so a
-    buffer or frozen weight changed between calls is seen."""
-    kept = {name for name, _ in module.named_buffers()}
-    out = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
-    out.update({name: b for name, b in model.named_buffers() if name in kept})
-    return out
 
 
 def flatten_params(model: nn.Module) -> torch.Tensor:
@@ -88,33 +79,6 @@ def unflatten_params(model: nn.Module, flat: torch.Tensor) -> Dict[str, torch.Te
         raise ValueError(f"argument 'theta' must have {d} entries (the model's parameter count), "
                          f"got {flat.shape[-1]} (shape {tuple(flat.shape)})")
     return _unflatten_shapes(shapes, flat)
-
-
-_FUNCTIONAL_COPIES: "weakref.WeakKeyDictionary[nn.Module, Tuple[bool, nn.Module]]" = weakref.WeakKeyDictionary()
-
-
-def functional_module(model: nn.Module) -> nn.Module:
-    """A private copy of ``model`` safe for functional, vmapped evaluation.
-
-    In training mode, BatchNorm normalises with batch statistics and would update its running
-    statistics in place, which neither vmap nor a side-effect-free gradient allows. The copy's
-    BatchNorm layers keep no running statistics, which leaves the training-mode output
-    unchanged. In eval mode the running statistics are used as constants. The user's module is
-    never changed; copies are cached per module and mode.
-    """
-    cached = _FUNCTIONAL_COPIES.get(model)
-    if cached is not None and cached[0] == model.training:
-        return cached[1]
-    clone = copy.deepcopy(model)
-    if model.training:
-        for m in clone.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean = None
-                m.running_var = None
-                m.num_batches_tracked = None
-                m.track_running_stats = False
-    _FUNCTIONAL_COPIES[model] = (model.training, clone)
-    return clone
 
 
 def _unflatten_shapes(shapes: Sequence[Tuple[str, torch.Size]], flat: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -169,12 +133,17 @@ def check_data(name: str, pair, batched: bool) -> None:
 
 
 class _CompiledCallbacks:
-    """``torch.compile``-d gradient and HVP of the summed training loss for one (model, loss,
-    batched) combination; the task data are arguments, so new tasks of the same shapes reuse the
-    compiled code."""
+    """``torch.compile``-d gradient and HVP of the summed training loss for one (model as it is
+    now, loss, batched) combination; the task data and the model's constants are arguments, so
+    new tasks of the same shapes reuse the compiled code. They run on a private copy of the
+    model made for them, which nothing mutates; calls are serialised by a lock (a compilation or
+    recompilation is not something two threads should do at once)."""
 
-    def __init__(self, model: nn.Module, module: nn.Module, loss: LossFn, batched: bool):
+    def __init__(self, model: nn.Module, loss: LossFn, batched: bool, keep):
         shapes = list(param_shapes(model))
+        module = functional_module(model)
+        self.keep = keep        # the objects the cache key names by identity (model_state.fingerprint)
+        self.lock = threading.Lock()
 
         # the constants (buffers, frozen parameters) are arguments: read from the model per call
         def task_loss(flat_u, consts, x, y):
@@ -197,14 +166,24 @@ class _CompiledCallbacks:
 
 
 _COMPILED: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, _CompiledCallbacks]]" = weakref.WeakKeyDictionary()
+_COMPILED_LOCK = threading.Lock()
+_COMPILED_PER_MODEL = 4      # versions of one model kept compiled (a changed model compiles anew)
 
 
-def _compiled_callbacks(model: nn.Module, module: nn.Module, loss: LossFn, batched: bool) -> _CompiledCallbacks:
-    per_model = _COMPILED.setdefault(model, {})
-    key = (id(module), loss, batched)
-    if key not in per_model:
-        per_model[key] = _CompiledCallbacks(model, module, loss, batched)
-    return per_model[key]
+def _compiled_callbacks(model: nn.Module, loss: LossFn, batched: bool) -> _CompiledCallbacks:
+    """The compiled callbacks of ``model`` as it is now (its :func:`fingerprint`), ``loss`` and
+    ``batched``: reused while none of them changes, compiled anew when one does."""
+    key, keep = fingerprint(model)
+    key = (key, loss, batched)
+    with _COMPILED_LOCK:
+        per_model = _COMPILED.setdefault(model, {})
+        if key in per_model:
+            per_model[key] = per_model.pop(key)         # most recently used last
+        else:
+            per_model[key] = _CompiledCallbacks(model, loss, batched, keep)
+            while len(per_model) > _COMPILED_PER_MODEL:
+                per_model.pop(next(iter(per_model)))
+        return per_model[key]
 
 
 class TaskFunctions:
@@ -232,15 +211,17 @@ class TaskFunctions:
         self.batched = batched
         self.names = [name for name, _ in param_shapes(model)]
         self.buffers = constants(model, self.module)
+        self._cast: Dict[torch.dtype, Dict[str, torch.Tensor]] = {}
         for name, data in (("support", support), ("query", query)):
             check_data(name, data, batched)
-        dropout = _dropout_in_training(model)
-        if dropout:
+        self.dropout = _dropout_in_training(model)
+        if self.dropout:
+            dropout = self.dropout
             warnings.warn(f"amaml_ext: the model has dropout in training mode ({', '.join(dropout[:3])}): its "
                           "training loss, and so the gradient flow, the adjoint and every meta-gradient, change "
                           "at random with each evaluation (two identical calls can differ by 100%). Put the model "
                           "in eval mode (model.eval()) or fix the mask (a deterministic module).",
-                          RuntimeWarning, stacklevel=3)
+                          NondeterministicModelWarning, stacklevel=3)
         self.grad_evals = 0
         self.hvp_evals = 0
         self.linearisations = 0
@@ -255,7 +236,7 @@ class TaskFunctions:
         if refusal is not None:
             warnings.warn(f"amaml_ext: {refusal}; using the eager callbacks", RuntimeWarning, stacklevel=3)
             compile = False
-        self._compiled = _compiled_callbacks(model, self.module, loss, batched) if compile else None
+        self._compiled = _compiled_callbacks(model, loss, batched) if compile else None
 
     def _compiled_call(self, name: str, *args) -> Optional[torch.Tensor]:
         """Run a compiled callback; on a compilation failure warn once and return None (eager)."""
@@ -267,8 +248,10 @@ class TaskFunctions:
         # to have the tangent have the same layout as primal". A copy of one state is cheap.
         args = tuple(a.clone() if a._is_view() or not a.is_contiguous() else a for a in args)
         try:
-            with second_order():
-                return getattr(c, name)(*args, self.buffers, *self.support)
+            # dynamo does not guard on module hooks by default: a hook added or removed after a
+            # compilation would run the old code (the compiled code is shared per code object)
+            with second_order(), c.lock, torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+                return getattr(c, name)(*args, self.constants(args[0].dtype), *self.support)
         except LossValueError:
             raise
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back to eager)
@@ -276,6 +259,24 @@ class TaskFunctions:
             warnings.warn(f"amaml_ext: torch.compile of the model callbacks failed ({c.failed[:300]}); "
                           "using the eager callbacks", RuntimeWarning, stacklevel=3)
             return None
+
+    def constants(self, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+        """The model's frozen parameters and buffers, floating ones in ``dtype`` (the state's)."""
+        if dtype not in self._cast:
+            self._cast[dtype] = cast_constants(self.buffers, dtype)
+        return self._cast[dtype]
+
+    def check_deterministic(self, u: torch.Tensor, strict: bool = False, caller: str = "adjoint_meta_grad") -> None:
+        """Evaluate the training loss twice at ``u``: a forward whose result changes between two
+        evaluations at the same point (``F.dropout(x, p, self.training)``, ``torch.rand`` noise)
+        has no gradient flow, and the adjoint, which re-evaluates it, would be meaningless.
+        Warns (:class:`NondeterministicModelWarning`), or raises ValueError with ``strict``.
+        Skipped when dropout modules were already named; a relative difference of 1e-4 or less
+        (nondeterministic reductions on a GPU) passes."""
+        if not self.dropout:
+            with torch.no_grad():
+                a, b = self.losses(u, self.support), self.losses(u, self.support)
+            check_same_loss(a, b, self.batched, strict, caller)
 
     @property
     def compiled(self) -> bool:
@@ -286,7 +287,7 @@ class TaskFunctions:
 
     def _task_loss(self, flat_u: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         params = unflatten_params(self.model, flat_u)
-        pred = torch.func.functional_call(self.module, (params, self.buffers), (x,))
+        pred = torch.func.functional_call(self.module, (params, self.constants(flat_u.dtype)), (x,))
         return checked_loss(self.loss, pred, y)
 
     def losses(self, u: torch.Tensor, data) -> torch.Tensor:
@@ -307,7 +308,7 @@ class TaskFunctions:
                 return g
         with torch.enable_grad():
             leaf = u.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self.losses(leaf, self.support).sum(), leaf)
+            (g,) = torch.autograd.grad(differentiable(self.losses(leaf, self.support).sum(), "training"), leaf)
         return g
 
     def hvp(self, u: torch.Tensor, v: torch.Tensor, key=None) -> torch.Tensor:
@@ -334,7 +335,8 @@ class TaskFunctions:
             self.linearisations += 1
             with torch.enable_grad(), second_order():
                 leaf = u.detach().requires_grad_(True)
-                (g,) = torch.autograd.grad(self.losses(leaf, self.support).sum(), leaf, create_graph=True)
+                total = differentiable(self.losses(leaf, self.support).sum(), "training")
+                (g,) = torch.autograd.grad(total, leaf, create_graph=True)
             self._lin, self._lin_key = (leaf, g), key
             self._grad_key, self._grad_at_key = key, g.detach()
         return self._lin
@@ -367,5 +369,5 @@ class TaskFunctions:
         with torch.enable_grad():
             leaf = u.detach().requires_grad_(True)
             per_task = self.losses(leaf, self.query)
-            (g,) = torch.autograd.grad(per_task.sum(), leaf)
+            (g,) = torch.autograd.grad(differentiable(per_task.sum(), "validation"), leaf)
         return per_task.detach(), g

@@ -8,7 +8,6 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from .. import _checks, accuracy, ode
 from ..accuracy import AdjointAccuracyError, AdjointAccuracyWarning
@@ -80,8 +79,19 @@ class _Flow(torch.autograd.Function):
         return u_T
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_u):
+        if torch.is_grad_enabled():    # create_graph=True: a derivative of this backward is wanted
+            raise RuntimeError(
+                "gradient_flow: second-order derivatives through gradient_flow are not supported: its backward "
+                "(the adjoint solve) is not itself differentiable, so autograd.grad(..., create_graph=True) or "
+                ".backward(create_graph=True) through it would silently drop its part of the second derivative. "
+                "Differentiate it once (no create_graph), or unroll the inner loop in autograd (amaml_ext.learners."
+                "MAML) for higher derivatives.")
+        with torch.no_grad():
+            return _Flow._backward(ctx, grad_u)
+
+    @staticmethod
+    def _backward(ctx, grad_u):
         job, flow = ctx.job, ctx.job["flow"]
         _, want_theta, want_lr, want_T, *want_params = ctx.needs_input_grad
         params = [p for p, w in zip(job["params"], want_params) if w]
@@ -180,6 +190,7 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
                      batched=batched, batch=batch, memory_budget=memory_budget, max_steps=max_steps, lr=lr_value,
                      caller="gradient_flow", stacklevel=5)
     flow.fwd.reusable = True          # backward may run more than once (retain_graph, gradcheck)
+    fns.check_deterministic(flow.u0, strict, "gradient_flow")
     estimate = error_estimate if error_estimate is not False and ode.ADJOINT_SCHEMES[adjoint].error_estimate else False
     job = dict(flow=flow, params=params, batched=batched, estimate=estimate, error_tol=error_tol, strict=strict,
                stats=stats, T=T if isinstance(T, torch.Tensor) else None,

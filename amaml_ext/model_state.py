@@ -1,0 +1,153 @@
+"""What a call reads of the user's model, and when: nothing about a model is kept between calls
+that a change to it could make stale, and no call mutates anything another call uses.
+
+* :func:`functional_module`: a private copy of the model's *structure* (modules, attributes,
+  hooks) made anew at every call (every :class:`~amaml_ext.functional.TaskFunctions`), sharing
+  the model's tensors without copying them. ``torch.func.functional_call`` swaps parameters on
+  the module it is given, in place; on a per-call copy, two threads calling on one model do not
+  see each other's parameters, and a plain attribute changed (``net.temperature = 4``) or a
+  submodule replaced (``net[1] = nn.Sigmoid()``) after a first call is seen by the next.
+* :func:`constants`: the frozen parameters and buffers, read from the user's model at every call.
+* :func:`fingerprint`: a hashable summary of everything of a model that defines its function
+  apart from its tensors' values (module types, each module's own ``training`` flag, plain
+  attributes, hooks, parameter and buffer shapes); the compiled callbacks, whose compilation
+  takes seconds, are kept per fingerprint, so a changed model gets its own.
+"""
+
+import copy
+import itertools
+import warnings
+from typing import Any, Dict, Hashable, List, Tuple
+
+import torch
+from torch import nn
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def functional_module(model: nn.Module) -> nn.Module:
+    """A private copy of ``model`` safe for functional, vmapped evaluation, made anew per call.
+
+    The copy shares every parameter and buffer tensor of ``model`` (no data is copied) and copies
+    the rest: the module objects, their attributes and hooks, each module's own ``training``
+    flag. A BatchNorm layer in training mode normalises with batch statistics and would update
+    its running statistics in place, which neither vmap nor a side-effect-free gradient allows:
+    in the copy such a layer keeps no running statistics, which leaves its training-mode output
+    unchanged. A BatchNorm layer in eval mode (``net[1].eval()`` inside a training ``net``
+    included) uses its running statistics, read from ``model`` at every call. The user's module
+    is never changed.
+    """
+    shared = {id(t): t for _, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                                   model.named_buffers(remove_duplicate=False))}
+    try:
+        clone = copy.deepcopy(model, memo=shared)
+    except Exception as e:  # noqa: BLE001  (any object the copy cannot take)
+        raise TypeError(f"argument 'model' ({type(model).__name__}) cannot be used: a functional call needs a "
+                        f"structural copy of it (copy.deepcopy), which failed with {type(e).__name__}: {e}") from e
+    for m in clone.modules():
+        if isinstance(m, _BN) and m.training:
+            m.running_mean = None
+            m.running_var = None
+            m.num_batches_tracked = None
+            m.track_running_stats = False
+    return clone
+
+
+def constants(model: nn.Module, module: nn.Module) -> Dict[str, torch.Tensor]:
+    """The tensors a functional call of ``module`` (the private copy of ``model``) takes from the
+    user's ``model`` as they are *now*: its frozen parameters and its buffers (those the copy
+    keeps: training-mode BatchNorm layers keep no running statistics). Read at every call, so a
+    buffer or frozen weight changed between calls is seen."""
+    kept = {name for name, _ in module.named_buffers()}
+    out = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+    out.update({name: b for name, b in model.named_buffers() if name in kept})
+    return out
+
+
+def cast_constants(consts: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """``consts`` with every floating tensor in ``dtype`` (theta's): a float64 theta on a float32
+    model computes in float64 throughout, BatchNorm's running statistics and frozen weights
+    included, as the trainable parameters (taken from theta) do. Integer buffers are kept."""
+    return {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in consts.items()}
+
+
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+_SKIP = ("_parameters", "_buffers", "_modules", "training")
+
+
+def _freeze(v: Any, keep: List[Any], depth: int = 0) -> Hashable:
+    """A hashable stand-in for an attribute value that is equal only if the value is the same:
+    plain values by value, containers element by element, tensors by identity and version (an
+    in-place change is a new version), functions and other objects by identity, or by their
+    fields where they have some. Objects compared by identity go into ``keep``, which the cache
+    holds with the key, so an identity is not reused by another object while it is cached."""
+    if isinstance(v, _PLAIN):
+        return (type(v), repr(v)) if isinstance(v, float) else v     # repr: nan == nan
+    if isinstance(v, (tuple, list)) and depth <= 4:
+        return (type(v), tuple(_freeze(x, keep, depth + 1) for x in v))
+    if isinstance(v, dict) and depth <= 4:
+        return (type(v), tuple((_freeze(k, keep, depth + 1), _freeze(x, keep, depth + 1)) for k, x in v.items()))
+    keep.append(v)
+    if isinstance(v, torch.Tensor):
+        return ("tensor", id(v), v._version)
+    fields = getattr(v, "__dict__", None)
+    if isinstance(fields, dict) and depth <= 4 and not callable(v) and not isinstance(v, nn.Module):
+        return ("fields", id(v), _freeze(fields, keep, depth + 1))
+    return ("object", id(v))
+
+
+def fingerprint(model: nn.Module) -> Tuple[Hashable, List[Any]]:
+    """Everything of ``model`` that defines its function apart from its tensors' values, as a
+    hashable key: for each module (in ``named_modules`` order, a shared one at each place) its
+    name, type, own training flag, plain attributes and hooks, and the names, shapes, dtypes
+    and ``requires_grad`` of its parameters and buffers. Returns ``(key, keep)``: ``keep`` holds
+    the objects the key names by identity and must be kept as long as the key is."""
+    keep: List[Any] = []
+    out = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        attrs = tuple((k, _freeze(v, keep)) for k, v in m.__dict__.items() if k not in _SKIP)
+        params = tuple((k, None if p is None else (tuple(p.shape), p.dtype, p.requires_grad))
+                       for k, p in m._parameters.items())
+        bufs = tuple((k, None if b is None else (tuple(b.shape), b.dtype)) for k, b in m._buffers.items())
+        keep.append(type(m))
+        out.append((name, id(type(m)), m.training, attrs, params, bufs))
+    return tuple(out), keep
+
+
+class NondeterministicModelWarning(RuntimeWarning):
+    """The model's training loss changes between two evaluations at the same parameters
+    (dropout in training mode, random noise in the forward): the gradient flow, its adjoint and
+    every A-MAML meta-gradient are then undefined."""
+
+
+def differentiable(total: torch.Tensor, what: str) -> torch.Tensor:
+    """``total`` (a loss of the flat state), checked to depend on it: else the loss or the
+    model's forward cut the graph, and autograd's own message would not say so."""
+    if not total.requires_grad:
+        raise ValueError(f"the {what} loss does not depend on the model's parameters: argument 'loss' or the "
+                         "model's forward cuts the graph (.detach(), torch.no_grad(), .item(), .numpy(), "
+                         "an integer result such as argmax), so it has no gradient to train or meta-train with")
+    return total
+
+
+def check_same_loss(a: torch.Tensor, b: torch.Tensor, batched: bool, strict: bool, caller: str) -> None:
+    """Two evaluations ``a``, ``b`` of the training loss at the same point (per task) must agree
+    to a relative 1e-4 (nondeterministic GPU reductions pass, random forwards do not); else warn
+    (:class:`NondeterministicModelWarning`) or, with ``strict``, raise ValueError."""
+    diff = (a - b).abs()
+    scale = torch.maximum(a.abs(), b.abs())
+    tiny = torch.finfo(a.dtype).tiny
+    bad = ~(diff <= 1e-4 * scale + tiny)
+    if not bool(bad.any()):
+        return
+    i = int(bad.reshape(-1).nonzero()[0])
+    rel = float(diff.reshape(-1)[i] / scale.reshape(-1)[i].clamp_min(tiny))
+    msg = (f"{caller}: the model's training loss is not deterministic: two evaluations at the same "
+           f"parameters gave {a.reshape(-1)[i].item():.6g} and {b.reshape(-1)[i].item():.6g} (relative "
+           f"difference {rel:.2g}{f', task {i}' if batched else ''}). Randomness in the forward "
+           "(F.dropout(x, p, self.training), torch.rand, noise layers) makes the gradient flow and its "
+           "adjoint undefined, and the meta-gradient meaningless. Make the forward deterministic "
+           "(model.eval(), a fixed mask, or noise drawn outside the model).")
+    if strict:
+        raise ValueError(msg)
+    warnings.warn(msg, NondeterministicModelWarning, stacklevel=4)

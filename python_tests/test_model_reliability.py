@@ -1,0 +1,328 @@
+"""Issue 23 (no silent wrong answers, round two), the model as the user holds it: each mode of
+each submodule, a model changed between calls, two threads on one model, second order through
+gradient_flow, randomness in the forward, a float32 model under a float64 theta, a loss that
+does not reach the parameters, the RK4 adjoint's stability bound, fused ops with overlapping
+outputs. Every numeric check is against unrolled autograd or a closed form."""
+
+import copy
+import math
+import threading
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import amaml_ext
+from amaml_ext import accuracy, adjoint_meta_grad, flatten_params, gradient_flow, learners, ops
+from amaml_ext.compile_policy import compile_refusal
+from amaml_ext.data import TaskBatch
+
+from helpers import DEVICES, F64, mlp, rel
+from test_reliability import data, unrolled
+
+EXACT = dict(h=0.1, solver="euler", adjoint="discrete")
+K = 5   # T = 0.5 with h = 0.1
+
+
+def bn_net(seed=0):
+    """Linear - BatchNorm - tanh - Linear with running statistics far from a batch's own."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).double()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-2, 2)
+        net[1].running_var.uniform_(0.2, 3)
+    return net
+
+
+def reference(net, theta, s, q, steps=K, lr=0.1):
+    """Unrolled autograd on a copy (a training-mode BatchNorm of the reference updates its own
+    running statistics, which must not touch the model under test)."""
+    return unrolled(copy.deepcopy(net), F.mse_loss, theta, s, q, steps, lr)
+
+
+# -- 1. each submodule's own mode --------------------------------------------------------------
+
+@pytest.mark.parametrize("outer,inner", [("train", "eval"), ("eval", "train")])
+def test_each_submodule_follows_its_own_mode(outer, inner):
+    net = bn_net()
+    getattr(net, outer)()
+    getattr(net[1], inner)()
+    s, q = data(0), data(1)
+    theta = flatten_params(net)
+    before = net[1].running_mean.clone()
+    r = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=s, query=q, **EXACT)
+    assert rel(r.grad, reference(net, theta, s, q)) < 1e-10
+    assert torch.equal(net[1].running_mean, before)        # the user's statistics are never updated
+    # and batch statistics and running statistics really differ here (the test can fail)
+    flipped = bn_net()
+    getattr(flipped, outer)()
+    assert rel(reference(flipped, theta, s, q), reference(net, theta, s, q)) > 1e-2
+
+
+# -- 2. a model changed after the first call ---------------------------------------------------
+
+class Tempered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = mlp(width=8, depth=1)
+        self.temperature = 1.0
+
+    def forward(self, x):
+        return self.body(x) / self.temperature
+
+
+def _change_attribute(net):
+    net.temperature = 4.0
+
+
+def _replace_submodule(net):
+    net.body[1] = nn.Sigmoid()
+
+
+def _add_hook(net):
+    net.body.register_forward_hook(lambda m, i, o: o * 3)
+
+
+def _mode_of_submodule(net):
+    net.body.add_module("bn", nn.BatchNorm1d(1, affine=False).double())    # a new layer, in eval mode
+    net.body.bn.eval()
+    with torch.no_grad():
+        net.body.bn.running_mean.fill_(0.7)
+
+
+@pytest.mark.parametrize("change", [_change_attribute, _replace_submodule, _add_hook, _mode_of_submodule])
+@pytest.mark.parametrize("compile", [False, True])
+def test_changed_model_is_seen(change, compile):
+    if compile and compile_refusal() is not None:
+        pytest.skip(compile_refusal())
+    net = Tempered()
+    s, q = data(0), data(1)
+    theta = flatten_params(net)
+    first = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=s, query=q, compile=compile, **EXACT)
+    change(net)
+    theta = flatten_params(net)
+    r = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=s, query=q, compile=compile, **EXACT)
+    ref = reference(net, theta, s, q)
+    assert rel(r.grad, ref) < 1e-10
+    assert rel(first.grad, ref) > 1e-3                       # the change matters
+
+
+@pytest.mark.parametrize("name", ["AMAML", "MAML", "FOMAML"])
+def test_learners_see_a_changed_model(name):
+    net = Tempered()
+    s, q = data(0), data(1)
+    batch = TaskBatch(support=(s[0][None], s[1][None]), query=(q[0][None], q[1][None]))
+    kwargs = dict(steps=K, inner_lr=0.1) if name != "AMAML" else dict(T=0.5, h=0.1, solver="euler",
+                                                                             adjoint="discrete")
+    learner = getattr(learners, name)(net, F.mse_loss, **kwargs)
+    theta = flatten_params(net)
+    learner.meta_grad(theta, batch)
+    net.temperature = 3.0
+    got = learner.meta_grad(theta, batch).grad
+    if name == "FOMAML":     # the gradient of V at the adapted parameters, by unrolling without the graph
+        u = theta.clone()
+        for _ in range(K):
+            u = u - 0.1 * torch.func.grad(lambda w: _loss(net, w, s))(u)
+        ref = torch.func.grad(lambda w: _loss(net, w, q))(u)
+    else:
+        ref = reference(net, theta, s, q)
+    assert rel(got, ref) < 1e-10
+
+
+def _loss(net, w, data):
+    params = amaml_ext.unflatten_params(net, w)
+    return F.mse_loss(torch.func.functional_call(net, params, (data[0],)), data[1])
+
+
+# -- 3. threads ------------------------------------------------------------------------------
+
+def test_two_threads_on_one_model_get_their_own_results():
+    net = bn_net()
+    net.train()
+    s, q = data(0), data(1)
+    thetas = [flatten_params(net) + 0.3 * i for i in range(2)]
+    alone = [adjoint_meta_grad(net, F.mse_loss, th, 0.5, support=s, query=q, **EXACT).grad for th in thetas]
+    results = [[], []]
+    errors = []
+    start = threading.Barrier(2)
+
+    def work(i):
+        try:
+            start.wait()
+            for _ in range(6):
+                results[i].append(adjoint_meta_grad(net, F.mse_loss, thetas[i], 0.5, support=s, query=q,
+                                                    **EXACT).grad)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert rel(alone[0], alone[1]) > 1e-2                    # the two threads' answers differ
+    for i in range(2):
+        for g in results[i]:
+            assert rel(g, alone[i]) < 1e-12
+
+
+# -- 4. second order through gradient_flow ----------------------------------------------------
+
+def test_second_order_through_gradient_flow_raises():
+    net = mlp(width=8, depth=1)
+    s, q = data(0), data(1)
+    th = flatten_params(net).requires_grad_()
+    u = gradient_flow(net, F.mse_loss, th, 0.5, s, **EXACT)
+    J = _loss(net, u, q)
+    with pytest.raises(RuntimeError, match="second-order derivatives through gradient_flow are not supported"):
+        torch.autograd.grad(J, th, create_graph=True)
+    # the first derivative still works, and is MAML's
+    (g,) = torch.autograd.grad(_loss(net, gradient_flow(net, F.mse_loss, th, 0.5, s, **EXACT), q), th)
+    assert rel(g, unrolled(net, F.mse_loss, th.detach(), s, q, K, 0.1)) < 1e-10
+
+
+# -- 5. randomness inside forward ---------------------------------------------------------------
+
+class Noisy(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.body, self.kind = mlp(width=8, depth=1), kind
+
+    def forward(self, x):
+        h = self.body(x)
+        if self.kind == "functional_dropout":
+            return F.dropout(h, 0.5, self.training)
+        if self.kind == "rand":
+            return h + 0.1 * torch.rand_like(h)
+        return h
+
+
+@pytest.mark.parametrize("kind", ["functional_dropout", "rand"])
+def test_random_forward_is_detected(kind):
+    net = Noisy(kind)
+    s, q = data(0), data(1)
+    theta = flatten_params(net)
+    with pytest.warns(amaml_ext.NondeterministicModelWarning, match="not deterministic"):
+        adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=s, query=q, **EXACT)
+    with pytest.raises(ValueError, match="not deterministic"):
+        adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=s, query=q, strict=True, **EXACT)
+    with pytest.warns(amaml_ext.NondeterministicModelWarning):
+        gradient_flow(net, F.mse_loss, theta.clone().requires_grad_(), 0.5, s, **EXACT)
+
+
+def test_deterministic_forward_is_not_flagged():
+    net = Noisy("none")
+    s, q = data(0), data(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", amaml_ext.NondeterministicModelWarning)
+        adjoint_meta_grad(net, F.mse_loss, flatten_params(net), 0.5, support=s, query=q, strict=True, **EXACT)
+
+
+# -- 14. float64 theta on a float32 model with buffers -----------------------------------------
+
+def test_float64_theta_on_a_float32_model_with_batchnorm():
+    net = bn_net().float().eval()
+    s, q = data(0), data(1)
+    theta = flatten_params(net).double()
+    r = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=s, query=q, **EXACT)
+    assert r.grad.dtype == F64
+    assert rel(r.grad, reference(copy.deepcopy(net).double(), theta, s, q)) < 1e-10
+
+
+# -- 16. a loss that does not reach the parameters --------------------------------------------
+
+@pytest.mark.parametrize("loss", [lambda p, y: F.mse_loss(p.detach(), y),
+                                  lambda p, y: (p.argmax(-1).to(y.dtype) - y.squeeze(-1)).pow(2).mean()])
+def test_loss_that_does_not_reach_the_parameters(loss):
+    net = mlp(width=8, depth=1)
+    s, q = data(0), data(1)
+    with pytest.raises(ValueError, match="argument 'loss' or the model's forward cuts the graph"):
+        adjoint_meta_grad(net, loss, flatten_params(net), 0.5, support=s, query=q, **EXACT)
+
+
+# -- 8. the RK4 adjoint's stability bound -------------------------------------------------------
+
+def _quadratic(h_lambda, h=0.01, n=200):
+    """w -> (a w)^2 on one point: Hessian lambda = 2 a^2; the RK4 adjoint over ``n`` steps of h."""
+    net = nn.Linear(1, 1, bias=False).double()
+    a = math.sqrt(h_lambda / h / 2)
+    x, y = torch.full((1, 1), a, dtype=F64), torch.zeros(1, 1, dtype=F64)
+    theta = torch.ones(1, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = adjoint_meta_grad(net, F.mse_loss, theta, n * h, support=(x, y), query=(x, y), h=h, solver="rk4",
+                              adjoint="rk4", error_tol=1e9)
+    return float(r.grad.abs()), 2 * a * a * float(r.params.abs())       # |lam(0)|, |lam(T)|
+
+
+def test_rk4_adjoint_stability_bound_is_where_it_blows_up():
+    bound = accuracy.stability_bound("rk4", "rk4")
+    assert bound == pytest.approx(2.7852935634 / 2, rel=1e-9)
+    assert accuracy.stability_bound("rk4", "heun") == pytest.approx(2.0)
+    lam0, lamT = _quadratic(0.97 * bound)
+    assert lam0 < lamT                               # decays backward, as the exact adjoint does
+    lam0, lamT = _quadratic(1.03 * bound)
+    assert lam0 > 1e3 * lamT                         # grows without bound past it
+
+
+def test_rk4_adjoint_message_says_beyond_the_bound():
+    net = nn.Linear(1, 1, bias=False).double()
+    a = math.sqrt(1.8 / 0.01 / 2)
+    x, y = torch.full((1, 1), a, dtype=F64), torch.zeros(1, 1, dtype=F64)
+    with pytest.warns(amaml_ext.AdjointAccuracyWarning, match=r"1\.8, beyond the stability bound 1\.393 of the rk4 "
+                                                              r"adjoint"):
+        adjoint_meta_grad(net, F.mse_loss, torch.ones(1, dtype=F64), 1.0, support=(x, y), query=(x, y), h=0.01,
+                          solver="rk4", adjoint="rk4")
+
+
+# -- 7. fused ops with overlapping outputs -------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_fused_ops_refuse_partial_overlap(device, dtype):
+    buf = torch.arange(10, dtype=dtype, device=device)
+    k = torch.ones(9, dtype=dtype, device=device)
+    with pytest.raises(RuntimeError, match="argument 'out' partially overlaps argument 'y'"):
+        ops.stage_combine(buf[:-1], [k], [1.0], 0.5, out=buf[1:])
+    with pytest.raises(RuntimeError, match=r"argument 'out' partially overlaps argument 'stages\[0\]'"):
+        ops.stage_combine(k, [buf[:-1]], [1.0], 0.5, out=buf[1:])
+    with pytest.raises(RuntimeError, match="argument 'out' partially overlaps argument 'a'"):
+        ops.heun_update(k, buf[1:], None, 0.5, out=buf[:-1])
+    with pytest.raises(RuntimeError, match="elements that share memory"):
+        ops.heun_update(k, k, None, 0.5, out=torch.zeros(1, dtype=dtype, device=device).expand(9))
+    assert torch.equal(buf, torch.arange(10, dtype=dtype, device=device))   # nothing was written
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_ops_in_place_is_allowed_and_right(device):
+    y = torch.arange(6, dtype=F64, device=device)
+    k = torch.full((6,), 2.0, dtype=F64, device=device)
+    expect = y + 0.5 * k
+    ops.stage_combine(y, [k], [1.0], 0.5, out=y)
+    assert torch.equal(y, expect)
+    lam = torch.ones(2, 3, dtype=F64, device=device)
+    a = torch.full((2, 3), 3.0, dtype=F64, device=device)
+    ops.heun_update(lam, a, a, 0.5, out=lam)
+    assert torch.equal(lam, torch.full((2, 3), 2.5, dtype=F64, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dopri5_outputs_must_not_share_memory(device):
+    d = 4
+    y0 = torch.randn(d, dtype=F64, device=device)
+    stages = [torch.randn(d, dtype=F64, device=device) for _ in range(7)]
+    buf = torch.zeros(2 * d, dtype=F64, device=device)
+    with pytest.raises(RuntimeError, match="argument 'y1' is the same memory as argument 'err'"):
+        ops.dopri5_finish(y0, stages, 0.1, 1e-6, 1e-8, y1=buf[:d], err=buf[:d])
+    with pytest.raises(RuntimeError, match="argument 'y1' partially overlaps argument 'err'"):
+        ops.dopri5_finish(y0, stages, 0.1, 1e-6, 1e-8, y1=buf[:d], err=buf[1:d + 1])
+    traj = torch.zeros(3, d, dtype=F64, device=device)
+    with pytest.raises(RuntimeError, match="argument 'trajectory' partially overlaps argument 'y1'"):
+        ops.dopri5_dense(y0, traj[2], stages, 0.1, [0.5, 1.0], traj, 1)
+    # separate buffers: the reference implementation's values
+    y1, err, _ = ops.dopri5_finish(y0, stages, 0.1, 1e-6, 1e-8)
+    ref_y1, ref_err, _ = amaml_ext.reference.dopri5_finish(y0, stages, 0.1, 1e-6, 1e-8)
+    assert torch.allclose(y1, ref_y1, rtol=0, atol=1e-14) and torch.allclose(err, ref_err, rtol=0, atol=1e-14)
