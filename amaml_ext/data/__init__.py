@@ -4,7 +4,8 @@
 model, loss and metric. ``ratings`` and ``images`` are imported on first use."""
 
 from .batch import TaskBatch, TaskPool, task_indices, task_seed
+from .files import DataFileError
 from .synthetic import FAMILIES, SETTINGS, Alpine, CosMixture, TaskFamily, make_family, train_test_pools
 
 __all__ = ["TaskBatch", "TaskPool", "task_indices", "task_seed", "TaskFamily", "CosMixture", "Alpine", "FAMILIES",
-           "SETTINGS", "make_family", "train_test_pools"]
+           "SETTINGS", "make_family", "train_test_pools", "DataFileError"]

@@ -66,7 +66,8 @@ class FOMAML(MetaLearner):
     def meta_grad(self, theta, tasks):
         fns, psi = self._adapt_batch(theta, tasks)
         per_task, g = fns.value_and_grad_val(psi)
-        return self._checked(MetaStep(g.mean(0), per_task, {"grad_evals": fns.grad_evals + 1, "inner_steps": self.steps}))
+        return self._checked(MetaStep(g.mean(0), per_task, {"grad_evals": fns.grad_evals + 1,
+                                                             "inner_steps": self.steps}))
 
 
 class Reptile(MetaLearner):

@@ -1,6 +1,7 @@
 """Mini-ImageNet (Vinyals et al. 2016; Ravi & Larochelle's class splits) as a :class:`FewShotImages`."""
 
 import csv
+import io
 import os
 from typing import Dict, List, Tuple
 
@@ -8,6 +9,7 @@ import numpy as np
 import torch
 
 from ... import _checks
+from ..files import DataFileError, decode_text, read_bytes
 from ..root import data_root
 from .cache import _CACHE_VERSION, digest, load_cache, save_cache
 from .fewshot import FewShotImages
@@ -21,22 +23,23 @@ def _read_split_csv(path: str) -> List[Tuple[str, str]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Mini-ImageNet split file {path!r} does not exist (expected the Ravi & Larochelle "
                                 f"CSV with header 'filename,label')")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    what = "the Ravi & Larochelle CSV with header 'filename,label'"
+    text = decode_text(read_bytes(path, what), path, what)
+    rows = list(csv.reader(io.StringIO(text, newline="")))
     rows = [(i, [c.strip() for c in r]) for i, r in enumerate(rows, start=1) if any(c.strip() for c in r)]
     if not rows or rows[0][1] != ["filename", "label"]:
-        raise ValueError(f"Mini-ImageNet split file {path!r} must start with the header 'filename,label', "
-                         f"got {','.join(rows[0][1]) if rows else 'an empty file'!r}")
+        raise DataFileError(f"Mini-ImageNet split file {path!r} must start with the header 'filename,label', "
+                            f"got {','.join(rows[0][1]) if rows else 'an empty file'!r}")
     out, seen = [], set()
     for i, r in rows[1:]:
         if len(r) != 2 or not r[0] or not r[1]:
-            raise ValueError(f"{path!r} line {i}: expected 'filename,label', got {','.join(r)!r}")
+            raise DataFileError(f"{path!r} line {i}: expected 'filename,label', got {','.join(r)!r}")
         if r[0] in seen:
-            raise ValueError(f"{path!r} line {i}: image {r[0]!r} is listed twice")
+            raise DataFileError(f"{path!r} line {i}: image {r[0]!r} is listed twice")
         seen.add(r[0])
         out.append((r[0], r[1]))
     if not out:
-        raise ValueError(f"Mini-ImageNet split file {path!r} lists no images")
+        raise DataFileError(f"Mini-ImageNet split file {path!r} lists no images")
     return out
 
 
@@ -88,10 +91,10 @@ class MiniImageNet(FewShotImages):
             by_label: Dict[str, List[str]] = {}
             for fname, label in _read_split_csv(csv_path):
                 if label in label_split and label_split[label] != split:
-                    raise ValueError(f"class {label!r} is in both {label_split[label]}.csv and {split}.csv: "
-                                     f"the splits must have disjoint classes")
+                    raise DataFileError(f"class {label!r} is in both {label_split[label]}.csv and {split}.csv: "
+                                        f"the splits must have disjoint classes")
                 if fname in file_split:
-                    raise ValueError(f"image {fname!r} is listed in both {file_split[fname]}.csv and {split}.csv")
+                    raise DataFileError(f"image {fname!r} is listed in both {file_split[fname]}.csv and {split}.csv")
                 label_split[label], file_split[fname] = split, split
                 if fname in flat:
                     path = os.path.join(self.image_folder, fname)
@@ -108,8 +111,8 @@ class MiniImageNet(FewShotImages):
             for lab, fs in zip(self.labels[split], self._files[split]):
                 counts.setdefault(len(fs), f"{lab!r} in {split}.csv")
         if len(counts) != 1:
-            raise ValueError("Mini-ImageNet classes must all have the same number of images; found "
-                             + ", ".join(f"{k} (e.g. {v})" for k, v in sorted(counts.items())))
+            raise DataFileError("Mini-ImageNet classes must all have the same number of images; found "
+                                + ", ".join(f"{k} (e.g. {v})" for k, v in sorted(counts.items())))
         self.images_per_class = counts.popitem()[0]
         self._data: Dict[str, torch.Tensor] = {}
         self.cache_files: Dict[str, str] = {}
@@ -142,8 +145,7 @@ class MiniImageNet(FewShotImages):
             arr = np.empty((len(files), self.images_per_class, S, S, 3), dtype=np.uint8)
             for i, fs in enumerate(files):
                 for j, f in enumerate(fs):
-                    with open(f, "rb") as fh:
-                        arr[i, j] = _sources.decode(fh.read(), S, "RGB", filt, repr(f))
+                    arr[i, j] = _sources.decode(read_bytes(f, "a Mini-ImageNet image"), S, "RGB", filt, repr(f))
             data = torch.from_numpy(arr).permute(0, 1, 4, 2, 3).contiguous()
             if cache is not None:
                 save_cache(cache, {"version": _CACHE_VERSION, "key": key, "images": data})

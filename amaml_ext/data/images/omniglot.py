@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ... import _checks
+from ..files import DataFileError
 from ..root import data_root
 from .cache import _CACHE_VERSION, digest, load_cache, save_cache
 from .fewshot import FewShotImages
@@ -94,7 +95,7 @@ class Omniglot(FewShotImages):
                     entries = sorted(chars[(alpha, char)])
                     name = f"{s.prefix}/{alpha}/{char}"
                     if not entries:
-                        raise ValueError(f"Omniglot character {name!r} ({s.kind} {s.path!r}) holds no PNG")
+                        raise DataFileError(f"Omniglot character {name!r} ({s.kind} {s.path!r}) holds no PNG")
                     names.append(name)
                     files.append((s, [e[0] for e in entries]))
                     fingerprint.append([name, [[os.path.basename(e[0]), list(e[1])] for e in entries]])
@@ -103,8 +104,8 @@ class Omniglot(FewShotImages):
                 per = {}
                 for n, (_, f) in zip(names, files):
                     per.setdefault(len(f), n)
-                raise ValueError("Omniglot characters must all have the same number of drawings; found "
-                                 + ", ".join(f"{k} (e.g. {v!r})" for k, v in sorted(per.items())))
+                raise DataFileError("Omniglot characters must all have the same number of drawings; found "
+                                    + ", ".join(f"{k} (e.g. {v!r})" for k, v in sorted(per.items())))
             P = counts.pop()
             S = self.image_size
             key = digest([_CACHE_VERSION, "omniglot", S, self.resample, fingerprint])

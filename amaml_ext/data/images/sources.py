@@ -1,11 +1,13 @@
-"""Reading Omniglot's released files (a zip or the unpacked folder) and decoding images with Pillow."""
+"""Reading Omniglot's released files (a zip or the unpacked folder) and decoding images with
+Pillow; a damaged file raises :class:`~amaml_ext.data.files.DataFileError` naming it."""
 
 import io
 import os
-import zipfile
 from typing import Dict, List, Tuple
 
 import numpy as np
+
+from ..files import DataFileError, open_zip, read_bytes, read_member
 
 #: Pillow resampling filters accepted by the datasets' ``resample`` argument
 RESAMPLE = ("lanczos", "bilinear", "bicubic", "nearest")
@@ -35,7 +37,7 @@ def decode(data: bytes, size: int, mode: str, resample, what: str) -> np.ndarray
                 im = im.resize((size, size), resample)
             return np.asarray(im, dtype=np.uint8)
     except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ...
-        raise ValueError(f"cannot decode image {what}: {type(e).__name__}: {e}") from e
+        raise DataFileError(f"cannot decode image {what}: {type(e).__name__}: {e}") from e
 
 
 
@@ -44,11 +46,8 @@ class ZipSource:
 
     def __init__(self, path: str, prefix: str):
         self.path, self.prefix, self.kind = path, prefix, "zip"
-        try:
-            self.zf = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise ValueError(f"{path!r} is not a readable zip file ({e}); expected the released Omniglot "
-                             f"{prefix}.zip") from e
+        self.what = f"the released Omniglot {prefix}.zip (PNGs at {prefix}/<Alphabet>/<character>/<file>.png)"
+        self.zf = open_zip(path, self.what)
 
     def list(self):
         chars: Dict[Tuple[str, str], List[Tuple[str, Tuple]]] = {}
@@ -63,16 +62,17 @@ class ZipSource:
             if not parts[-1].lower().endswith(".png"):
                 continue
             if len(parts) != 4:
-                raise ValueError(f"unexpected member {info.filename!r} in {self.path!r}: expected PNGs at "
-                                 f"{self.prefix}/<Alphabet>/<character>/<file>.png")
+                raise DataFileError(f"unexpected member {info.filename!r} in {self.path!r}: expected PNGs at "
+                                    f"{self.prefix}/<Alphabet>/<character>/<file>.png")
             chars.setdefault((parts[1], parts[2]), []).append((info.filename, (info.file_size, info.CRC)))
         if not chars:
             found = f" (its top-level entries: {sorted(other_tops)[:5]})" if other_tops else ""
-            raise ValueError(f"no PNGs at {self.prefix}/<Alphabet>/<character>/<file>.png in zip {self.path!r}{found}")
+            raise DataFileError(f"no PNGs at {self.prefix}/<Alphabet>/<character>/<file>.png in zip "
+                                f"{self.path!r}{found}")
         return chars
 
     def read(self, name: str) -> bytes:
-        return self.zf.read(name)
+        return read_member(self.zf, name, self.path, "a PNG of " + self.what)
 
     def close(self):
         self.zf.close()
@@ -96,25 +96,26 @@ class DirSource:
         alphabets = [e for e in visible(self.path) if e.is_dir()]
         for e in visible(self.path):
             if e.is_file() and e.name.lower().endswith(".png"):
-                raise ValueError(f"unexpected PNG {e.path!r}: expected PNGs at {self.path}/<Alphabet>/<character>/<file>.png")
+                raise DataFileError(f"unexpected PNG {e.path!r}: expected PNGs at "
+                                    f"{self.path}/<Alphabet>/<character>/<file>.png")
         if not alphabets:
-            raise ValueError(f"Omniglot folder {self.path!r} holds no alphabet folders: expected "
-                             f"{self.path}/<Alphabet>/<character>/<file>.png")
+            raise DataFileError(f"Omniglot folder {self.path!r} holds no alphabet folders: expected "
+                                f"{self.path}/<Alphabet>/<character>/<file>.png")
         for a in alphabets:
             subs = visible(a.path)
             for e in subs:
                 if e.is_file() and e.name.lower().endswith(".png"):
-                    raise ValueError(f"unexpected PNG {e.path!r}: expected PNGs at "
-                                     f"{self.path}/<Alphabet>/<character>/<file>.png")
+                    raise DataFileError(f"unexpected PNG {e.path!r}: expected PNGs at "
+                                        f"{self.path}/<Alphabet>/<character>/<file>.png")
             char_dirs = [e for e in subs if e.is_dir()]
             if not char_dirs:
-                raise ValueError(f"alphabet folder {a.path!r} holds no character folders")
+                raise DataFileError(f"alphabet folder {a.path!r} holds no character folders")
             for c in char_dirs:
                 files = []
                 for f in visible(c.path):
                     if f.is_dir():
-                        raise ValueError(f"unexpected folder {f.path!r}: expected PNGs at "
-                                         f"{self.path}/<Alphabet>/<character>/<file>.png")
+                        raise DataFileError(f"unexpected folder {f.path!r}: expected PNGs at "
+                                            f"{self.path}/<Alphabet>/<character>/<file>.png")
                     if f.name.lower().endswith(".png"):
                         st = f.stat()
                         files.append((f.path, (st.st_size, st.st_mtime_ns)))
@@ -122,8 +123,7 @@ class DirSource:
         return chars
 
     def read(self, name: str) -> bytes:
-        with open(name, "rb") as f:
-            return f.read()
+        return read_bytes(name, f"an Omniglot PNG of {self.path}/<Alphabet>/<character>/<file>.png")
 
     def close(self):
         pass

@@ -45,8 +45,9 @@ data is never copied anywhere):
   (no header), plain or inside ``jester-data-1.zip``: one row per user, column 0 the number of
   rated jokes, then the ratings of jokes 1..100 in [-10, 10], ``99`` for "not rated".
 
-A missing file raises :class:`FileNotFoundError`, a malformed one :class:`ValueError`, each
-naming the file and what was expected.
+A missing file raises :class:`FileNotFoundError`, a damaged or malformed one
+:class:`~amaml_ext.data.files.DataFileError` (a :class:`ValueError`), each naming the file (and
+the zip member) and what was expected.
 """
 
 from typing import Dict

@@ -1,14 +1,15 @@
 """Jester dataset 1 (ratings -10..10 of 100 jokes; 99 = not rated)."""
 
+import io
 import os
 import warnings
-import zipfile
 from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from ... import _checks
+from ..files import DataFileError, open_zip, read_member
 from .dataset import RatingDataset
 from .readers import first_bad, numeric, read_csv
 
@@ -65,41 +66,41 @@ class Jester(RatingDataset):
                 raise ImportError(f"reading {path!r} needs the xlrd package ({e}); or export the sheet to "
                                   f"jester-data-{self.part}.csv") from None
             except Exception as e:  # xlrd raises its own XLRDError (and others) on a corrupt file
-                raise ValueError(f"{path!r} is not a readable .xls file ({type(e).__name__}: {e}); "
-                                 f"expected {what}") from None
+                raise DataFileError(f"{path!r} is not a readable .xls file ({type(e).__name__}: {e}); "
+                                    f"expected {what}") from None
         elif path.endswith(".csv"):
             df = read_csv(path, path, what, engine="c")
         else:
-            member_name = f"jester-data-{self.part}.csv"
-            try:
-                with zipfile.ZipFile(path) as zf:
-                    csvs = [n for n in zf.namelist() if n.lower().endswith(".csv") and not n.startswith("__MACOSX")]
-                    named = [n for n in csvs if os.path.basename(n) == member_name]
-                    member = named[0] if named else (csvs[0] if len(csvs) == 1 else None)
-                    if member is None:
-                        raise ValueError(f"{path!r} holds no {member_name} (its .csv members: {csvs}); "
-                                         f"expected {what}")
-                    with zf.open(member) as f:
-                        df = read_csv(f, f"{path}:{member}", what, engine="c")
-            except zipfile.BadZipFile as e:
-                raise ValueError(f"{path!r} is not a valid zip file ({e}); expected {what}") from None
+            df = self._read_zip(path, what)
         if df.shape[1] != 101:
-            raise ValueError(f"{path!r} has {df.shape[1]} column(s), not 101; expected {what}")
+            raise DataFileError(f"{path!r} has {df.shape[1]} column(s), not 101; expected {what}")
         a = numeric(df, path, what)
         count, m = a[:, 0], a[:, 1:]
         rated = m != self.NOT_RATED
         bad = rated & ((m < -10) | (m > 10))
         if bad.any():
             i, j = np.argwhere(bad)[0]
-            raise ValueError(f"{path!r}: rating {m[i, j]:g} in row {i + 1}, column {j + 2} (joke {j + 1}) is out "
-                             f"of range; expected {what}")
+            raise DataFileError(f"{path!r}: rating {m[i, j]:g} in row {i + 1}, column {j + 2} (joke {j + 1}) is out "
+                                f"of range; expected {what}")
         mism = count != rated.sum(1)
         if mism.any():
             i = first_bad(mism)
-            raise ValueError(f"{path!r}: row {i + 1} says {count[i]:g} rated jokes in column 1 but has "
-                             f"{int(rated[i].sum())} ratings other than 99; expected {what}")
+            raise DataFileError(f"{path!r}: row {i + 1} says {count[i]:g} rated jokes in column 1 but has "
+                                f"{int(rated[i].sum())} ratings other than 99; expected {what}")
         rows, cols = np.nonzero(rated)
         users = (rows + 1).astype(np.int64)
         items = (cols + 1).astype(np.int64)
         return users, items, m[rows, cols], int(m.shape[0]), int(m.shape[1])
 
+    def _read_zip(self, path: str, what: str) -> pd.DataFrame:
+        """The ratings CSV inside the zip ``path`` (the member ``jester-data-<part>.csv``, or its
+        one ``.csv``); a damaged archive or member raises DataFileError naming both."""
+        member_name = f"jester-data-{self.part}.csv"
+        with open_zip(path, what, "is not a valid zip file") as zf:
+            csvs = [n for n in zf.namelist() if n.lower().endswith(".csv") and not n.startswith("__MACOSX")]
+            named = [n for n in csvs if os.path.basename(n) == member_name]
+            member = named[0] if named else (csvs[0] if len(csvs) == 1 else None)
+            if member is None:
+                raise DataFileError(f"{path!r} holds no {member_name} (its .csv members: {csvs}); expected {what}")
+            data = read_member(zf, member, path, what)
+        return read_csv(io.BytesIO(data), f"{path}:{member}", what, engine="c")

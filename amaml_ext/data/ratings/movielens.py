@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 
+from ..files import DataFileError
 from .dataset import RatingDataset
 from .readers import missing, read_movielens
 
@@ -30,6 +31,8 @@ class _MovieLens(RatingDataset):
         sep = "tab" if self.sep == "\t" else repr(self.sep)
         what = (f"the {self.name} ratings file: one rating a line, {sep}-separated "
                 f"user id, item id, rating (whole stars 1..5), timestamp")
+        if os.path.isdir(path):
+            raise DataFileError(f"{path!r} is a folder, not a file; expected {what}")
         if not os.path.isfile(path):
             raise missing(path, f"{self.name}: {what}", self.root)
         users, items, r = read_movielens(path, self.sep, what)

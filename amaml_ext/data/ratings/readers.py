@@ -1,10 +1,13 @@
-"""Reading the rating files with pandas: every malformed input becomes a ValueError naming the
-file, the row and column, and what was expected; a missing file a FileNotFoundError."""
+"""Reading the rating files with pandas: every malformed input becomes a
+:class:`~amaml_ext.data.files.DataFileError` (a ValueError) naming the file, the row and column,
+and what was expected; a missing file a FileNotFoundError."""
 
 import os
 
 import numpy as np
 import pandas as pd
+
+from ..files import DataFileError, decode_text, read_bytes
 
 
 def missing(path: str, what: str, root: str) -> FileNotFoundError:
@@ -13,15 +16,22 @@ def missing(path: str, what: str, root: str) -> FileNotFoundError:
 
 
 def read_csv(source, path: str, what: str, **kw) -> pd.DataFrame:
-    """``pd.read_csv`` with the parser's errors turned into ValueErrors that name the file."""
+    """``pd.read_csv`` with the parser's and the reader's errors turned into DataFileErrors that
+    name the file."""
     try:
         return pd.read_csv(source, header=None, **kw)
     except pd.errors.EmptyDataError:
-        raise ValueError(f"{path!r} is empty; expected {what}") from None
+        raise DataFileError(f"{path!r} is empty; expected {what}") from None
     except pd.errors.ParserError as e:
-        raise ValueError(f"{path!r} is malformed: {str(e).strip()}; expected {what}") from None
+        raise DataFileError(f"{path!r} is malformed: {str(e).strip()}; expected {what}") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path!r} is not a text file ({e}); expected {what}") from None
+        data = read_bytes(source, what) if isinstance(source, str) else getattr(source, "getvalue", bytes)()
+        decode_text(data, path, what)       # names the line and the byte
+        raise DataFileError(f"{path!r} is not a text file ({e}); expected {what}") from None
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise DataFileError(f"cannot read {path!r} ({e.strerror or e}); expected {what}") from None
 
 
 def numeric(df: pd.DataFrame, path: str, what: str, columns=None) -> np.ndarray:
@@ -32,24 +42,26 @@ def numeric(df: pd.DataFrame, path: str, what: str, columns=None) -> np.ndarray:
     for j, c in enumerate(columns):
         col = df[c]
         if pd.api.types.is_bool_dtype(col):
-            raise ValueError(f"{path!r}: non-numeric value {col.iloc[0]!r} in row 1, column {c + 1}; expected {what}")
+            raise DataFileError(f"{path!r}: non-numeric value {col.iloc[0]!r} in row 1, column {c + 1}; "
+                                f"expected {what}")
         if not pd.api.types.is_numeric_dtype(col):
             num = pd.to_numeric(col, errors="coerce")
             bad = num.isna() & col.notna()
             if bad.any():
                 i = int(np.flatnonzero(bad.to_numpy())[0])
-                raise ValueError(f"{path!r}: non-numeric value {col.iloc[i]!r} in row {i + 1}, column {c + 1}; "
-                                 f"expected {what}")
+                raise DataFileError(f"{path!r}: non-numeric value {col.iloc[i]!r} in row {i + 1}, column {c + 1}; "
+                                    f"expected {what}")
             col = num
         vals = col.to_numpy(dtype=np.float64, na_value=np.nan)
         nan = np.isnan(vals)
         if nan.any():
             i = int(np.flatnonzero(nan)[0])
-            raise ValueError(f"{path!r}: row {i + 1} has no value in column {c + 1} (a missing field, or too few "
-                             f"fields on that line); expected {what}")
+            raise DataFileError(f"{path!r}: row {i + 1} has no value in column {c + 1} (a missing field, or too few "
+                                f"fields on that line); expected {what}")
         if not np.isfinite(vals).all():
             i = int(np.flatnonzero(~np.isfinite(vals))[0])
-            raise ValueError(f"{path!r}: non-finite value {vals[i]:g} in row {i + 1}, column {c + 1}; expected {what}")
+            raise DataFileError(f"{path!r}: non-finite value {vals[i]:g} in row {i + 1}, column {c + 1}; "
+                                f"expected {what}")
         out[:, j] = vals
     return out
 
@@ -62,8 +74,8 @@ def check_ids(arr: np.ndarray, path: str, name: str, column: int, what: str) -> 
     bad = (arr != np.round(arr)) | (arr < 1)
     if bad.any():
         i = first_bad(bad)
-        raise ValueError(f"{path!r}: {name} {arr[i]:g} in row {i + 1}, column {column} is not a positive integer; "
-                         f"expected {what}")
+        raise DataFileError(f"{path!r}: {name} {arr[i]:g} in row {i + 1}, column {column} is not a positive integer; "
+                            f"expected {what}")
     return arr.astype(np.int64)
 
 
@@ -72,8 +84,8 @@ def check_duplicates(users: np.ndarray, items: np.ndarray, path: str, what: str)
     dup = key.duplicated().to_numpy()
     if dup.any():
         i = first_bad(dup)
-        raise ValueError(f"{path!r}: row {i + 1} rates item {items[i]} by user {users[i]} a second time; "
-                         f"expected {what}")
+        raise DataFileError(f"{path!r}: row {i + 1} rates item {items[i]} by user {users[i]} a second time; "
+                            f"expected {what}")
 
 
 def read_movielens(path: str, sep: str, what: str):
@@ -82,14 +94,14 @@ def read_movielens(path: str, sep: str, what: str):
         # the C parser cannot split on "::": split on ":" and check that every other field is empty
         df = read_csv(path, path, what, sep=":", engine="c")
         if df.shape[1] != 7 or not df[[1, 3, 5]].isna().all().all():
-            raise ValueError(f"{path!r} does not have 4 '::'-separated fields on every line (split on ':' it has "
-                             f"{df.shape[1]} columns, not 7 with every other one empty); expected {what}")
+            raise DataFileError(f"{path!r} does not have 4 '::'-separated fields on every line (split on ':' it has "
+                                f"{df.shape[1]} columns, not 7 with every other one empty); expected {what}")
         df = df[[0, 2, 4, 6]]
         df.columns = range(4)
     else:
         df = read_csv(path, path, what, sep=sep, engine="c")
         if df.shape[1] != 4:
-            raise ValueError(f"{path!r} has {df.shape[1]} column(s), not 4; expected {what}")
+            raise DataFileError(f"{path!r} has {df.shape[1]} column(s), not 4; expected {what}")
     a = numeric(df, path, what)
     users = check_ids(a[:, 0], path, "user id", 1, what)
     items = check_ids(a[:, 1], path, "item id", 2, what)
@@ -97,8 +109,8 @@ def read_movielens(path: str, sep: str, what: str):
     bad = (r != np.round(r)) | (r < 1) | (r > 5)
     if bad.any():
         i = first_bad(bad)
-        raise ValueError(f"{path!r}: rating {r[i]:g} in row {i + 1} is out of range (MovieLens ratings are whole "
-                         f"stars 1..5); expected {what}")
+        raise DataFileError(f"{path!r}: rating {r[i]:g} in row {i + 1} is out of range (MovieLens ratings are whole "
+                            f"stars 1..5); expected {what}")
     check_duplicates(users, items, path, what)
     return users, items, r
 
