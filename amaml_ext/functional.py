@@ -136,14 +136,13 @@ class _CompiledCallbacks:
     """``torch.compile``-d gradient and HVP of the summed training loss for one (model as it is
     now, loss, batched) combination; the task data and the model's constants are arguments, so
     new tasks of the same shapes reuse the compiled code. They run on a private copy of the
-    model made for them, which nothing mutates; calls are serialised by a lock (a compilation or
-    recompilation is not something two threads should do at once)."""
+    model made for them, which nothing mutates. Compiled calls are serialised by one lock (a
+    compilation, and the dynamo setting it runs under, are process-wide)."""
 
     def __init__(self, model: nn.Module, loss: LossFn, batched: bool, keep):
         shapes = list(param_shapes(model))
         module = functional_module(model)
         self.keep = keep        # the objects the cache key names by identity (model_state.fingerprint)
-        self.lock = threading.Lock()
 
         # the constants (buffers, frozen parameters) are arguments: read from the model per call
         def task_loss(flat_u, consts, x, y):
@@ -167,6 +166,7 @@ class _CompiledCallbacks:
 
 _COMPILED: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, _CompiledCallbacks]]" = weakref.WeakKeyDictionary()
 _COMPILED_LOCK = threading.Lock()
+_COMPILED_CALL_LOCK = threading.Lock()
 _COMPILED_PER_MODEL = 4      # versions of one model kept compiled (a changed model compiles anew)
 
 
@@ -250,7 +250,7 @@ class TaskFunctions:
         try:
             # dynamo does not guard on module hooks by default: a hook added or removed after a
             # compilation would run the old code (the compiled code is shared per code object)
-            with second_order(), c.lock, torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            with _COMPILED_CALL_LOCK, second_order(), torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
                 return getattr(c, name)(*args, self.constants(args[0].dtype), *self.support)
         except LossValueError:
             raise

@@ -138,9 +138,13 @@ def _loss(net, w, data):
 
 # -- 3. threads ------------------------------------------------------------------------------
 
-def test_two_threads_on_one_model_get_their_own_results():
+@pytest.mark.parametrize("compile", [False, True])
+def test_two_threads_on_one_model_get_their_own_results(compile):
+    if compile and compile_refusal() is not None:
+        pytest.skip(compile_refusal())
     net = bn_net()
     net.train()
+    EXACT = dict(globals()["EXACT"], compile=compile)
     s, q = data(0), data(1)
     thetas = [flatten_params(net) + 0.3 * i for i in range(2)]
     alone = [adjoint_meta_grad(net, F.mse_loss, th, 0.5, support=s, query=q, **EXACT).grad for th in thetas]
