@@ -21,6 +21,17 @@ class InnerLoopDiverged(FloatingPointError, ValueError):
     ``meta_train``'s stop on a non-finite meta-step."""
 
 
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor is finite: one ``isfinite(...).all()`` per tensor; on a
+    GPU one synchronisation for them all (on the CPU stacking the flags costs more than it saves)."""
+    flags = [torch.isfinite(t.detach()).all() for t in tensors if t.is_floating_point() and t.numel()]
+    if not flags:
+        return True
+    if flags[0].device.type == "cpu":
+        return all(bool(f) for f in flags)
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
 def _first_bad(t: torch.Tensor) -> Tuple[int, float, int]:
     """``(flat index, value, count)`` of the non-finite entries of ``t`` (only called when it has some)."""
     bad = ~torch.isfinite(t.detach()).reshape(-1)
@@ -73,7 +84,7 @@ def check_pairs(name: str, pairs: Sequence[Tuple[str, object]], theta: torch.Ten
     dimension (``batched``) and a sample dimension, x and y of a set with as many samples, every set
     with as many tasks, on theta's device, floating ones of theta's dtype (``same_dtype``) and
     finite (``finite``)."""
-    tasks = None
+    tasks, floating = None, []
     for part, pair in pairs:
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
             raise TypeError(f"argument '{name}' ({part}) must be a pair (x, y) of tensors, got {type(pair).__name__}")
@@ -97,8 +108,11 @@ def check_pairs(name: str, pairs: Sequence[Tuple[str, object]], theta: torch.Ten
             if same_dtype and t.is_floating_point() and t.dtype != theta.dtype:
                 raise ValueError(f"argument '{name}' ({label}) must have theta's dtype {theta.dtype}, got {t.dtype} "
                                  f"(cast the data, e.g. tasks.to(dtype={theta.dtype}), or theta)")
-            if finite:
-                check_finite(name, t, label, tasks_first=batched)
+            if t.is_floating_point():
+                floating.append((label, t))
+    if finite and not all_finite([t for _, t in floating]):
+        for label, t in floating:
+            check_finite(name, t, label, tasks_first=batched)
 
 
 def check_tasks(tasks, theta: torch.Tensor, name: str = "tasks", same_dtype: bool = True,
@@ -121,9 +135,9 @@ def diverged(who: str, values: Sequence[Tuple[str, torch.Tensor]], per_task: Opt
     """Raise :class:`InnerLoopDiverged` if any of ``values`` (``[(what, tensor)]``, computed from
     finite theta and data) is not finite. ``per_task`` (``[B]`` or ``[B, ...]``) names the tasks:
     row ``b`` is task ``offset + b`` of ``total`` (default B)."""
-    bad = [what for what, v in values if not bool(torch.isfinite(v).all())]
-    if not bad:
+    if all_finite([v for _, v in values]):
         return
+    bad = [what for what, v in values if not bool(torch.isfinite(v).all())]
     where = ""
     if per_task is not None and per_task.dim() >= 1 and per_task.shape[0] > 0:
         rows = (~torch.isfinite(per_task.detach())).reshape(per_task.shape[0], -1).any(1)
