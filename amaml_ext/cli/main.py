@@ -8,37 +8,76 @@ from typing import Dict, Optional, Sequence
 
 from ..accuracy import AdjointAccuracyError
 from ..data.benchmarks import BENCHMARKS
-from ..train import THETA, DistributedError, RunConfigMismatch, RunFileError, init_distributed, launched_by_torchrun, load_checkpoint
+from ..train import (CHECKPOINT, THETA, DistributedError, RunConfigMismatch, RunFileError, init_distributed,
+                     launched_by_torchrun, load_checkpoint)
+from ..train.io import atomic_write_bytes, check_resumable
+from ..train.loop import run_settings
+from .checks import CommandError, check_environment, check_methods, ending
 from .options import build_parser, device_of, resolve_task_args
 from .report import compare_plot, compare_table, paired_table
-from .runs import RunProblem, evaluate_run, run_config, train_one
+from .runs import RunProblem, evaluate_run, locked, run_config, train_one
+
+COMPARE_FILES = ("compare.png", "compare.md", "compare.json")
 
 
 def compare(args) -> Dict:
-    os.makedirs(args.out, exist_ok=True)
+    """Train (or continue) every method into ``OUT/<method>``, meta-test each, write the table and
+    the plot. Runs made with other settings, or past --meta-steps, are refused up front (they
+    would be reported under settings they were not trained with); the directories are locked."""
+    runs = {m: os.path.join(args.out, m) for m in args.methods}
+    done = _runs_done(args, runs)
+    check_methods(args, {m: done[m] is None for m in runs})
     curves = {}
-    for method in args.methods:
-        run = os.path.join(args.out, method)
+    with locked([args.out, *runs.values()], args.distributed, writable=(args.out, COMPARE_FILES, "--out")):
+        for method, run in runs.items():
+            curves[method] = _compare_one(args, method, run, done[method])
+        if args.distributed is None or args.distributed.is_main:      # rank 0 writes the table and the plot
+            _write_report(args, curves)
+    return curves
+
+
+def _runs_done(args, runs: Dict[str, str]) -> Dict[str, Optional[int]]:
+    """The meta-steps each run of ``compare`` has done (None: no checkpoint yet), once its
+    settings are checked to be these and its steps at most --meta-steps."""
+    tasks_per_call = 1 if args.distributed is None else args.distributed.tasks_per_call
+    done = {}
+    for method, run in runs.items():
         ck = load_checkpoint(run)
-        done = os.path.exists(os.path.join(run, THETA)) and ck is not None and ck["step"] >= args.meta_steps
-        t0 = time.perf_counter()
-        if not done:
-            if ck is not None and not args.quiet:
-                print(f"{method}: continuing the run in {run} from meta-step {ck['step']}")
+        if ck is not None:
+            settings = run_settings(run_config(args, method), meta_batch=args.meta_batch, lr=args.lr, seed=args.seed,
+                                    tasks_per_call=tasks_per_call)
             try:
-                train_one(args, method, run, resume=True)
+                check_resumable(run, settings, args.meta_steps, ck)
             except RunConfigMismatch as e:
-                raise SystemExit(f"amaml-ext compare: {e}; use another --out") from None
-        elif not args.quiet:
-            print(f"{method}: already trained in {run}")
-        rows = (load_checkpoint(run) or {}).get("metrics", [])
-        curve = evaluate_run(run, args.test_steps, args.device, quiet=args.quiet, data_root=args.data_root,
-                             distributed=args.distributed)
-        curve["train_seconds"] = sum(r["seconds"] for r in rows)
-        curve["wall_seconds_this_call"] = time.perf_counter() - t0
-        curves[method] = curve
-    if args.distributed is not None and not args.distributed.is_main:
-        return curves                # rank 0 writes the table and the plot
+                raise CommandError(f"amaml-ext compare: {e}; compare would report it under these settings: run "
+                                   f"again with its settings, or use another --out") from None
+        done[method] = None if ck is None else int(ck["step"])
+    return done
+
+
+def _compare_one(args, method: str, run: str, done: Optional[int]) -> Dict:
+    """``method``'s run trained (or continued) unless it is finished; its meta-test curve."""
+    finished = done is not None and done >= args.meta_steps and os.path.exists(os.path.join(run, THETA))
+    t0 = time.perf_counter()
+    if not finished:
+        if done is not None and not args.quiet:
+            print(f"{method}: continuing the run in {run} from meta-step {done}")
+        try:
+            train_one(args, method, run, resume=True)
+        except RunConfigMismatch as e:
+            raise CommandError(f"amaml-ext compare: {e}; use another --out") from None
+    elif not args.quiet:
+        print(f"{method}: already trained in {run}")
+    rows = (load_checkpoint(run) or {}).get("metrics", [])
+    curve = evaluate_run(run, args.test_steps, args.device, quiet=args.quiet, data_root=args.data_root,
+                         distributed=args.distributed)
+    curve["train_seconds"] = sum(r["seconds"] for r in rows)
+    curve["wall_seconds_this_call"] = time.perf_counter() - t0
+    return curve
+
+
+def _write_report(args, curves: Dict[str, Dict]) -> None:
+    """compare.png, compare.md and compare.json (atomically), and the table on stdout."""
     what = args.setting
     if BENCHMARKS[args.task].episodes:
         prob = RunProblem(run_config(args, args.methods[0]), args.device, args.data_root)
@@ -54,20 +93,34 @@ def compare(args) -> Dict:
     if paired:
         table += ("\n\nPaired per-task differences at the last step (the same test tasks for every method):\n\n"
                   + paired)
-    with open(os.path.join(args.out, "compare.md"), "w") as f:
-        measure = BENCHMARKS[args.task].measure
-        f.write(f"# {title}\n\n{measure} after meta-test GD steps (step {args.inner_lr:g}); last column: "
-                f"meta-training seconds.\n\n{table}\n")
-    with open(os.path.join(args.out, "compare.json"), "w") as f:
-        json.dump({"args": {k: (v if isinstance(v, (int, float, str, list, bool, type(None))) else str(v))
-                            for k, v in vars(args).items()}, "curves": curves}, f, indent=1)
+    measure = BENCHMARKS[args.task].measure
+    atomic_write_bytes(os.path.join(args.out, "compare.md"),
+                       (f"# {title}\n\n{measure} after meta-test GD steps (step {args.inner_lr:g}); last column: "
+                        f"meta-training seconds.\n\n{table}\n").encode())
+    saved = {k: (v if isinstance(v, (int, float, str, list, bool, type(None))) else str(v)) for k, v in vars(args).items()}
+    atomic_write_bytes(os.path.join(args.out, "compare.json"),
+                       json.dumps({"args": saved, "curves": curves}, indent=1).encode())
     print(f"\n{title}\n\n{table}\n\nwrote {os.path.join(args.out, 'compare.png')}, compare.md, compare.json")
-    return curves
+
+
+def _train(args) -> None:
+    """``train``: the options checked (and a fresh run's first step made) before the run
+    directory is locked and written."""
+    if not args.resume and args.distributed is None and load_checkpoint(args.out) is not None:
+        raise CommandError(f"amaml-ext: argument --out: {args.out!r} already holds a run; add --resume "
+                           f"to continue it or choose another directory")
+    check_methods(args, {args.method: not (args.resume and os.path.exists(os.path.join(args.out, CHECKPOINT)))})
+    with locked([args.out], args.distributed):
+        train_one(args, args.method, args.out, args.resume)
+    if args.distributed is None or args.distributed.is_main:
+        print(f"wrote {os.path.join(args.out, THETA)}")
 
 
 # ---- entry point --------------------------------------------------------------------------------
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command; an error ends it with a one-line message and exit status 2 for a refusal
+    (an option, a run directory), 1 for a run that failed (:func:`~amaml_ext.cli.checks.ending`)."""
     args = build_parser().parse_args(argv)
     args.distributed = _join_torchrun(args)
     try:
@@ -75,8 +128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.distributed is not None:
             args.distributed.barrier("the end of the command")   # no rank tears the group down under another
         return code
-    except RunFileError as e:
-        raise SystemExit(f"amaml-ext: {e}") from None
+    except (RunFileError, SystemExit) as e:
+        raise ending(e) from None
     finally:
         if args.distributed is not None:
             import torch.distributed
@@ -97,6 +150,7 @@ def _join_torchrun(args):
 
 
 def _main(args) -> int:
+    check_environment()
     if args.command == "evaluate":
         evaluate_run(args.run, args.test_steps, device_of(args.device) if args.device else None, args.quiet,
                      distributed=args.distributed)
@@ -105,16 +159,13 @@ def _main(args) -> int:
     resolve_task_args(args)
     try:
         if args.command == "train":
-            if not args.resume and args.distributed is None and load_checkpoint(args.out) is not None:
-                raise SystemExit(f"amaml-ext: argument --out: {args.out!r} already holds a run; add --resume "
-                                 f"to continue it or choose another directory")
-            train_one(args, args.method, args.out, args.resume)
-            if args.distributed is None or args.distributed.is_main:
-                print(f"wrote {os.path.join(args.out, THETA)}")
+            _train(args)
         else:
             compare(args)
-    except (RunConfigMismatch, AdjointAccuracyError, FloatingPointError, FileExistsError, DistributedError) as e:
-        raise SystemExit(f"amaml-ext: {e}") from None
+    except (RunConfigMismatch, FileExistsError) as e:
+        raise CommandError(f"amaml-ext: {e}") from None
+    except (AdjointAccuracyError, FloatingPointError, DistributedError) as e:
+        raise CommandError(f"amaml-ext: {e}", 1) from None
     except KeyboardInterrupt as e:
         print(f"\namaml-ext: {e or 'interrupted'}", file=sys.stderr)
         return 143 if "SIGTERM" in str(e) else 130

@@ -39,6 +39,14 @@ _nonneg_int = _number(int, 0, "a non-negative integer")
 _positive_float = _number(float, 0.0, "a positive finite number")
 
 
+def _tolerance(text: str) -> float:
+    """An argparse type: dopri5's rtol / atol, a number in (0, 1)."""
+    v = _number(float, 0.0, "a number in (0, 1) (dopri5's tolerance)")(text)
+    if not v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) (dopri5's tolerance), got {text!r}")
+    return v
+
+
 def _methods(text: str) -> List[str]:
     ms = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in ms if m not in L.LEARNERS]
@@ -82,8 +90,8 @@ def _add_problem_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--solver", choices=FORWARD_METHODS, default="dopri5", help="A-MAML forward solver")
     g.add_argument("--adjoint", choices=ADJOINT_METHODS, default="heun", help="A-MAML adjoint scheme")
     g.add_argument("--memory", choices=MEMORY_MODES, default="store", help="A-MAML trajectory memory mode")
-    g.add_argument("--rtol", type=_positive_float, default=1e-6, help="A-MAML dopri5 rtol")
-    g.add_argument("--atol", type=_positive_float, default=1e-8, help="A-MAML dopri5 atol")
+    g.add_argument("--rtol", type=_tolerance, default=1e-6, help="A-MAML dopri5 rtol")
+    g.add_argument("--atol", type=_tolerance, default=1e-8, help="A-MAML dopri5 atol")
     g.add_argument("--compile", nargs="?", const="on", default="auto", choices=COMPILE_MODES,
                    help="A-MAML: torch.compile the model callbacks: on, off, or auto (where it pays: dense "
                         "models on the CPU; compiled once per model and shape, cached on disk across runs)")

@@ -1,11 +1,13 @@
 """What ``compare`` and ``evaluate`` write: tables (markdown) and plots of the meta-test curves."""
 
+import io
 from typing import Dict, List
 
 import torch
 
 from ..learners import LABELS
 from ..train.evaluate import half_width
+from ..train.io import atomic_write_bytes
 
 
 def table_steps(n: int) -> List[int]:
@@ -76,5 +78,7 @@ def compare_plot(curves: Dict[str, Dict], path: str, title: str) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

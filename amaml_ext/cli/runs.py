@@ -4,7 +4,8 @@ one method and meta-testing a finished run."""
 import json
 import os
 import time
-from typing import Dict, Optional
+from contextlib import contextmanager
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -12,10 +13,12 @@ from .. import learners as L
 from ..data.benchmarks import BENCHMARKS
 from ..functional import flatten_params
 from ..train import CONFIG, THETA, UnreadableRunFile, load_checkpoint, meta_test, meta_train, read_json_file, read_torch_file
+from ..train.io import atomic_write_bytes, check_writable, lock_run_dir, unlock_run_dir
 from .options import COMPILE_MODES, DTYPES, device_of
 from .report import compare_plot
 
 EVAL = "eval.json"
+EVAL_PLOT = "eval.png"
 
 
 def run_config(args, method: str) -> Dict:
@@ -67,13 +70,42 @@ def make_run_learner(cfg: Dict, model, loss, accuracy: Optional[Dict] = None) ->
                           inner_lr=cfg["inner_lr"], **options)
 
 
+def accuracy_options(args, method: str) -> Optional[Dict]:
+    """The options of ``method``'s learner that are not run settings (A-MAML's accuracy and
+    compile options; None for the others)."""
+    return ({"error_tol": args.error_tol, "strict": args.strict, "refine": args.refine,
+             "compile": COMPILE_MODES[args.compile]} if L.METHODS[method].flow else None)
+
+
+@contextmanager
+def locked(dirs: Sequence[str], distributed=None, writable: Optional[Tuple] = None, create: bool = True):
+    """Hold the locks of the run directories ``dirs`` (:func:`~amaml_ext.train.io.lock_run_dir`;
+    made if ``create``) and check first that ``writable`` = ``(directory, names, option)`` can
+    be written, on rank 0 alone under torchrun (its refusal raised on every rank)."""
+    held = []
+
+    def take():
+        for d in dirs:
+            lock_run_dir(d, create)
+            held.append(d)
+        if writable is not None:
+            check_writable(*writable)
+    try:
+        if distributed is None:
+            take()
+        else:
+            distributed.on_main(take, "locking the run directories (rank 0)")
+        yield
+    finally:
+        for d in reversed(held):
+            unlock_run_dir(d)
+
+
 def train_one(args, method: str, out: str, resume: bool) -> torch.Tensor:
     cfg = run_config(args, method)
     prob = RunProblem(cfg, args.device, args.data_root)
     model = prob.model(args.seed)
-    acc = ({"error_tol": args.error_tol, "strict": args.strict, "refine": args.refine,
-            "compile": COMPILE_MODES[args.compile]} if L.METHODS[method].flow else None)
-    learner = make_run_learner(cfg, model, prob.loss, acc)
+    learner = make_run_learner(cfg, model, prob.loss, accuracy_options(args, method))
     return meta_train(learner, prob.train_pool, meta_steps=args.meta_steps, out_dir=out, meta_batch=args.meta_batch,
                       lr=args.lr, seed=args.seed, resume=resume, checkpoint_every=args.checkpoint_every,
                       device=args.device, dtype=prob.dtype, config=cfg, progress=not args.quiet,
@@ -83,7 +115,8 @@ def train_one(args, method: str, out: str, resume: bool) -> torch.Tensor:
 def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.device] = None,
                  quiet: bool = False, data_root: Optional[str] = None, distributed=None) -> Dict:
     """Meta-test the run in ``run`` (its test tasks split over the ranks with ``distributed``;
-    rank 0 writes eval.json and eval.png)."""
+    rank 0 writes eval.json and eval.png). The run directory is locked, and checked writable,
+    before any work."""
     cfg_path = os.path.join(run, CONFIG)
     if not os.path.exists(cfg_path):
         raise SystemExit(f"amaml-ext: argument --run: {run!r} has no {CONFIG}; is it a directory written by 'train'?")
@@ -94,6 +127,26 @@ def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.dev
         at = f"it stopped at meta-step {ck['step']} of {cfg.get('meta_steps')}" if ck else "no checkpoint either"
         raise SystemExit(f"amaml-ext: argument --run: {run!r} has no {THETA} ({at}); finish it with "
                          f"'amaml-ext train ... --out {run} --resume'")
+    with locked([run], distributed, writable=(run, (EVAL, EVAL_PLOT), "--run"), create=False):
+        curve, title = _meta_test_run(run, cfg, theta_path, test_steps, device, data_root, distributed)
+        if distributed is not None and not distributed.is_main:
+            return curve
+        atomic_write_bytes(os.path.join(run, EVAL), json.dumps(curve, indent=1).encode())
+        compare_plot({cfg["method"]: curve}, os.path.join(run, EVAL_PLOT), title)
+    if not quiet:
+        steps, n = curve["test_steps"], curve["test_tasks"]
+        if curve.get("metric") == "accuracy":
+            print(f"{cfg['method']}: meta-test accuracy over {n} test tasks after {steps} steps: "
+                  f"{100 * curve['mean'][-1]:.2f} ± {100 * curve['ci95'][-1]:.2f}% (95% CI)")
+        else:
+            print(f"{cfg['method']}: meta-test nRMSE over {n} test tasks: step 0 {curve['mean'][0]:.4f}, "
+                  f"step {steps} {curve['mean'][-1]:.4f} ± {curve['std'][-1]:.4f}")
+    return curve
+
+
+def _meta_test_run(run: str, cfg: Dict, theta_path: str, test_steps: Optional[int], device, data_root,
+                   distributed) -> Tuple[Dict, str]:
+    """The meta-test curve of a finished run, and its plot's title."""
     device = device or device_of(cfg.get("device", "cpu"))
     prob = RunProblem(cfg, device, data_root)
     model = prob.model(0)
@@ -117,19 +170,4 @@ def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.dev
     curve.update(method=cfg["method"], test_tasks=batch.size, test_steps=steps, seconds=time.perf_counter() - t0)
     if hasattr(learner, "horizon"):
         curve["learned_T"] = learner.horizon(theta)
-    if distributed is not None and not distributed.is_main:
-        return curve
-    with open(os.path.join(run, EVAL), "w") as f:
-        json.dump(curve, f, indent=1)
-    compare_plot({cfg["method"]: curve}, os.path.join(run, "eval.png"),
-                 f"{cfg['task']}: {cfg['method']}, {batch.size} test tasks, {steps} GD steps of {cfg['inner_lr']:g}")
-    if not quiet:
-        if prob.metric == "accuracy":
-            print(f"{cfg['method']}: meta-test accuracy over {batch.size} test tasks after {steps} steps: "
-                  f"{100 * curve['mean'][-1]:.2f} ± {100 * curve['ci95'][-1]:.2f}% (95% CI)")
-        else:
-            print(f"{cfg['method']}: meta-test nRMSE over {batch.size} test tasks: step 0 {curve['mean'][0]:.4f}, "
-                  f"step {steps} {curve['mean'][-1]:.4f} ± {curve['std'][-1]:.4f}")
-    return curve
-
-
+    return curve, f"{cfg['task']}: {cfg['method']}, {batch.size} test tasks, {steps} GD steps of {cfg['inner_lr']:g}"

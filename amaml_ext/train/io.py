@@ -8,10 +8,11 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,7 +26,7 @@ except ImportError:  # pragma: no cover  (not POSIX: runs are not locked)
 __all__ = ["CHECKPOINT", "METRICS", "THETA", "CONFIG", "LOCK", "METRIC_FIELDS", "OPTIONAL_METRIC_FIELDS",
            "CHECKPOINT_KEYS", "NOT_COMPARED", "RunConfigMismatch", "RunFileError", "RunLocked", "UnreadableRunFile",
            "atomic_write_bytes", "torch_bytes", "csv_bytes", "read_torch_file", "read_json_file", "load_checkpoint",
-           "settings_diff", "check_resumable", "lock_run_dir", "unlock_run_dir", "run_dir_locked",
+           "settings_diff", "check_resumable", "check_writable", "lock_run_dir", "unlock_run_dir", "run_dir_locked",
            "remove_stale_temp_files"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -125,7 +126,8 @@ def check_resumable(out_dir: str, config: Dict, meta_steps: int, ckpt: Dict) -> 
     if os.path.exists(cfg_path):
         diff = settings_diff(read_json_file(cfg_path, "the run's settings"), config)
         if diff:
-            raise RunConfigMismatch(f"cannot resume the run in {out_dir!r}: its settings differ (saved vs now): {diff}")
+            raise RunConfigMismatch(f"the run in {out_dir!r} was made with other settings, so it cannot be continued "
+                                    f"or reported as one made with these (saved vs now): {diff}")
     done = int(ckpt["step"])
     if done > meta_steps:
         raise RunConfigMismatch(
@@ -206,6 +208,22 @@ def remove_stale_temp_files(out_dir: str) -> List[str]:
             except OSError:
                 pass
     return gone
+
+
+def check_writable(directory: str, names: Sequence[str], option: str = "'out_dir'") -> None:
+    """Refuse (RunFileError naming ``option``) before any work when the files ``names`` cannot be
+    written into ``directory`` (as :func:`atomic_write_bytes` writes: a temporary file renamed)."""
+    where = f"argument {option}: cannot write {', '.join(names)} into {directory!r}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise RunFileError(f"{where}: permission denied (os.access)")
+    for name in names:
+        if os.path.isdir(os.path.join(directory, name)):
+            raise RunFileError(f"{where}: {name} is a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=TMP_PREFIX + "probe-"):
+            pass
+    except OSError as e:
+        raise RunFileError(f"{where}: {e.strerror or e}") from None
 
 
 def _unwritable(out_dir: str, e: OSError) -> RunFileError:

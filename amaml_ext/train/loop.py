@@ -272,7 +272,13 @@ class _RunState:
         meta-gradient, norm or query loss stops the run after saving the steps before it."""
         t0 = time.perf_counter()
         theta = self.theta.detach()
-        out = learner.meta_grad(theta, batch) if self.group is None else self.group.meta_grad(learner, theta, batch)
+        try:
+            out = learner.meta_grad(theta, batch) if self.group is None else self.group.meta_grad(learner, theta, batch)
+        except FloatingPointError as e:              # the learner's own stop on a diverged inner loop
+            self.save(len(self.rows))
+            raise type(e)(f"meta_train stopped at meta-step {step + 1} (method {learner.name}, tasks {idx.tolist()}): "
+                          f"{e}. The checkpoint in {self.out_dir!r} holds the {len(self.rows)} meta-steps before "
+                          f"it.") from None
         grad_norm = float(out.grad.norm())      # inf or NaN for any non-finite entry, or on overflow
         bad = [what for what, ok in (("meta-gradient", math.isfinite(grad_norm)),
                                      ("query loss", bool(torch.isfinite(out.query_loss).all()))) if not ok]

@@ -1,0 +1,145 @@
+"""What the command checks before it writes anything: the environment, every method's options
+(its learner built as the run will build it) and the first meta-step of each run that starts
+afresh; and how it ends on an error (:class:`CommandError`: a one-line message, exit status 2
+for a refusal)."""
+
+import math
+import re
+import sys
+import warnings
+from typing import Dict, Optional
+
+import torch
+
+from .. import learners as L
+from ..accuracy import lambda_max, stability_bound
+from ..compile_policy import compile_env
+from ..data.batch import task_indices
+from ..functional import TaskFunctions, flatten_params
+from ..ode import STABILITY_BOUNDS
+from .runs import RunProblem, accuracy_options, make_run_learner, run_config
+
+
+class CommandError(SystemExit):
+    """The command's end on an error: ``str(e)`` is its one-line message, ``code`` the exit status
+    (2: an option or a run directory refused, as argparse does; 1: a run that failed)."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def ending(e: BaseException) -> SystemExit:
+    """The exit for ``e`` (a SystemExit, or an error of the run files): its message printed on
+    stderr, as a :class:`CommandError` (status 2 unless it says otherwise); argparse's own exits
+    (an int status, its message already printed) as they are."""
+    if isinstance(e, SystemExit) and not isinstance(e, CommandError) and not isinstance(e.code, str):
+        return e
+    message = str(e) if isinstance(e, SystemExit) else f"amaml-ext: {e}"
+    print(message, file=sys.stderr)
+    return CommandError(message, e.code if isinstance(e, CommandError) else 2)
+
+
+_OPTIONS = {"inner_lr": "--inner-lr", "h": "--inner-lr", "T": "--inner-steps x --inner-lr", "steps": "--inner-steps",
+            "lam": "--imaml-lambda", "cg_steps": "--cg-steps", "solver": "--solver", "adjoint": "--adjoint",
+            "memory": "--memory", "rtol": "--rtol", "atol": "--atol", "error_tol": "--error-tol",
+            "strict": "--strict", "refine": "--refine", "compile": "--compile"}
+"""The command's option for each keyword of a learner or of ``adjoint_meta_grad``."""
+
+
+def as_options(message: str) -> str:
+    """A library message with ``argument 'x'`` written as the command's option for ``x``."""
+    return re.sub(r"argument '(\w+)'", lambda m: f"argument {_OPTIONS.get(m.group(1), repr(m.group(1)))}", message)
+
+
+def check_environment() -> None:
+    """``$AMAML_EXT_COMPILE`` (read lazily by the callbacks) checked now."""
+    try:
+        compile_env()
+    except ValueError as e:
+        raise CommandError(f"amaml-ext: {e}") from None
+
+
+def check_methods(args, fresh: Dict[str, bool]) -> None:
+    """Build the learner of every method of ``fresh`` with the run's options (they are checked as
+    the run would meet them) and make the first meta-step of each run that starts afresh
+    (``fresh[method]``): refusals name the option; nothing is written."""
+    prob = RunProblem(run_config(args, next(iter(fresh))), args.device, args.data_root)
+    model = prob.model(args.seed)
+    for method, starts in fresh.items():
+        cfg = run_config(args, method)
+        if callable(getattr(L.METHODS[method].cls, "horizon", None)) and cfg.get("adjoint") == "discrete":
+            raise CommandError(f"amaml-ext: argument --adjoint: --method {method} learns the horizon T, which needs "
+                               f"a continuous adjoint (heun or rk4), got 'discrete' (exact mode: K = T / h GD "
+                               f"steps, whose number has no derivative)")
+        try:
+            make_run_learner(cfg, model, prob.loss, accuracy_options(args, method))
+        except (ValueError, TypeError) as e:
+            raise CommandError(f"amaml-ext: --method {method}: {as_options(str(e))}") from None
+        if starts:
+            first_step(args, method, cfg, prob, model)
+
+
+def first_step(args, method: str, cfg: Dict, prob: RunProblem, model) -> None:
+    """The meta-gradient of meta-step 0's tasks at the initial theta (eager, without the accuracy
+    stops, warnings silenced; under torchrun in groups of --tasks-per-call, as a rank takes them):
+    what the run's first step meets. One that fails or is not finite (its norm included, as
+    ``meta_train`` checks it) is refused before any file is written, naming --inner-lr where the
+    step size is past its stability bound there."""
+    acc = accuracy_options(args, method)
+    learner = make_run_learner(cfg, model, prob.loss, acc and dict(acc, strict=False, refine=False, compile=False))
+    pool = prob.train_pool
+    idx = task_indices(args.seed, 0, len(pool), args.meta_batch)
+    draw = getattr(pool, "draw", None)
+    batch = (draw(idx, step=0, seed=args.seed, device=prob.device, dtype=prob.dtype) if draw is not None
+             else pool.batch(idx, device=prob.device, dtype=prob.dtype))
+    theta = learner.meta_params(flatten_params(model)).to(device=prob.device, dtype=prob.dtype)
+    group = batch.size if args.distributed is None else args.tasks_per_call
+    why = ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for a in range(0, batch.size, group):
+            part = batch if group >= batch.size else batch.select(slice(a, a + group))
+            try:
+                out = learner.meta_grad(theta, part)
+                if not (math.isfinite(float(out.grad.norm())) and bool(torch.isfinite(out.query_loss).all())):
+                    why = "its meta-gradient (or its norm) or query loss is not finite"
+            except (ValueError, TypeError, FloatingPointError) as e:
+                why = str(e)
+            if why:
+                break
+    where = f"the first meta-step of --method {method} (tasks {idx.tolist()})"
+    unstable = unstable_step(learner, cfg, batch, theta)
+    if not why:
+        if unstable is not None and (args.distributed is None or args.distributed.is_main):
+            print(f"amaml-ext: warning: argument --inner-lr: {unstable}; {where} stays finite, but the "
+                  f"inner training is unstable there", file=sys.stderr)
+        return
+    if unstable is not None:
+        raise CommandError(f"amaml-ext: argument --inner-lr: {where} fails: {unstable}. Nothing was written")
+    raise CommandError(f"amaml-ext: --method {method}: {where} fails: {as_options(why)}. Nothing was written")
+
+
+def unstable_step(learner, cfg: Dict, batch, theta: torch.Tensor) -> Optional[str]:
+    """Why the inner step size ``h`` (--inner-lr) is unstable at ``theta``, if it is: ``h *
+    lambda_max`` of the training loss's Hessian (power iteration) past the stability bound of
+    what steps by ``h`` (GD; A-MAML's fixed-step forward or adjoint); else None."""
+    fns = TaskFunctions(learner.model, learner.loss, batch.support, batch.query, True)
+    u, mask = theta[:learner.d].expand(batch.size, -1).contiguous(), learner.adapt_mask
+    if mask is None:
+        hvp = lambda v: fns.hvp(u, v)                                           # noqa: E731
+    else:                                       # ANIL: the Hessian of the parameters it adapts
+        mask = mask.to(u)
+        hvp = lambda v: fns.hvp(u, v * mask) * mask                             # noqa: E731
+    lam = lambda_max(hvp, u)
+    if L.METHODS[cfg["method"]].flow:
+        bound, what = stability_bound(cfg["solver"], cfg["adjoint"]), f"{cfg['solver']} / {cfg['adjoint']} on the grid h"
+    else:
+        lam += cfg.get("imaml_lambda", 0.0)     # iMAML: GD on the loss plus lambda/2 ||u - theta||^2
+        bound, what = STABILITY_BOUNDS["forward"]["euler"], "gradient descent"
+    h = cfg["inner_lr"]
+    if not (math.isfinite(bound) and math.isfinite(lam) and h * lam > bound):
+        return None
+    return (f"h * lambda_max of the support loss's Hessian at the initial theta is {h:g} x {lam:.3g} = "
+            f"{h * lam:.3g}, past {bound:.3g}, the stability bound of {what}; it is stable below --inner-lr "
+            f"{bound / lam:.3g}")
