@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from .. import _checks
-from . import checks
 from ..data.batch import TaskBatch
 from ..functional import LossFn, TaskFunctions, param_shapes
+from . import checks
 
 
 @dataclass
@@ -45,8 +45,6 @@ class MetaLearner:
         self.inner_lr = _checks.positive("inner_lr", inner_lr)
         self.steps = _checks.positive("steps", steps, integer=True)
         self.d = sum(math.prod(s) for _, s in param_shapes(model))
-
-    # -- helpers -------------------------------------------------------------------------------
 
     # -- meta-parameters beyond theta ------------------------------------------------------------
 
