@@ -1,7 +1,7 @@
 """Damaged data files (issue 23, item 17): a corrupt or truncated zip member, bytes that are not
 UTF-8, an image that does not decode, a file with the wrong columns. Each raises DataFileError
 (a ValueError) naming the file, the member and what is wrong, and the command shows it without a
-traceback. The fixtures are the small files of test_ratings.py and test_images.py, damaged here."""
+traceback (exit status 2). The fixtures are the small files of test_ratings.py and test_images.py, damaged here."""
 
 import os
 import struct
@@ -179,30 +179,34 @@ def test_mini_imagenet_jpeg_that_does_not_decode(tmp_path):
 # the command: the message, no traceback
 
 
-def _command_error(argv):
-    """``amaml-ext argv``'s SystemExit message (a str: the interpreter prints it alone, status 1)."""
+def _command_error(argv, capsys):
+    """``amaml-ext argv``'s message: one line on stderr (no traceback) and exit status 2."""
     with pytest.raises(SystemExit) as e:
         main(argv)
-    assert isinstance(e.value.code, str), e.value.code
-    return e.value.code
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, (e.value.code, err)
+    assert str(e.value) in err
+    return str(e.value)
 
 
-def test_command_reports_damaged_data_files(tmp_path):
+def test_command_reports_damaged_data_files(tmp_path, capsys):
     run = ["--method", "maml", "--meta-steps", "1", "--quiet"]
     root = tmp_path / "data"
     damage(_write_jester_zip(root), "jester-data-1.csv", "deflate")
-    msg = _command_error(["train", "--task", "jester", "--data-root", str(root), "--out", str(tmp_path / "j")] + run)
+    msg = _command_error(["train", "--task", "jester", "--data-root", str(root), "--out", str(tmp_path / "j")] + run,
+                         capsys)
     assert msg.startswith("amaml-ext: --task jester: ") and "member 'jester-data-1.csv' is damaged" in msg, msg
 
     make_omniglot(root)
     member = "images_background/Alpha/character01/0001_01.png"
     damage(root / "omniglot" / "images_background.zip", member, "crc")
-    msg = _command_error(["train", "--task", "omniglot", "--data-root", str(root), "--out", str(tmp_path / "o")] + run)
+    msg = _command_error(["train", "--task", "omniglot", "--data-root", str(root), "--out", str(tmp_path / "o")] + run,
+                         capsys)
     assert msg.startswith("amaml-ext: --task omniglot: ") and f"member '{member}' is damaged" in msg, msg
 
     make_mini(root)
     csv = root / "miniimagenet" / "test.csv"
     csv.write_bytes(csv.read_bytes().replace(b"n03", b"n\xff", 1))
     msg = _command_error(["train", "--task", "miniimagenet", "--data-root", str(root), "--out", str(tmp_path / "m")]
-                         + run)
+                         + run, capsys)
     assert msg.startswith("amaml-ext: --task miniimagenet: ") and "test.csv' is not UTF-8 text" in msg, msg
