@@ -1,0 +1,254 @@
+"""The command's run directories (issue 23, items 9-13, 18, 19): settings and lengths that do not
+match a run, two processes on one directory, options checked before anything is written, an
+unwritable evaluation, file modes, and temporary files left by a killed write."""
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from amaml_ext import learners, tasks, train
+from amaml_ext._io import atomic_write_bytes
+from amaml_ext.cli import main
+from amaml_ext.train.io import LOCK, RunLocked
+
+from helpers import mlp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--task", "cosmixture", "--pool-size", "6", "--meta-batch", "2", "--inner-steps", "2", "--maml-steps", "2",
+        "--checkpoint-every", "2", "--quiet"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+
+def _train(out, steps=2, method="fomaml", *extra):
+    return ["train", "--method", method, "--meta-steps", str(steps), "--out", out, *TINY, *extra]
+
+
+def _refused(argv, capsys, *, code=2):
+    """Run the command, which must end with exit status ``code``; its stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == code, str(e.value)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def _files(d):
+    """Every file under ``d`` (relative path -> bytes); {} if it does not exist."""
+    found = {}
+    for root, _, names in os.walk(d):
+        for n in names:
+            path = os.path.join(root, n)
+            found[os.path.relpath(path, d)] = open(path, "rb").read()
+    return found
+
+
+# ---- item 9: compare with other settings into the same --out -----------------------------------
+
+def test_compare_refuses_runs_made_with_other_settings(tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    args = lambda steps, *extra: (["compare", "--methods", "fomaml,maml1", "--meta-steps", steps, "--test-steps", "2",  # noqa: E731
+                                   "--out", out] + TINY + list(extra))
+    assert main(args("2")) == 0
+    before = _files(out)
+    err = _refused(args("2", "--inner-lr", "0.05"), capsys)
+    assert "'inner_lr': (0.01, 0.05)" in err and "another --out" in err
+    err = _refused(args("1"), capsys)
+    assert "already done 2 meta-steps, more than the 1 asked for" in err
+    assert _files(out) == before                     # nothing retrained or rewritten
+    assert "(step 0.01)" in open(os.path.join(out, "compare.md")).read()
+
+
+# ---- item 10: one run directory, two processes ---------------------------------------------------
+
+_HOLD = ("import sys; from amaml_ext.train.io import lock_run_dir; lock_run_dir(sys.argv[1]); "
+         "print('locked', flush=True); sys.stdin.readline()")
+
+
+@contextmanager
+def _held_by_another_process(path):
+    """A second process holding the lock of the run directory ``path`` until the block ends."""
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True, env=ENV, cwd=ROOT)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_second_train_into_a_running_one_is_refused_naming_it(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "amaml_ext"] + _train(out, 100000)
+    cmd[cmd.index("--checkpoint-every") + 1] = "100000"
+    p = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        while not os.path.exists(os.path.join(out, "config.json")) and p.poll() is None:
+            time.sleep(0.05)                 # the first run holds its directory: config.json is written
+        assert p.poll() is None, p.stderr.read()
+        before = _files(out)
+        err = _refused(_train(out, 3), capsys)
+        assert f"in use by another process (pid {p.pid} on " in err and "train --method fomaml" in err
+        assert json.load(open(os.path.join(out, "config.json")))["meta_steps"] == 100000
+        assert _files(out) == before
+    finally:
+        p.send_signal(signal.SIGKILL)        # dies holding the lock: its lock file stays behind
+        p.communicate()
+    assert str(p.pid) in open(os.path.join(out, LOCK)).read()
+    assert main(_train(out, 2)) == 0         # a dead holder does not block
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.json", "metrics.csv", "theta.pt"]
+
+
+def test_compare_evaluate_and_meta_train_refuse_a_directory_in_use(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(_train(run)) == 0
+    cmp = str(tmp_path / "cmp")
+    with _held_by_another_process(run) as p:
+        err = _refused(["evaluate", "--run", run, "--quiet"], capsys)
+        assert f"pid {p.pid}" in err
+        assert not os.path.exists(os.path.join(run, "eval.json"))
+        learner = learners.make_learner("fomaml", mlp(width=4, depth=1, dtype=None), F.mse_loss, inner_steps=2)
+        with pytest.raises(RunLocked, match=f"pid {p.pid}"):
+            train.meta_train(learner, tasks.CosMixture(10, 10).pool(4, seed=0), meta_steps=1, out_dir=run,
+                             meta_batch=2, progress=False, resume=True)
+    with _held_by_another_process(os.path.join(cmp, "maml1")) as p:
+        err = _refused(["compare", "--methods", "fomaml,maml1", "--meta-steps", "2", "--out", cmp] + TINY, capsys)
+        assert f"pid {p.pid}" in err
+        assert not os.path.exists(os.path.join(cmp, "fomaml", "checkpoint.pt"))   # refused before any training
+
+
+# ---- item 11: resume to fewer meta-steps than done ----------------------------------------------
+
+def test_resume_with_fewer_meta_steps_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(_train(out, 3)) == 0
+    before = _files(out)
+    err = _refused(_train(out, 2, "fomaml", "--resume"), capsys)
+    assert "already done 3 meta-steps, more than the 2 asked for" in err and "--meta-steps" in err
+    assert _files(out) == before
+    learner = learners.make_learner("fomaml", mlp(width=4, depth=1, dtype=None), F.mse_loss, inner_steps=2)
+    pool = tasks.CosMixture(10, 10).pool(4, seed=0)
+    kw = dict(out_dir=str(tmp_path / "py"), meta_batch=2, progress=False)
+    train.meta_train(learner, pool, meta_steps=3, **kw)
+    with pytest.raises(train.RunConfigMismatch, match="'meta_steps'.*already done 3 meta-steps"):
+        train.meta_train(learner, pool, meta_steps=1, resume=True, **kw)
+    assert json.load(open(tmp_path / "py" / "config.json"))["meta_steps"] == 3
+
+
+# ---- item 12: options checked before anything is written ----------------------------------------
+
+@pytest.mark.parametrize("extra,env,option", [
+    (["--method", "amaml", "--rtol", "2"], None, "--rtol"),
+    (["--method", "amaml", "--atol", "1.5"], None, "--atol"),
+    (["--method", "amaml-t", "--solver", "euler", "--adjoint", "discrete"], None, "--adjoint"),
+    (["--method", "amaml-sgd", "--refine"], None, "--refine"),
+    (["--method", "maml", "--inner-lr", "1e6"], None, "--inner-lr"),
+    (["--method", "amaml", "--inner-lr", "1e6"], None, "--inner-lr"),
+    (["--method", "amaml", "--inner-lr", "1e6", "--solver", "euler", "--adjoint", "discrete"], None, "--inner-lr"),
+    (["--method", "amaml"], "maybe", "AMAML_EXT_COMPILE"),
+])
+def test_bad_options_are_refused_before_any_file(tmp_path, capsys, monkeypatch, extra, env, option):
+    if env is not None:
+        monkeypatch.setenv("AMAML_EXT_COMPILE", env)
+    out = str(tmp_path / "run")
+    argv = ["train", "--meta-steps", "2", "--out", out] + TINY + extra
+    lines = _refused(argv, capsys).strip().splitlines()
+    assert option in lines[-1]
+    assert len(lines) == 1 or lines[-1].startswith("amaml-ext train: error:")   # ours, or argparse's (with usage)
+    assert _files(out) == {}
+    cmp = str(tmp_path / "cmp")                      # compare: refused before the first method is trained
+    methods = "fomaml," + extra[1]
+    argv = ["compare", "--methods", methods, "--meta-steps", "2", "--out", cmp] + TINY + extra[2:]
+    assert option in _refused(argv, capsys)
+    assert _files(cmp) == {}
+
+
+def test_a_bad_environment_value_ends_the_process_with_status_2_and_one_line(tmp_path):
+    out = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, "-m", "amaml_ext"] + _train(out, 2, "amaml"), cwd=ROOT, capture_output=True,
+                       text=True, env=dict(ENV, AMAML_EXT_COMPILE="maybe"))
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("amaml-ext: environment variable AMAML_EXT_COMPILE must be auto, on or off, "
+                                "got 'maybe'")
+    assert not os.path.exists(out)
+
+
+# ---- item 13: evaluate where eval.json cannot be written ---------------------------------------
+
+def _no_meta_test(monkeypatch):
+    def meta_test(*args, **kwargs):
+        raise AssertionError("the meta-test ran before the run directory was checked")
+    monkeypatch.setattr(importlib.import_module("amaml_ext.cli.runs"), "meta_test", meta_test)
+
+
+def test_evaluate_checks_eval_json_can_be_written_before_the_meta_test(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "run")
+    assert main(_train(out)) == 0
+    _no_meta_test(monkeypatch)
+    os.mkdir(os.path.join(out, "eval.json"))          # in the way of the file (fails for root too)
+    err = _refused(["evaluate", "--run", out, "--quiet"], capsys)
+    assert "argument --run: cannot write eval.json, eval.png into" in err and "eval.json is a directory" in err
+    os.rmdir(os.path.join(out, "eval.json"))
+    access = os.access
+    run_dir = os.path.realpath(out)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if (os.path.realpath(p) == run_dir and mode
+                                                                        & os.W_OK) else access(p, mode, **kw))
+    err = _refused(["evaluate", "--run", out, "--quiet"], capsys)
+    assert "argument --run: cannot write eval.json" in err and "permission denied" in err
+    assert not os.path.exists(os.path.join(out, "eval.json"))
+
+
+# ---- item 18: file modes follow the umask ------------------------------------------------------
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_run_files_follow_the_umask(tmp_path, umask, mode):
+    out = str(tmp_path / "run")
+    old = os.umask(umask)
+    try:
+        assert main(_train(out)) == 0
+        assert main(["evaluate", "--run", out, "--quiet", "--test-steps", "1"]) == 0
+        atomic_write_bytes(str(tmp_path / "one"), b"x")
+    finally:
+        os.umask(old)
+    names = sorted(os.listdir(out))
+    assert names == ["checkpoint.pt", "config.json", "eval.json", "eval.png", "metrics.csv", "theta.pt"]
+    assert {n: oct(os.stat(os.path.join(out, n)).st_mode & 0o777) for n in names} == {n: oct(mode) for n in names}
+    assert os.stat(tmp_path / "one").st_mode & 0o777 == mode
+
+
+# ---- item 19: temporary files of a killed write ------------------------------------------------
+
+def test_stale_temporary_files_are_removed_when_a_run_starts(tmp_path):
+    out = str(tmp_path / "run")
+    assert main(_train(out)) == 0
+    stale = [os.path.join(out, n) for n in (".tmp-abc123", ".tmp-probe-x")]
+
+    def leave():
+        for s in stale:
+            with open(s, "wb") as f:
+                f.write(b"half a checkpoint")
+    leave()
+    assert main(_train(out, 3, "fomaml", "--resume")) == 0
+    assert not any(os.path.exists(s) for s in stale)
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 3
+    leave()
+    assert main(["evaluate", "--run", out, "--quiet", "--test-steps", "1"]) == 0
+    assert not any(os.path.exists(s) for s in stale)
+    cmp = str(tmp_path / "cmp")
+    os.makedirs(os.path.join(cmp, "fomaml"))
+    stale = [os.path.join(cmp, ".tmp-1"), os.path.join(cmp, "fomaml", ".tmp-2")]
+    leave()
+    assert main(["compare", "--methods", "fomaml", "--meta-steps", "2", "--test-steps", "1", "--out", cmp] + TINY) == 0
+    assert not any(os.path.exists(s) for s in stale)
+    assert sorted(os.listdir(cmp)) == ["compare.json", "compare.md", "compare.png", "fomaml"]
