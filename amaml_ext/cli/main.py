@@ -28,7 +28,7 @@ def compare(args) -> Dict:
     done = _runs_done(args, runs)
     check_methods(args, {m: done[m] is None for m in runs})
     curves = {}
-    with locked([args.out, *runs.values()], args.distributed, writable=(args.out, COMPARE_FILES, "--out")):
+    with locked([args.out, *runs.values()], args.distributed, writable=(args.out, COMPARE_FILES)):
         for method, run in runs.items():
             curves[method] = _compare_one(args, method, run, done[method])
         if args.distributed is None or args.distributed.is_main:      # rank 0 writes the table and the plot

@@ -78,18 +78,19 @@ def accuracy_options(args, method: str) -> Optional[Dict]:
 
 
 @contextmanager
-def locked(dirs: Sequence[str], distributed=None, writable: Optional[Tuple] = None, create: bool = True):
+def locked(dirs: Sequence[str], distributed=None, writable: Optional[Tuple] = None, create: bool = True,
+           option: str = "--out"):
     """Hold the locks of the run directories ``dirs`` (:func:`~amaml_ext.train.io.lock_run_dir`;
-    made if ``create``) and check first that ``writable`` = ``(directory, names, option)`` can
-    be written, on rank 0 alone under torchrun (its refusal raised on every rank)."""
+    made if ``create``; a refusal names ``option``), then check that ``writable`` = ``(directory,
+    names)`` can be written; on rank 0 alone under torchrun (its refusal raised on every rank)."""
     held = []
 
     def take():
         for d in dirs:
-            lock_run_dir(d, create)
+            lock_run_dir(d, create, option)
             held.append(d)
         if writable is not None:
-            check_writable(*writable)
+            check_writable(*writable, option)
     try:
         if distributed is None:
             take()
@@ -127,7 +128,7 @@ def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.dev
         at = f"it stopped at meta-step {ck['step']} of {cfg.get('meta_steps')}" if ck else "no checkpoint either"
         raise SystemExit(f"amaml-ext: argument --run: {run!r} has no {THETA} ({at}); finish it with "
                          f"'amaml-ext train ... --out {run} --resume'")
-    with locked([run], distributed, writable=(run, (EVAL, EVAL_PLOT), "--run"), create=False):
+    with locked([run], distributed, writable=(run, (EVAL, EVAL_PLOT)), create=False, option="--run"):
         curve, title = _meta_test_run(run, cfg, theta_path, test_steps, device, data_root, distributed)
         if distributed is not None and not distributed.is_main:
             return curve

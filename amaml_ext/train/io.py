@@ -146,24 +146,25 @@ _HELD: Dict[str, List] = {}
 """The run directories this process holds: real path -> [lock file descriptor, holds, lock path]."""
 
 
-def lock_run_dir(out_dir: str, create: bool = True) -> None:
+def lock_run_dir(out_dir: str, create: bool = True, option: str = "'out_dir'") -> None:
     """Lock the run directory ``out_dir`` (made if ``create``) for this process: ``flock`` on its
     :data:`LOCK` file, which names this process (pid, host, start, command). Another process
     holding it: :class:`RunLocked` naming it; the system drops a lock when its process ends, so a
     lock file left by a killed process does not block. Re-entrant (holds are counted; release
     each with :func:`unlock_run_dir`). The first hold removes the stale temporary files that a
-    killed write left in the directory."""
+    killed write left in the directory. A directory that cannot be written: RunFileError naming
+    ``option``."""
     if create:
         try:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as e:
-            raise _unwritable(out_dir, e) from None
+            raise _unwritable(out_dir, e, option) from None
     key = os.path.realpath(out_dir)
     if key in _HELD:
         _HELD[key][1] += 1
         return
     path = os.path.join(key, LOCK)
-    _HELD[key] = [_take_lock(out_dir, path), 1, path]
+    _HELD[key] = [_take_lock(out_dir, path, option), 1, path]
     remove_stale_temp_files(out_dir)
 
 
@@ -186,9 +187,9 @@ def unlock_run_dir(out_dir: str) -> None:
 
 
 @contextmanager
-def run_dir_locked(out_dir: str, create: bool = True):
+def run_dir_locked(out_dir: str, create: bool = True, option: str = "'out_dir'"):
     """:func:`lock_run_dir` for the ``with`` block."""
-    lock_run_dir(out_dir, create)
+    lock_run_dir(out_dir, create, option)
     try:
         yield
     finally:
@@ -226,18 +227,18 @@ def check_writable(directory: str, names: Sequence[str], option: str = "'out_dir
         raise RunFileError(f"{where}: {e.strerror or e}") from None
 
 
-def _unwritable(out_dir: str, e: OSError) -> RunFileError:
-    return RunFileError(f"argument 'out_dir': cannot write the run directory {out_dir!r}: {e.strerror or e}")
+def _unwritable(out_dir: str, e: OSError, option: str = "'out_dir'") -> RunFileError:
+    return RunFileError(f"argument {option}: cannot write the run directory {out_dir!r}: {e.strerror or e}")
 
 
-def _take_lock(out_dir: str, path: str) -> int:
+def _take_lock(out_dir: str, path: str, option: str) -> int:
     """Open and flock ``path``, retrying while the file we locked is not the one at ``path`` (a
     holder removed it as it released it); the descriptor, with this process recorded in it."""
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
-            raise _unwritable(out_dir, e) from None
+            raise _unwritable(out_dir, e, option) from None
         if fcntl is None:
             break
         try:
