@@ -109,7 +109,7 @@ def first_step(args, method: str, cfg: Dict, prob: RunProblem, model) -> None:
             if why:
                 break
     where = f"the first meta-step of --method {method} (tasks {idx.tolist()})"
-    unstable = unstable_step(learner, cfg, batch, theta)
+    unstable = unstable_step(learner, cfg, part, theta)          # the failing group (else the last)
     if not why:
         if unstable is not None and (args.distributed is None or args.distributed.is_main):
             print(f"amaml-ext: warning: argument --inner-lr: {unstable}; {where} stays finite, but the "
