@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/ArrayRef.h>
 
 #include <string>
@@ -82,6 +83,46 @@ void with_contiguous_out(const at::Tensor& out, Fn&& fn) {
   }
 }
 
+// What an output may share with the other tensors of a call (as torch's own ops: a partial
+// overlap is refused). Full overlap with an input is in-place use and allowed where the kernel
+// reads every input element before writing that element (all the elementwise ops here);
+// `allow_full` false refuses it too (two outputs, or an output the kernel writes in pieces).
+inline void check_no_internal_overlap(const char* op, const char* name, const at::Tensor& out) {
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, cat("amaml_ext.", op,
+              ": argument '", name, "' has elements that share memory (an expanded or ",
+              "stride-0 view, shape ", shape_str(out), "); an output must be writable element by ",
+              "element: pass a contiguous tensor"));
+}
+
+inline void check_overlap(const char* op, const char* out_name, const at::Tensor& out,
+                          const std::string& in_name, const at::Tensor& in, bool allow_full) {
+  if (!in.defined()) return;
+  const at::MemOverlapStatus s = at::get_overlap_status(out, in);
+  const bool partial = s == at::MemOverlapStatus::Partial;
+  const bool full = s == at::MemOverlapStatus::Full;
+  TORCH_CHECK(!partial && (allow_full || !full), cat("amaml_ext.", op, ": argument '", out_name,
+              "' ", partial ? "partially overlaps" : "is the same memory as", " argument '", in_name,
+              "' (", out_name, " ", shape_str(out), ", ", in_name, " ", shape_str(in), "); ",
+              allow_full ? "an output may be an input itself (in place) but not overlap it in part"
+                         : "they must not share memory",
+              ": pass separate buffers"));
+}
+
+// Checks `out` against every input (full overlap allowed: in place) and against the other
+// outputs (no sharing at all).
+inline void check_output(const char* op, const char* name, const at::Tensor& out,
+                         std::initializer_list<std::pair<std::string, at::Tensor>> inputs,
+                         at::TensorList stages,
+                         std::initializer_list<std::pair<const char*, at::Tensor>> other_outputs,
+                         bool allow_in_place = true) {
+  check_no_internal_overlap(op, name, out);
+  for (const auto& in : inputs) check_overlap(op, name, out, in.first, in.second, allow_in_place);
+  for (size_t j = 0; j < stages.size(); ++j) {
+    check_overlap(op, name, out, "stages[" + std::to_string(j) + "]", stages[j], allow_in_place);
+  }
+  for (const auto& o : other_outputs) check_overlap(op, name, out, o.first, o.second, false);
+}
+
 template <typename T>
 StageRefs<T> make_refs(const std::vector<at::Tensor>& k, const double* coeff, size_t n) {
   StageRefs<T> r{};
@@ -135,6 +176,7 @@ void stage_combine_op(const at::Tensor& y, at::TensorList stages, c10::ArrayRef<
               "one entry per stage (", k.size(), "), got ", coeffs.size()));
   detail::check_finite_scalar(op, "h", h);
   for (double c : coeffs) detail::check_finite_scalar(op, "coeffs", c);
+  detail::check_output(op, "out", out, {{"y", y}}, stages, {});
   const at::Tensor yc = y.contiguous();
   detail::with_contiguous_out(out, [&](at::Tensor& o) { B::stage_combine(yc, k, coeffs, h, o); });
 }
@@ -164,6 +206,11 @@ void dopri5_finish_op(const at::Tensor& y0, at::TensorList stages, double h, dou
   TORCH_CHECK(norm_ok, cat("amaml_ext.dopri5_finish: argument 'err_norm' must have shape ",
               y0.dim() == 1 ? "[] (one task)" : "[B] = [" + std::to_string(y0.size(0)) + "]",
               ", got ", detail::shape_str(err_norm)));
+  detail::check_output(op, "y1", y1, {{"y0", y0}}, stages, {{"err", err}, {"err_norm", err_norm}});
+  detail::check_output(op, "err", err, {{"y0", y0}}, stages, {{"err_norm", err_norm}});
+  // err_norm is a reduction over each row: written once all of a row is read, so it may not
+  // share memory with any input either
+  detail::check_output(op, "err_norm", err_norm, {{"y0", y0}}, stages, {}, false);
   const at::Tensor y0c = y0.contiguous();
   detail::with_contiguous_out(y1, [&](at::Tensor& y1o) {
     detail::with_contiguous_out(err, [&](at::Tensor& erro) {
@@ -198,6 +245,9 @@ void dopri5_dense_op(const at::Tensor& y0, const at::Tensor& y1, at::TensorList 
                 "lie in [0, 1], got ", th));
   }
   if (n == 0) return;
+  // several rows are written from each element of the inputs: no sharing at all
+  detail::check_output(op, "trajectory", trajectory.narrow(0, first_row, n), {{"y0", y0}, {"y1", y1}},
+                       stages, {}, false);
   const at::Tensor y0c = y0.contiguous();
   const at::Tensor y1c = y1.contiguous();
   detail::with_contiguous_out(trajectory.narrow(0, first_row, n), [&](at::Tensor& rows) {
@@ -222,6 +272,7 @@ void heun_update_op(const at::Tensor& lam, const at::Tensor& a, const c10::optio
     detail::check_like(op, "b", *b, "lam", lam);
     bc = b->contiguous();
   }
+  detail::check_output(op, "out", out, {{"lam", lam}, {"a", a}, {"b", b.has_value() ? *b : at::Tensor()}}, {}, {});
   detail::with_contiguous_out(out, [&](at::Tensor& o) {
     B::heun_update(lc, ac, bc.defined() ? &bc : nullptr, h, o);
   });
