@@ -79,6 +79,12 @@ class AdjointLearner(nn.Module):
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor, *, T: Optional[float] = None) -> AdaptedModel:
         """Inner training on ``(x, y)``: the adapted model (``T`` overrides the horizon)."""
+        d = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+        if self.log_lr is not None and d != self.log_lr.numel():
+            raise ValueError(f"AdjointLearner.adapt: the model's trainable parameters changed since the learner "
+                             f"was made ({self.log_lr.numel()} -> {d} entries: a parameter frozen or unfrozen, added "
+                             "or removed); its learned step sizes (learn_lr=True) were sized for the old ones: make "
+                             "a new AdjointLearner")
         stats: Dict = {}
         horizon = self.log_T.exp() if self.log_T is not None and T is None else (self.T if T is None else T)
         lr = None if self.log_lr is None else self.log_lr.exp()

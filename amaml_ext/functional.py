@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from .compile_policy import compile_refusal, resolve_compile
-from .model_state import (NondeterministicModelWarning, cast_constants, check_same_loss,  # noqa: F401 (re-exported)
-                          constants, differentiable, fingerprint, functional_module)
+from .model_state import (NondeterministicModelWarning, backward_hooked, cast_constants,  # noqa: F401 (re-exported)
+                          check_model, check_supported, constants, differentiable, fingerprint, functional_module)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -118,6 +118,10 @@ def checked_loss(loss: LossFn, pred: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return out
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
 def _dropout_in_training(model: nn.Module) -> Sequence[str]:
     return [name or type(model).__name__ for name, m in model.named_modules()
             if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
@@ -167,7 +171,6 @@ class _CompiledCallbacks:
 _COMPILED: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, _CompiledCallbacks]]" = weakref.WeakKeyDictionary()
 _COMPILED_LOCK = threading.Lock()
 _COMPILED_CALL_LOCK = threading.Lock()
-_DETERMINISTIC: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _COMPILED_PER_MODEL = 4      # versions of one model kept compiled (a changed model compiles anew)
 
 
@@ -204,8 +207,12 @@ class TaskFunctions:
 
     def __init__(self, model: nn.Module, loss: LossFn, support, query, batched: bool = False,
                  compile=False):
+        check_supported(model)
         self.model = model
         self.module = functional_module(model)
+        hooked = backward_hooked(model)
+        self.per_task: Optional[str] = (f"vmap and torch.func skip the backward hooks of {', '.join(hooked[:3])}"
+                                        if hooked and batched else None)
         self.loss = loss
         self.support = support
         self.query = query
@@ -234,6 +241,8 @@ class TaskFunctions:
         like = next(iter(support))
         compile = resolve_compile(compile, model, like.device)
         refusal = compile_refusal() if compile else None
+        if compile and hooked:
+            refusal = f"the model has backward hooks ({', '.join(hooked[:3])}), which torch.func skips"
         if refusal is not None:
             warnings.warn(f"amaml_ext: {refusal}; using the eager callbacks", RuntimeWarning, stacklevel=3)
             compile = False
@@ -267,26 +276,11 @@ class TaskFunctions:
             self._cast[dtype] = cast_constants(self.buffers, dtype)
         return self._cast[dtype]
 
-    def check_deterministic(self, u: torch.Tensor, strict: bool = False, caller: str = "adjoint_meta_grad") -> None:
-        """Evaluate the training loss twice at ``u``: a forward whose result changes between two
-        evaluations at the same point (``F.dropout(x, p, self.training)``, ``torch.rand`` noise)
-        has no gradient flow, and the adjoint, which re-evaluates it, would be meaningless.
-        Warns (:class:`NondeterministicModelWarning`), or raises ValueError with ``strict``.
-        Skipped when dropout modules were already named, or when the model, unchanged since (its
-        :func:`fingerprint`), passed before; a relative difference of 1e-4 or less
-        (nondeterministic reductions on a GPU) passes."""
-        if self.dropout:
-            return
-        key = fingerprint(self.model)
-        if _DETERMINISTIC.get(self.model, (None,))[0] == key[0]:
-            return                  # this model, unchanged, was found deterministic before
-        x, y = self.support
-        if self.batched:            # one task is enough to see a random forward, and cheaper
-            u, x, y = u[0], x[0], y[0]
-        with torch.no_grad():
-            a, b = self._task_loss(u, x, y), self._task_loss(u, x, y)
-        if check_same_loss(a, b, False, strict, caller):
-            _DETERMINISTIC[self.model] = key
+    def check_model(self, u: torch.Tensor, strict: bool = False, caller: str = "adjoint_meta_grad") -> None:
+        """The checks of a model that only an evaluation can make (:func:`model_state.check_model`):
+        a forward that is random, changes its buffers in place, or reads the user's own
+        parameters past theta. Once per unchanged model."""
+        check_model(self, u, strict, caller)
 
     @property
     def compiled(self) -> bool:
@@ -295,17 +289,33 @@ class TaskFunctions:
 
     # -- losses ---------------------------------------------------------------------------
 
-    def _task_loss(self, flat_u: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _task_loss(self, flat_u: torch.Tensor, x: torch.Tensor, y: torch.Tensor, consts=None) -> torch.Tensor:
         params = unflatten_params(self.model, flat_u)
-        pred = torch.func.functional_call(self.module, (params, self.constants(flat_u.dtype)), (x,))
+        consts = self.constants(flat_u.dtype) if consts is None else consts
+        pred = torch.func.functional_call(self.module, (params, consts), (x,))
         return checked_loss(self.loss, pred, y)
 
     def losses(self, u: torch.Tensor, data) -> torch.Tensor:
-        """Per-task loss: ``[]`` for one task, ``[B]`` for a batch."""
+        """Per-task loss: ``[]`` for one task, ``[B]`` for a batch (vmapped; one task at a time
+        for a model that vmap cannot run or whose backward hooks it would skip)."""
         x, y = data
-        if self.batched:
-            return torch.func.vmap(self._task_loss)(u, x, y)
-        return self._task_loss(u, x, y)
+        if not self.batched:
+            return self._task_loss(u, x, y)
+        if self.per_task is None:
+            try:
+                return torch.func.vmap(self._task_loss)(u, x, y)
+            except (LossValueError, ValueError, TypeError):
+                raise
+            except Exception as e:  # noqa: BLE001  (vmap cannot run this forward: try task by task)
+                out = self._loop(u, x, y)
+                self.per_task = f"torch.func.vmap cannot run its forward ({type(e).__name__}: {_first_line(e)})"
+                warnings.warn(f"amaml_ext: the model's tasks are evaluated one at a time (slower): {self.per_task}",
+                              RuntimeWarning, stacklevel=3)
+                return out
+        return self._loop(u, x, y)
+
+    def _loop(self, u: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self._task_loss(u[b], x[b], y[b]) for b in range(u.shape[0])])
 
     # -- derivatives ------------------------------------------------------------------------
 

@@ -17,13 +17,66 @@ that a change to it could make stale, and no call mutates anything another call 
 import copy
 import itertools
 import warnings
+import weakref
 from collections import OrderedDict
-from typing import Any, Dict, Hashable, List, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import _WeightNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
-_BN = nn.modules.batchnorm._BatchNorm
+_NORM = nn.modules.batchnorm._NormBase      # BatchNorm*d, InstanceNorm*d, SyncBatchNorm
+
+
+def _norm_except(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.norm_except_dim(v, 2, dim)`` in plain ops (whose double backward is right)."""
+    if dim == -1 or v.dim() == 0:
+        return v.norm()
+    dims = [i for i in range(v.dim()) if i != dim % v.dim()]
+    return v.norm(2, dim=dims, keepdim=True) if dims else v.abs()
+
+
+class _PlainWeightNorm(_WeightNorm):
+    """``parametrizations.weight_norm``'s parametrization in plain ops: torch's fused
+    ``_weight_norm`` has a wrong double backward (``gradgradcheck`` fails on torch 2.14), which
+    every second-order meta-gradient goes through."""
+
+    def forward(self, weight_g, weight_v):
+        return weight_v * (weight_g / _norm_except(weight_v, self.dim))
+
+
+class _PlainWeightNormHook(WeightNorm):
+    """The old-style ``torch.nn.utils.weight_norm`` hook in plain ops (see :class:`_PlainWeightNorm`)."""
+
+    def compute_weight(self, module):
+        g, v = getattr(module, self.name + "_g"), getattr(module, self.name + "_v")
+        return v * (g / _norm_except(v, self.dim))
+
+
+class _Unwrapped(nn.Module):
+    """Stands in the private copy for a wrapper module that a functional call cannot take
+    (``nn.DataParallel``; ``torch.compile``'s ``OptimizedModule``, whose compiled forward holds
+    the user's module): calls the wrapped module, copied, eagerly under the same attribute
+    name, so the parameter names are the user's."""
+
+    def __init__(self, attr: str, inner: nn.Module):
+        super().__init__()
+        self._attr = attr
+        self.add_module(attr, inner)
+
+    def forward(self, *args, **kwargs):
+        return getattr(self, self._attr)(*args, **kwargs)
+
+
+def _wrapped(m: nn.Module) -> Optional[str]:
+    """The attribute under which a wrapper module ``m`` holds the user's module, or None."""
+    if isinstance(m, nn.DataParallel):
+        return "module"
+    optimized = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    if optimized is not None and isinstance(m, optimized.OptimizedModule):
+        return "_orig_mod"
+    return None
 
 
 def functional_module(model: nn.Module) -> nn.Module:
@@ -31,10 +84,12 @@ def functional_module(model: nn.Module) -> nn.Module:
 
     The copy shares every parameter and buffer tensor of ``model`` (no data is copied) and copies
     the rest: the module objects, their attributes and hooks, each module's own ``training``
-    flag. A BatchNorm layer in training mode normalises with batch statistics and would update
-    its running statistics in place, which neither vmap nor a side-effect-free gradient allows:
-    in the copy such a layer keeps no running statistics, which leaves its training-mode output
-    unchanged. A BatchNorm layer in eval mode (``net[1].eval()`` inside a training ``net``
+    flag. A BatchNorm (or InstanceNorm) layer in training mode normalises with batch statistics
+    and would update its running statistics in place, which neither vmap nor a side-effect-free
+    gradient allows: in the copy such a layer keeps no running statistics, which leaves its
+    training-mode output unchanged. Wrappers (``nn.DataParallel``, ``torch.compile``'s
+    ``OptimizedModule``) are replaced by the module they wrap, run eagerly; weight norm (both
+    APIs) is computed in plain ops, as torch's fused kernel has a wrong double backward. A BatchNorm layer in eval mode (``net[1].eval()`` inside a training ``net``
     included) uses its running statistics, read from ``model`` at every call. The user's module
     is never changed.
     """
@@ -46,7 +101,12 @@ def functional_module(model: nn.Module) -> nn.Module:
         raise TypeError(f"argument 'model' ({type(model).__name__}) cannot be used: a functional call needs a "
                         f"structural copy of it (copy.deepcopy), which failed with {type(e).__name__}: {e}") from e
     for m in clone.modules():
-        if isinstance(m, _BN) and m.training:
+        if type(m) is _WeightNorm:
+            m.__class__ = _PlainWeightNorm
+        for i, hook in m._forward_pre_hooks.items():
+            if type(hook) is WeightNorm:
+                m._forward_pre_hooks[i] = _PlainWeightNormHook(hook.name, hook.dim)
+        if isinstance(m, _NORM) and m.training:
             m.running_mean = None
             m.running_var = None
             m.num_batches_tracked = None
@@ -66,6 +126,10 @@ def _copy_module(m: nn.Module, memo: Dict[int, Any]) -> nn.Module:
     got = memo.get(id(m))
     if got is not None:
         return got
+    attr = _wrapped(m)
+    if attr is not None:
+        memo[id(m)] = _Unwrapped(attr, _copy_module(getattr(m, attr), memo))
+        return memo[id(m)]
     if hasattr(type(m), "__deepcopy__") or isinstance(m, torch.jit.ScriptModule):
         return copy.deepcopy(m, memo)
     new = type(m).__new__(type(m))
@@ -76,8 +140,8 @@ def _copy_module(m: nn.Module, memo: Dict[int, Any]) -> nn.Module:
             fields[k] = type(v)(v)
         elif k == "_modules":
             fields[k] = type(v)((n, None if c is None else _copy_module(c, memo)) for n, c in v.items())
-        elif isinstance(v, _ATOMIC):
-            fields[k] = v
+        elif isinstance(v, _ATOMIC) or isinstance(v, torch.Tensor):
+            fields[k] = v           # a plain tensor attribute (old weight_norm's computed weight) is shared
         elif type(v) in (dict, OrderedDict) and not v:
             fields[k] = type(v)()
         else:
@@ -163,6 +227,93 @@ def differentiable(total: torch.Tensor, what: str) -> torch.Tensor:
     return total
 
 
+def check_supported(model: nn.Module) -> None:
+    """Refuse what a functional call of ``model`` cannot take, naming it: trainable complex
+    parameters (theta is real), sparse gradients (``nn.Embedding(sparse=True)``), tensors on the
+    ``meta`` device (no values)."""
+    for name, p in model.named_parameters():
+        if p.is_complex() and p.requires_grad:
+            raise TypeError(f"argument 'model' has a complex trainable parameter {name!r} ({p.dtype}): theta, "
+                            "the flow and its adjoint are real; split it into real and imaginary parts")
+        if p.device.type == "meta":
+            raise ValueError(f"argument 'model' has parameter {name!r} on the 'meta' device, which holds no "
+                             "values: move the model to 'cpu' or 'cuda' (model.to_empty(device=...) and load "
+                             "the weights)")
+    for name, m in model.named_modules():
+        if getattr(m, "sparse", False) is True and isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            raise ValueError(f"argument 'model' has {name or type(m).__name__} ({type(m).__name__}) with "
+                             "sparse=True: its sparse gradients have no second derivative; use sparse=False")
+
+
+def backward_hooked(model: nn.Module) -> List[str]:
+    """Names of the submodules with backward hooks, which ``torch.func`` (vmap, grad) skips."""
+    return [name or type(model).__name__ for name, m in model.named_modules()
+            if m._backward_hooks or m._backward_pre_hooks]
+
+
+_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def check_model(fns, u: torch.Tensor, strict: bool, caller: str) -> None:
+    """What only evaluating the model can show, checked on one task at ``u`` (two evaluations,
+    with copies of the buffers so the user's are not touched), once per unchanged model (its
+    :func:`fingerprint`):
+
+    * the forward reads the user's own trainable parameters other than through the module tree
+      (a hook or closure that holds the model: ``net[0].weight`` in a forward hook), where theta
+      never reaches them: ValueError, naming them;
+    * the forward changes buffers in place (a counter, ``spectral_norm``'s power iteration in
+      training mode): this call and every later one work on copies of them, so the user's model
+      is never changed; :class:`NondeterministicModelWarning` (ValueError with ``strict``);
+    * the forward is random (:func:`check_same_loss`), unless dropout modules were named already.
+
+    ``fns`` is the call's :class:`~amaml_ext.functional.TaskFunctions`."""
+    key, keep = fingerprint(fns.model)
+    cached = _CHECKED.get(fns.model)
+    if cached is not None and cached[0] == key:
+        _mutated_buffers(fns, cached[1], strict, caller)
+        return
+    x, y = fns.support
+    if fns.batched:                 # one task is enough to see any of these, and cheaper
+        u, x, y = u[0], x[0], y[0]
+    copies = {k: v.clone() for k, v in cast_constants(fns.buffers, u.dtype).items()}
+    versions = {k: v._version for k, v in copies.items()}
+    trainable = [(n, p) for n, p in fns.model.named_parameters() if p.requires_grad]
+    with torch.enable_grad():
+        a = fns._task_loss(u.detach(), x, y, copies)
+        b = fns._task_loss(u.detach(), x, y, copies)
+    if a.requires_grad and trainable:
+        grads = torch.autograd.grad(a, [p for _, p in trainable], allow_unused=True)
+        used = [n for (n, _), g in zip(trainable, grads) if g is not None]
+        if used:
+            raise ValueError(f"{caller}: the model's forward reads its own trainable parameters "
+                             f"{', '.join(used[:3])}{', ...' if len(used) > 3 else ''} other than through its "
+                             "modules (a hook or closure that holds the model, e.g. net[0].weight in a forward "
+                             "hook): theta, which replaces the parameters module by module, never reaches them, so "
+                             "the gradients would be wrong. Read parameters through the module the code runs in "
+                             "(a hook's `module` argument).")
+    mutated = sorted(k for k, v in copies.items() if v._version != versions[k])
+    _mutated_buffers(fns, mutated, strict, caller)
+    if mutated or fns.dropout or check_same_loss(a.detach(), b.detach(), False, strict, caller):
+        _CHECKED[fns.model] = (key, mutated, keep)      # a random forward is checked (and warned of) again
+
+
+def _mutated_buffers(fns, names: List[str], strict: bool, caller: str) -> None:
+    """The forward changes the buffers ``names`` in place: warn (raise with ``strict``) and let
+    ``fns`` work on copies of them."""
+    if not names:
+        return
+    msg = (f"{caller}: the model's forward changes its buffer(s) {', '.join(names[:3])} in place (a counter, "
+           "spectral_norm's power iteration in training mode, ...): the function being trained changes at every "
+           "evaluation, so the flow and its adjoint are not those of one function. Every call works on copies of "
+           "them (the model's own are never changed); put such modules in eval mode.")
+    if strict:
+        raise ValueError(msg)
+    warnings.warn(msg, NondeterministicModelWarning, stacklevel=6)
+    fns.buffers = {k: v.clone() if k in names else v for k, v in fns.buffers.items()}
+    fns._cast = {}
+
+
 def check_same_loss(a: torch.Tensor, b: torch.Tensor, batched: bool, strict: bool, caller: str) -> bool:
     """Two evaluations ``a``, ``b`` of the training loss at the same point (per task) must agree
     to a relative 1e-4 (nondeterministic GPU reductions pass, random forwards do not); else warn
@@ -184,5 +335,5 @@ def check_same_loss(a: torch.Tensor, b: torch.Tensor, batched: bool, strict: boo
            "(model.eval(), a fixed mask, or noise drawn outside the model).")
     if strict:
         raise ValueError(msg)
-    warnings.warn(msg, NondeterministicModelWarning, stacklevel=4)
+    warnings.warn(msg, NondeterministicModelWarning, stacklevel=5)
     return False

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 import amaml_ext
 from amaml_ext import accuracy, adjoint_meta_grad, flatten_params, gradient_flow, learners, ops
+from amaml_ext import reference as ops_reference
 from amaml_ext.compile_policy import compile_refusal
 from amaml_ext.data import TaskBatch
 
@@ -328,5 +329,202 @@ def test_dopri5_outputs_must_not_share_memory(device):
         ops.dopri5_dense(y0, traj[2], stages, 0.1, [0.5, 1.0], traj, 1)
     # separate buffers: the reference implementation's values
     y1, err, _ = ops.dopri5_finish(y0, stages, 0.1, 1e-6, 1e-8)
-    ref_y1, ref_err, _ = amaml_ext.reference.dopri5_finish(y0, stages, 0.1, 1e-6, 1e-8)
+    ref_y1, ref_err, _ = ops_reference.dopri5_finish(y0, stages, 0.1, 1e-6, 1e-8)
     assert torch.allclose(y1, ref_y1, rtol=0, atol=1e-14) and torch.allclose(err, ref_err, rtol=0, atol=1e-14)
+
+
+# -- the new-user trial's defects (docs/trial_round2.md, D1-D10) --------------------------------
+
+def small(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+
+def test_hook_reading_the_users_parameters_is_refused():
+    net = small()
+    net[2].register_forward_hook(lambda m, i, o: o + net[0].weight.sum())
+    s, q = data(0), data(1)
+    with pytest.raises(ValueError, match=r"reads its own trainable parameters 0\.weight other than through"):
+        adjoint_meta_grad(net, F.mse_loss, flatten_params(net), 0.5, support=s, query=q, **EXACT)
+    net2 = small()        # the same hook reading its own module's parameters is fine
+    net2[2].register_forward_hook(lambda m, i, o: o + m.weight.sum())
+    theta = flatten_params(net2)
+    r = adjoint_meta_grad(net2, F.mse_loss, theta, 0.5, support=s, query=q, **EXACT)
+    assert rel(r.grad, reference(net2, theta, s, q)) < 1e-10
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_wrapped_modules_are_unwrapped(wrap):
+    net = small()
+    wrapped = torch.compile(net) if wrap == "compile" else nn.DataParallel(net)
+    s, q = data(0), data(1)
+    theta = flatten_params(wrapped)
+    r = adjoint_meta_grad(wrapped, F.mse_loss, theta, 0.5, support=s, query=q, **EXACT)
+    assert rel(r.grad, reference(net, theta, s, q)) < 1e-10
+
+
+class Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = small()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.body(x)
+
+
+def test_buffers_changed_in_place_by_the_forward_are_never_the_users():
+    net = Counter()
+    s, q = data(0), data(1)
+    with pytest.warns(amaml_ext.NondeterministicModelWarning, match="changes its buffer"):
+        r = adjoint_meta_grad(net, F.mse_loss, flatten_params(net), 0.5, support=s, query=q, **EXACT)
+    assert int(net.calls) == 0
+    assert rel(r.grad, reference(net.body, flatten_params(net), s, q)) < 1e-10     # calls does not enter the output
+    with pytest.raises(ValueError, match="changes its buffer"):
+        adjoint_meta_grad(net, F.mse_loss, flatten_params(net), 0.5, support=s, query=q, strict=True, **EXACT)
+    assert int(net.calls) == 0
+
+
+def test_spectral_norm_in_training_mode_leaves_the_users_vector_alone():
+    torch.manual_seed(0)
+    net = nn.Sequential(torch.nn.utils.parametrizations.spectral_norm(nn.Linear(2, 8)), nn.Tanh(),
+                        nn.Linear(8, 1)).double()
+    u_before = net[0].parametrizations.weight[0]._u.clone()
+    s, q = data(0), data(1)
+    with pytest.warns(amaml_ext.NondeterministicModelWarning, match="_u"):
+        adjoint_meta_grad(net, F.mse_loss, flatten_params(net), 0.5, support=s, query=q, **EXACT)
+    assert torch.equal(net[0].parametrizations.weight[0]._u, u_before)
+
+
+def test_instance_norm_with_running_stats_in_training_mode():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), nn.Unflatten(1, (2, 4)), nn.InstanceNorm1d(2, track_running_stats=True),
+                        nn.Flatten(), nn.Tanh(), nn.Linear(8, 1)).double()
+    mean = net[2].running_mean.clone()
+    s, q = data(0), data(1)
+    theta = flatten_params(net)
+    r = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=s, query=q, **EXACT)
+    assert torch.equal(net[2].running_mean, mean)
+    assert rel(r.grad, reference(net, theta, s, q)) < 1e-10
+    batched = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=(s[0][None], s[1][None]),
+                                query=(q[0][None], q[1][None]), batched=True, **EXACT)
+    assert rel(batched.grad[0], r.grad) < 1e-12
+
+
+def test_gradient_flow_differentiates_support_inputs_that_require_grad():
+    net = small()
+    s, q = data(0), data(1)
+    W = (torch.eye(2, dtype=F64) + 0.1 * torch.randn(2, 2, dtype=F64)).requires_grad_()
+    theta = flatten_params(net).requires_grad_()
+    u = gradient_flow(net, F.mse_loss, theta, 0.5, (s[0] @ W, s[1]), **EXACT)
+    gW, gth = torch.autograd.grad(_loss(net, u, (q[0] @ W, q[1])), (W, theta))
+    # unrolled autograd through the same K GD steps, the features in the graph
+    w = theta.detach().clone().requires_grad_()
+    v = w
+    for _ in range(K):
+        (g,) = torch.autograd.grad(_loss(net, v, (s[0] @ W, s[1])), v, create_graph=True)
+        v = v - 0.1 * g
+    rW, rth = torch.autograd.grad(_loss(net, v, (q[0] @ W, q[1])), (W, w))
+    assert rel(gW, rW) < 1e-10 and rel(gth, rth) < 1e-10
+
+
+def _per_task_reference(net, theta, sets, queries):
+    return torch.stack([reference(net, theta, s, q) for s, q in zip(sets, queries)])
+
+
+def test_backward_hooks_that_change_the_gradient_hold_batched():
+    net = small()
+    net[2].register_full_backward_pre_hook(lambda m, go: (go[0] * 2,))
+    sets, queries = [data(0), data(2)], [data(1), data(3)]
+    S = (torch.stack([a for a, _ in sets]), torch.stack([b for _, b in sets]))
+    Q = (torch.stack([a for a, _ in queries]), torch.stack([b for _, b in queries]))
+    theta = flatten_params(net)
+    r = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=S, query=Q, batched=True, **EXACT)
+    assert rel(r.grad, _per_task_reference(net, theta, sets, queries)) < 1e-10
+
+
+class Branchy(nn.Module):
+    """A forward vmap cannot run: data-dependent control flow."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = small()
+
+    def forward(self, x):
+        h = self.body(x)
+        return h * 2 if x.mean().item() > 0 else h
+
+
+def test_models_vmap_cannot_run_are_evaluated_task_by_task():
+    net = Branchy()
+    sets, queries = [data(0), data(2)], [data(1), data(3)]
+    sets[1] = (-sets[1][0].abs(), sets[1][1])          # the two tasks take different branches
+    S = (torch.stack([a for a, _ in sets]), torch.stack([b for _, b in sets]))
+    Q = (torch.stack([a for a, _ in queries]), torch.stack([b for _, b in queries]))
+    theta = flatten_params(net)
+    with pytest.warns(RuntimeWarning, match="evaluated one at a time.*vmap"):
+        r = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=S, query=Q, batched=True, **EXACT)
+    assert rel(r.grad, _per_task_reference(net, theta, sets, queries)) < 1e-10
+    step = learners.MAML(net, F.mse_loss, steps=K, inner_lr=0.1).meta_grad(theta, TaskBatch(support=S, query=Q))
+    assert rel(step.grad, _per_task_reference(net, theta, sets, queries).mean(0)) < 1e-10
+
+
+def test_learner_refuses_a_model_whose_trainable_parameters_changed():
+    net = small()
+    learner = learners.MAML(net, F.mse_loss, steps=2, inner_lr=0.1)
+    net[0].weight.requires_grad_(False)
+    s, q = data(0), data(1)
+    batch = TaskBatch(support=(s[0][None], s[1][None]), query=(q[0][None], q[1][None]))
+    with pytest.raises(ValueError, match=r"trainable parameters changed since the learner was made \(33 -> 17"):
+        learner.meta_grad(flatten_params(net), batch)
+    ad = amaml_ext.AdjointLearner(small(), F.mse_loss, T=0.5, h=0.1, learn_lr=True, solver="euler", adjoint="discrete")
+    ad.module[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="changed since the learner was made"):
+        ad.adapt(*s)
+
+
+def test_unsupported_models_and_grids_are_named():
+    s, q = data(0), data(1)
+    net = small()
+    net[0].register_parameter("phase", nn.Parameter(torch.ones(2, dtype=torch.complex128)))
+    with pytest.raises(TypeError, match="complex trainable parameter '0.phase'"):
+        adjoint_meta_grad(net, F.mse_loss, torch.zeros(35, dtype=F64), 0.5, support=s, query=q, **EXACT)
+    with pytest.raises(ValueError, match="arguments 'T' and 'h'.*grid steps"):
+        adjoint_meta_grad(small(), F.mse_loss, flatten_params(small()), 1.0, support=s, query=q, h=1e-13,
+                          solver="euler", adjoint="discrete")
+    meta = small().to("meta")
+    with pytest.raises(ValueError, match="'meta' device"):
+        adjoint_meta_grad(meta, F.mse_loss, torch.zeros(33, dtype=F64, device="meta"), 0.5,
+                          support=(s[0].to("meta"), s[1].to("meta")), query=(q[0].to("meta"), q[1].to("meta")), **EXACT)
+    emb = nn.Sequential(nn.Embedding(5, 2, sparse=True), nn.Flatten(), nn.Linear(2, 1)).double()
+    xi = torch.randint(0, 5, (6, 1))
+    with pytest.raises(ValueError, match="sparse=True"):
+        adjoint_meta_grad(emb, F.mse_loss, flatten_params(emb), 0.5, support=(xi, torch.zeros(6, 1, dtype=F64)),
+                          query=(xi, torch.zeros(6, 1, dtype=F64)), **EXACT)
+
+
+def _gd_value(net, theta, s, q, steps=K, lr=0.1):
+    """V(u_K(theta)) by first-order autograd only (each GD step's gradient), for finite differences."""
+    u = theta.clone()
+    for _ in range(steps):
+        u = u - lr * torch.func.grad(lambda w: _loss(net, w, s))(u)
+    return _loss(net, u, q).item()
+
+
+@pytest.mark.parametrize("api", ["parametrizations", "old"])
+def test_weight_norm_second_order_is_right(api):
+    torch.manual_seed(0)
+    lin = nn.Linear(2, 4).double()
+    lin = (torch.nn.utils.parametrizations.weight_norm(lin) if api == "parametrizations"
+           else torch.nn.utils.weight_norm(lin))
+    net = nn.Sequential(lin, nn.Tanh(), nn.Linear(4, 1)).double()
+    s, q = data(0), data(1)
+    theta = flatten_params(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)        # the old API is deprecated
+        r = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=s, query=q, **EXACT)
+        eps = 1e-6
+        fd = torch.stack([torch.tensor((_gd_value(net, theta + eps * e, s, q) - _gd_value(net, theta - eps * e, s, q))
+                                       / (2 * eps), dtype=F64) for e in torch.eye(theta.numel(), dtype=F64)])
+    assert rel(r.grad, fd) < 1e-6

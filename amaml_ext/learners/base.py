@@ -67,11 +67,22 @@ class MetaLearner:
     def _check(self, theta: torch.Tensor, tasks: TaskBatch) -> None:
         """The shared argument checks (:mod:`amaml_ext.learners.checks`): theta ``[d + extra]``,
         float32/float64 and finite; the tasks of theta's dtype and device, finite, unpadded."""
+        self._check_model_unchanged()
         what = "the model's parameter count" if not self.extra else (
             f"the model's {self.d} parameters and the learner's {self.extra} own")
         checks.check_theta(theta, self.d + self.extra, what)
         checks.check_tasks(tasks, theta)
         checks.check_model_device(self.model, theta)
+
+    def _check_model_unchanged(self) -> None:
+        """The model's trainable parameters still number what the learner was made for (theta,
+        the learner's own meta-parameters and ANIL's head were sized for them)."""
+        d = sum(math.prod(s) for _, s in param_shapes(self.model))
+        if d != self.d:
+            raise ValueError(f"{self!r}: the model's trainable parameters changed since the learner was made "
+                             f"({self.d} -> {d} entries: a parameter frozen or unfrozen, added or removed); theta "
+                             "and the learner's own meta-parameters were sized for the old ones: make a new learner "
+                             "(and a new theta, amaml_ext.flatten_params(model))")
 
     def _checked(self, step: MetaStep) -> MetaStep:
         """``step``, once its meta-gradient and query losses are finite (the data were checked
@@ -115,6 +126,7 @@ class MetaLearner:
         steps) of ``lr`` (default ``inner_lr``): ``[d]``, or ``[B, d]`` with ``batched``."""
         steps = self.steps if steps is None else _checks.positive("steps", steps, integer=True)
         lr = self.inner_lr if lr is None else _checks.positive("lr", lr)
+        self._check_model_unchanged()
         checks.check_theta(theta, self.d)
         checks.check_pairs("support", (("support", support),), theta, batched)
         checks.check_model_device(self.model, theta)

@@ -116,7 +116,7 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
     flow = FlowSolve(fns, theta, T, h=h, solver=solver, adjoint=adjoint, rtol=rtol, atol=atol, memory=memory,
                      batched=batched, batch=batch, memory_budget=memory_budget, max_steps=max_steps)
     plan, fwd = flow.plan, flow.fwd
-    fns.check_deterministic(flow.u0, strict, "adjoint_meta_grad")
+    fns.check_model(flow.u0, strict, "adjoint_meta_grad")
     u_T = flow.forward()
     val_loss, lam_T = fns.value_and_grad_val(u_T)
     if not bool(torch.isfinite(val_loss).all()) or not bool(torch.isfinite(lam_T).all()):

@@ -64,6 +64,9 @@ def check_call(model, loss, theta, support, query, *, solver: str, adjoint: str,
         raise ValueError(f"argument 'theta' must have shape [{d}] (the model's parameter count), got {tuple(theta.shape)}")
     if theta.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"argument 'theta' must be float32 or float64, got {theta.dtype}")
+    if theta.device.type == "meta":
+        raise ValueError("argument 'theta' is on the 'meta' device, which holds no values: the inner run needs "
+                         "real numbers; use 'cpu' or 'cuda'")
     for name, value, allowed in (("solver", solver, ode.FORWARD_METHODS), ("adjoint", adjoint, ode.ADJOINT_METHODS),
                                  ("memory", memory, memory_modes)):
         if value not in allowed:

@@ -154,7 +154,8 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
     * ``lr``, a positive scalar or ``[d]`` tensor of step-size multipliers (Meta-SGD);
     * ``T``, a 0-dim tensor (or ``[B]`` with ``batched=True``) with a continuous adjoint (a 0-dim
       T that is not a whole number of steps h is solved in ``ceil(T / h)`` equal steps);
-    * ``adjoint_params``: tensors the ``loss`` uses through its closure (as torchdiffeq's argument).
+    * ``adjoint_params``: tensors the ``loss`` uses through its closure (as torchdiffeq's argument);
+    * the ``support`` tensors, where they require grad (features from a learned map).
 
     Exact mode (``solver="euler", adjoint="discrete"``) gives the gradients of the unrolled GD
     steps; the continuous adjoints (``"heun"``, ``"rk4"``) converge at order 2 and 4, with the
@@ -176,6 +177,8 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
                                      error_estimate=error_estimate, error_tol=error_tol, memory_modes=MEMORY_MODES)
     check_solver_options(rtol, atol, max_steps, memory_budget)
     params = _check_extras(T, theta, adjoint_params, adjoint, compile)
+    # support tensors that require grad (features from a learned map) are inputs like adjoint_params
+    params += tuple(t for t in support if t.requires_grad and t.is_floating_point() and all(t is not p for p in params))
     compile = False if params else compile          # "auto": the eager graph holds the params
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"argument 'stats' must be None or a dict to fill, got {type(stats).__name__}")
@@ -190,7 +193,7 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
                      batched=batched, batch=batch, memory_budget=memory_budget, max_steps=max_steps, lr=lr_value,
                      caller="gradient_flow", stacklevel=5)
     flow.fwd.reusable = True          # backward may run more than once (retain_graph, gradcheck)
-    fns.check_deterministic(flow.u0, strict, "gradient_flow")
+    fns.check_model(flow.u0, strict, "gradient_flow")
     estimate = error_estimate if error_estimate is not False and ode.ADJOINT_SCHEMES[adjoint].error_estimate else False
     job = dict(flow=flow, params=params, batched=batched, estimate=estimate, error_tol=error_tol, strict=strict,
                stats=stats, T=T if isinstance(T, torch.Tensor) else None,

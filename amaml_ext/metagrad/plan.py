@@ -79,6 +79,25 @@ def default_budget(device: torch.device) -> int:
         return 4 << 30
 
 
+def _physical_memory() -> Optional[int]:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_size(n: int, T: float, h: float, state_bytes: int, memory: str, device: torch.device) -> None:
+    """Refuse a grid that cannot be held: its times (8 bytes a step) or, with ``memory="store"``,
+    its states past the machine's memory (the device's for CUDA)."""
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else _physical_memory()
+    need = 8 * (n + 1) + ((n + 1) * state_bytes if memory == "store" else 0)
+    if total is not None and need > total:
+        fix = " or memory='checkpoint' (about 2 sqrt(N) states)" if memory == "store" else ""
+        raise ValueError(f"arguments 'T' and 'h': T / h = {n:,} grid steps (T={T:g}, h={h:g}) need "
+                         f"{need / 2**30:,.1f} GiB ({'the states and ' if memory == 'store' else ''}the grid times), "
+                         f"more than the {total / 2**30:,.1f} GiB of {device.type} memory: use a larger h{fix}")
+
+
 def make_plan(u0: torch.Tensor, T, h, *, batched: bool, batch: int, memory: str, memory_budget,
               max_steps: Optional[int]) -> Plan:
     """The plan for the start state ``u0`` (``[d]`` or ``[B, d]``)."""
@@ -86,6 +105,7 @@ def make_plan(u0: torch.Tensor, T, h, *, batched: bool, batch: int, memory: str,
     T_max, per_task_T = horizons(T, h, batched, batch)
     n = ode.grid_size(T_max, h)
     state_bytes = u0.numel() * u0.element_size()
+    _check_size(n, T_max, h, state_bytes, memory, u0.device)
     if memory == "auto":
         budget = default_budget(u0.device) if memory_budget is None else int(memory_budget)
         memory = "store" if (n + 1) * state_bytes <= budget else "checkpoint"
