@@ -252,3 +252,36 @@ def test_stale_temporary_files_are_removed_when_a_run_starts(tmp_path):
     assert main(["compare", "--methods", "fomaml", "--meta-steps", "2", "--test-steps", "1", "--out", cmp] + TINY) == 0
     assert not any(os.path.exists(s) for s in stale)
     assert sorted(os.listdir(cmp)) == ["compare.json", "compare.md", "compare.png", "fomaml"]
+
+
+# ---- the trial's D9 and evaluate's errors ----------------------------------------------------------
+
+def test_interrupted_compare_says_to_run_the_same_command_again(tmp_path):
+    out = str(tmp_path / "cmp")
+    cmd = [sys.executable, "-m", "amaml_ext", "compare", "--methods", "fomaml", "--meta-steps", "100000",
+           "--test-steps", "2", "--out", out] + TINY
+    p = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not os.path.exists(os.path.join(out, "fomaml", "checkpoint.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "run the same command again to continue" in err and "--resume" not in err and "resume=True" not in err
+
+
+def test_evaluate_with_a_non_finite_theta_or_a_diverging_meta_test_ends_in_one_line(tmp_path, capsys, monkeypatch):
+    run = str(tmp_path / "run")
+    assert main(_train(run, 1)) == 0
+    theta = torch.load(os.path.join(run, "theta.pt"))
+    torch.save(torch.full_like(theta, float("nan")), os.path.join(run, "theta.pt"))
+    err = _refused(["evaluate", "--run", run, "--test-steps", "2", "--quiet"], capsys, code=2)
+    assert "non-finite" in err and run in err
+    torch.save(theta, os.path.join(run, "theta.pt"))
+    cli_main = importlib.import_module("amaml_ext.cli.main")
+
+    def diverging(*args, **kwargs):     # meta_test's own detection: test_learners_reliability.py
+        raise learners.InnerLoopDiverged("meta_test: the inner loop diverged on task 3")
+    monkeypatch.setattr(cli_main, "evaluate_run", diverging)
+    err = _refused(["evaluate", "--run", run, "--test-steps", "2", "--quiet"], capsys, code=1)
+    assert "diverged on task 3" in err

@@ -11,7 +11,7 @@ from ..data.benchmarks import BENCHMARKS
 from ..train import (CHECKPOINT, THETA, DistributedError, RunConfigMismatch, RunFileError, init_distributed,
                      launched_by_torchrun, load_checkpoint)
 from ..train.io import atomic_write_bytes, check_resumable
-from ..train.loop import run_settings
+from ..train.loop import RESUME_HINT, run_settings
 from .checks import CommandError, check_environment, check_methods, ending
 from .options import build_parser, device_of, resolve_task_args
 from .report import compare_plot, compare_table, paired_table
@@ -152,8 +152,13 @@ def _join_torchrun(args):
 def _main(args) -> int:
     check_environment()
     if args.command == "evaluate":
-        evaluate_run(args.run, args.test_steps, device_of(args.device) if args.device else None, args.quiet,
-                     distributed=args.distributed)
+        try:
+            evaluate_run(args.run, args.test_steps, device_of(args.device) if args.device else None, args.quiet,
+                         distributed=args.distributed)
+        except FloatingPointError as e:       # the meta-test diverged (InnerLoopDiverged): a failed run
+            raise CommandError(f"amaml-ext evaluate --run {args.run}: {e}", 1) from None
+        except ValueError as e:               # a non-finite theta.pt, damaged data: a refusal
+            raise CommandError(f"amaml-ext evaluate --run {args.run}: {e}") from None
         return 0
     args.device = device_of(args.device)
     resolve_task_args(args)
@@ -167,7 +172,9 @@ def _main(args) -> int:
     except (AdjointAccuracyError, FloatingPointError, DistributedError) as e:
         raise CommandError(f"amaml-ext: {e}", 1) from None
     except KeyboardInterrupt as e:
-        print(f"\namaml-ext: {e or 'interrupted'}", file=sys.stderr)
+        hint = ("run the same command again to continue" if args.command == "compare"
+                else "run the same command with --resume to continue")
+        print(f"\namaml-ext: {str(e).replace(RESUME_HINT, hint) or 'interrupted'}", file=sys.stderr)
         return 143 if "SIGTERM" in str(e) else 130
     return 0
 

@@ -24,6 +24,10 @@ from .io import (CHECKPOINT, CONFIG, METRICS, OPTIONAL_METRIC_FIELDS, THETA, Run
                  unlock_run_dir)
 
 
+RESUME_HINT = "run again with resume=True to continue"
+"""How an interrupted :func:`meta_train` says to continue (the command says it its own way)."""
+
+
 def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir: Optional[str] = None,
                theta0: Optional[torch.Tensor] = None,
                meta_batch: int = 5, lr: float = 1e-3, seed: int = 0, resume: bool = False,
@@ -123,7 +127,7 @@ def _train(run, learner, pool, meta_steps, meta_batch, seed, device, dtype, ever
         done = run.save_done(bar)
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         raise KeyboardInterrupt(f"meta_train {what} after meta-step {done}; checkpoint saved in "
-                                f"{out_dir!r}: run again with resume=True (--resume) to continue") from None
+                                f"{out_dir!r}: {RESUME_HINT}") from None
     if bar is not None:
         bar.close()
     if run.start >= meta_steps:  # nothing left to do: make sure the final files exist
