@@ -20,6 +20,7 @@ from torch import nn
 from . import _checks
 from .functional import LossFn, flatten_params, unflatten_params
 from .metagrad import gradient_flow
+from .metagrad.checks import check_pairing
 
 
 class AdaptedModel(nn.Module):
@@ -59,6 +60,7 @@ class AdjointLearner(nn.Module):
         self.loss = loss
         self.T, self.h = _checks.positive("T", T), _checks.positive("h", h)
         self.options = options
+        check_pairing(options.get("solver", "dopri5"), options.get("adjoint", "heun"))
         if learn_T and options.get("adjoint") == "discrete":
             raise ValueError("argument 'learn_T' needs a continuous adjoint ('heun' or 'rk4'): exact mode "
                              "(adjoint='discrete') differentiates T / h GD steps, whose number has no derivative")
@@ -66,6 +68,7 @@ class AdjointLearner(nn.Module):
         if not learn_T and (steps < 1 or abs(steps * self.h - self.T) > 1e-9 * max(1.0, self.T)):
             raise ValueError(f"argument 'T' must be a whole multiple of h={self.h:g}, got T={self.T:g}")
         like = flatten_params(model)      # [d]; names a model with nothing trainable
+        self.trainable = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
         self.log_lr = nn.Parameter(torch.zeros_like(like)) if learn_lr else None
         self.log_T = nn.Parameter(like.new_tensor(math.log(self.T))) if learn_T else None
 
@@ -79,12 +82,12 @@ class AdjointLearner(nn.Module):
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor, *, T: Optional[float] = None) -> AdaptedModel:
         """Inner training on ``(x, y)``: the adapted model (``T`` overrides the horizon)."""
-        d = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
-        if self.log_lr is not None and d != self.log_lr.numel():
+        now = [(n, tuple(p.shape)) for n, p in self.module.named_parameters() if p.requires_grad]
+        if self.log_lr is not None and now != self.trainable:
             raise ValueError(f"AdjointLearner.adapt: the model's trainable parameters changed since the learner "
-                             f"was made ({self.log_lr.numel()} -> {d} entries: a parameter frozen or unfrozen, added "
-                             "or removed); its learned step sizes (learn_lr=True) were sized for the old ones: make "
-                             "a new AdjointLearner")
+                             f"was made ({self.log_lr.numel()} -> {sum(math.prod(s) for _, s in now)} entries: a "
+                             "parameter frozen or unfrozen, added, removed or reshaped); its learned step sizes "
+                             "(learn_lr=True) were laid out for the old ones: make a new AdjointLearner")
         stats: Dict = {}
         horizon = self.log_T.exp() if self.log_T is not None and T is None else (self.T if T is None else T)
         lr = None if self.log_lr is None else self.log_lr.exp()

@@ -1,52 +1,32 @@
 """nn.Module + loss + task data -> functions of a flat parameter vector.
 
-The solver works on a flat state ``u`` of shape ``[d]`` (one task) or ``[B, d]`` (B tasks).
-:class:`TaskFunctions` turns the user's model into the three callbacks A-MAML needs:
+The solver works on a flat state ``u``, ``[d]`` (one task) or ``[B, d]`` (B tasks).
+:class:`TaskFunctions` gives A-MAML's callbacks: ``grad(u)`` and ``hvp(u, v)`` of the training
+(support) loss, ``value_and_grad_val(u)`` of the validation (query) loss per task. Parameters
+are views into ``u`` through ``torch.func.functional_call`` on a private copy of the model made
+per call (:mod:`amaml_ext.model_state`); the user's module is never mutated. B tasks are
+evaluated together by ``torch.func.vmap`` (one at a time where vmap cannot) and differentiated
+with autograd. HVPs use double backward; the linearisation of the last state is kept, so
+``N + 1`` linearisations serve a Heun adjoint's ``2N`` HVPs (docs/design.md).
 
-* ``grad(u)``: gradient of the training (support) loss, ``[d]`` or ``[B, d]``;
-* ``hvp(u, v)``: Hessian-vector product of the training loss;
-* ``value_and_grad_val(u)``: validation (query) loss per task and its gradient.
-
-The model's parameters are replaced by views into ``u`` through
-``torch.func.functional_call``; the user's module is never mutated. B tasks are evaluated
-together by ``torch.func.vmap`` over the functional forward, and differentiated with
-autograd (the per-task losses are summed; tasks do not interact, so the gradient of the
-sum with respect to ``u[b]`` is task b's gradient).
-
-HVPs use double backward. A Heun (or RK4) adjoint step evaluates two HVPs at the same
-stored state, and consecutive steps share a state, so the linearisation (the gradient with
-its graph) of the last state is kept and reused: ``N + 1`` linearisations serve ``2N`` HVPs.
-docs/design.md records the measurements behind this choice.
-
-With ``compile=True`` the gradient and the HVP are instead ``torch.compile``-d functions
-(``torch.func.grad`` of the summed task loss, and forward-over-reverse ``jvp(grad)``): for small
-models, where eager PyTorch overhead dominates, they are 4-6x faster per gradient or HVP call
-(2.4-3.5x per meta-gradient, docs/benchmarks.md) after a one-off compilation of seconds (per
-model, loss and input shape; later calls with new task data of the same shapes reuse it). If
-compilation fails, a warning is issued and the eager callbacks are used.
+``compile=True``: ``torch.compile``-d ``torch.func.grad`` and forward-over-reverse ``jvp(grad)``,
+4-6x faster per call for small models after a one-off compilation of seconds (per model as it
+is, loss and input shapes); a failed compilation warns and falls back to eager.
 """
 
 import math
-import threading
 import warnings
-import weakref
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .compile_policy import compile_refusal, resolve_compile
-from .model_state import (NondeterministicModelWarning, backward_hooked, cast_constants,  # noqa: F401 (re-exported)
-                          check_model, check_supported, constants, differentiable, fingerprint, functional_module)
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def param_shapes(model: nn.Module) -> Sequence[Tuple[str, torch.Size]]:
-    """(name, shape) of every trainable parameter (``requires_grad=True``), in
-    ``model.named_parameters()`` order: what theta covers. Frozen parameters are used as they
-    are and never adapted or meta-trained."""
-    return [(name, p.shape) for name, p in model.named_parameters() if p.requires_grad]
+from .compiled import COMPILED_CALL_LOCK, compiled_callbacks
+from .model_checks import (LossFn, LossValueError, NondeterministicModelWarning,  # noqa: F401 (re-exported)
+                           backward_hooked, check_model, check_supported, checked_loss, differentiable)
+from .model_state import (_unflatten_shapes, cast_constants, constants,  # noqa: F401 (re-exported)
+                          functional_module, param_shapes)
 
 
 def flatten_params(model: nn.Module) -> torch.Tensor:
@@ -81,41 +61,12 @@ def unflatten_params(model: nn.Module, flat: torch.Tensor) -> Dict[str, torch.Te
     return _unflatten_shapes(shapes, flat)
 
 
-def _unflatten_shapes(shapes: Sequence[Tuple[str, torch.Size]], flat: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Views of ``flat`` (``[..., d]``) shaped like ``shapes``, unchecked (also inside torch.compile)."""
-    out, i = {}, 0
-    batch = flat.shape[:-1]
-    for name, shape in shapes:
-        n = math.prod(shape)
-        out[name] = flat[..., i:i + n].reshape(*batch, *shape)
-        i += n
-    return out
-
-
 def second_order():
     """Context for computations that are differentiated twice (HVPs, unrolled MAML): scaled
     dot-product attention takes its math backend, whose backward is differentiable (the fused
     CPU/flash kernels have no double backward: nn.TransformerEncoderLayer would fail)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel(SDPBackend.MATH)
-
-
-class LossValueError(ValueError):
-    """The loss function returned something other than a floating-point scalar tensor."""
-
-
-def checked_loss(loss: LossFn, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``loss(pred, y)``, checked to be a floating-point scalar tensor (one task's mean loss)."""
-    out = loss(pred, y)
-    if not isinstance(out, torch.Tensor):
-        raise LossValueError(f"argument 'loss' must return a scalar torch.Tensor, got {type(out).__name__} "
-                             "(a Python number has no gradient)")
-    if not out.is_floating_point():
-        raise LossValueError(f"argument 'loss' must return a floating-point scalar tensor, got dtype {out.dtype}")
-    if out.dim() != 0:
-        raise LossValueError(f"argument 'loss' must return a scalar (one task's mean loss), got a tensor of shape "
-                             f"{tuple(out.shape)}; with reduction='none' reduce it first (e.g. reduction='mean')")
-    return out
 
 
 def _first_line(e: BaseException) -> str:
@@ -134,60 +85,6 @@ def check_data(name: str, pair, batched: bool) -> None:
     if x.dim() > dim and x.shape[dim] == 0:
         raise ValueError(f"argument '{name}' is empty: it holds no samples (x has shape {tuple(x.shape)}); "
                          f"the {name} set needs at least one")
-
-
-class _CompiledCallbacks:
-    """``torch.compile``-d gradient and HVP of the summed training loss for one (model as it is
-    now, loss, batched) combination; the task data and the model's constants are arguments, so
-    new tasks of the same shapes reuse the compiled code. They run on a private copy of the
-    model made for them, which nothing mutates. Compiled calls are serialised by one lock (a
-    compilation, and the dynamo setting it runs under, are process-wide)."""
-
-    def __init__(self, model: nn.Module, loss: LossFn, batched: bool, keep):
-        shapes = list(param_shapes(model))
-        module = functional_module(model)
-        self.keep = keep        # the objects the cache key names by identity (model_state.fingerprint)
-
-        # the constants (buffers, frozen parameters) are arguments: read from the model per call
-        def task_loss(flat_u, consts, x, y):
-            params = _unflatten_shapes(shapes, flat_u)
-            return checked_loss(loss, torch.func.functional_call(module, (params, consts), (x,)), y)
-
-        def loss_sum(u, consts, x, y):
-            if batched:
-                return torch.func.vmap(task_loss, in_dims=(0, None, 0, 0))(u, consts, x, y).sum()
-            return task_loss(u, consts, x, y).sum()
-
-        grad = torch.func.grad(loss_sum)
-
-        def hvp(u, v, consts, x, y):  # (gradient, HVP): the primal of the jvp is the gradient at u
-            return torch.func.jvp(lambda w: grad(w, consts, x, y), (u,), (v,))
-
-        self.grad = torch.compile(grad, dynamic=False)
-        self.hvp = torch.compile(hvp, dynamic=False)
-        self.failed: Optional[str] = None
-
-
-_COMPILED: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, _CompiledCallbacks]]" = weakref.WeakKeyDictionary()
-_COMPILED_LOCK = threading.Lock()
-_COMPILED_CALL_LOCK = threading.Lock()
-_COMPILED_PER_MODEL = 4      # versions of one model kept compiled (a changed model compiles anew)
-
-
-def _compiled_callbacks(model: nn.Module, loss: LossFn, batched: bool) -> _CompiledCallbacks:
-    """The compiled callbacks of ``model`` as it is now (its :func:`fingerprint`), ``loss`` and
-    ``batched``: reused while none of them changes, compiled anew when one does."""
-    key, keep = fingerprint(model)
-    key = (key, loss, batched)
-    with _COMPILED_LOCK:
-        per_model = _COMPILED.setdefault(model, {})
-        if key in per_model:
-            per_model[key] = per_model.pop(key)         # most recently used last
-        else:
-            per_model[key] = _CompiledCallbacks(model, loss, batched, keep)
-            while len(per_model) > _COMPILED_PER_MODEL:
-                per_model.pop(next(iter(per_model)))
-        return per_model[key]
 
 
 class TaskFunctions:
@@ -246,7 +143,7 @@ class TaskFunctions:
         if refusal is not None:
             warnings.warn(f"amaml_ext: {refusal}; using the eager callbacks", RuntimeWarning, stacklevel=3)
             compile = False
-        self._compiled = _compiled_callbacks(model, loss, batched) if compile else None
+        self._compiled = compiled_callbacks(model, loss, batched) if compile else None
 
     def _compiled_call(self, name: str, *args) -> Optional[torch.Tensor]:
         """Run a compiled callback; on a compilation failure warn once and return None (eager)."""
@@ -260,7 +157,7 @@ class TaskFunctions:
         try:
             # dynamo does not guard on module hooks by default: a hook added or removed after a
             # compilation would run the old code (the compiled code is shared per code object)
-            with _COMPILED_CALL_LOCK, second_order(), torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            with COMPILED_CALL_LOCK, second_order(), torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
                 return getattr(c, name)(*args, self.constants(args[0].dtype), *self.support)
         except LossValueError:
             raise
@@ -276,11 +173,12 @@ class TaskFunctions:
             self._cast[dtype] = cast_constants(self.buffers, dtype)
         return self._cast[dtype]
 
-    def check_model(self, u: torch.Tensor, strict: bool = False, caller: str = "adjoint_meta_grad") -> None:
-        """The checks of a model that only an evaluation can make (:func:`model_state.check_model`):
-        a forward that is random, changes its buffers in place, or reads the user's own
-        parameters past theta. Once per unchanged model."""
-        check_model(self, u, strict, caller)
+    def check_model(self, u: torch.Tensor, strict: bool = False, caller: str = "adjoint_meta_grad",
+                    random_ok: bool = False) -> None:
+        """The checks of a model that only an evaluation can make (:func:`model_checks.check_model`):
+        a forward that cuts the graph, reads the user's own parameters past theta, changes its
+        buffers in place, is random, or differs under vmap. Once per unchanged model."""
+        check_model(self, u, strict, caller, random_ok)
 
     @property
     def compiled(self) -> bool:
@@ -296,26 +194,33 @@ class TaskFunctions:
         return checked_loss(self.loss, pred, y)
 
     def losses(self, u: torch.Tensor, data) -> torch.Tensor:
-        """Per-task loss: ``[]`` for one task, ``[B]`` for a batch (vmapped; one task at a time
-        for a model that vmap cannot run or whose backward hooks it would skip)."""
-        x, y = data
+        """Per-task loss: ``[]`` for one task, ``[B]`` for a batch."""
+        return self._over_tasks(self._task_loss, u, *data)
+
+    def predictions(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The model's output at ``u`` on inputs ``x`` (per task when batched)."""
+        def one(w, xb):
+            return torch.func.functional_call(self.module, (unflatten_params(self.model, w), self.constants(w.dtype)),
+                                              (xb,))
+        return self._over_tasks(one, u, x)
+
+    def _over_tasks(self, fn, u: torch.Tensor, *data):
+        """``fn(u, *data)`` for one task; batched, vmapped, or one task at a time for a model that
+        vmap cannot run (found at the first failure, with a warning) or would get wrong."""
         if not self.batched:
-            return self._task_loss(u, x, y)
+            return fn(u, *data)
         if self.per_task is None:
             try:
-                return torch.func.vmap(self._task_loss)(u, x, y)
+                return torch.func.vmap(fn)(u, *data)
             except (LossValueError, ValueError, TypeError):
                 raise
             except Exception as e:  # noqa: BLE001  (vmap cannot run this forward: try task by task)
-                out = self._loop(u, x, y)
+                out = torch.stack([fn(u[b], *(t[b] for t in data)) for b in range(u.shape[0])])
                 self.per_task = f"torch.func.vmap cannot run its forward ({type(e).__name__}: {_first_line(e)})"
                 warnings.warn(f"amaml_ext: the model's tasks are evaluated one at a time (slower): {self.per_task}",
                               RuntimeWarning, stacklevel=3)
                 return out
-        return self._loop(u, x, y)
-
-    def _loop(self, u: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self._task_loss(u[b], x[b], y[b]) for b in range(u.shape[0])])
+        return torch.stack([fn(u[b], *(t[b] for t in data)) for b in range(u.shape[0])])
 
     # -- derivatives ------------------------------------------------------------------------
 

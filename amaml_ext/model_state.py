@@ -9,17 +9,17 @@ that a change to it could make stale, and no call mutates anything another call 
   submodule replaced (``net[1] = nn.Sigmoid()``) after a first call is seen by the next.
 * :func:`constants`: the frozen parameters and buffers, read from the user's model at every call.
 * :func:`fingerprint`: a hashable summary of everything of a model that defines its function
-  apart from its tensors' values (module types, each module's own ``training`` flag, plain
-  attributes, hooks, parameter and buffer shapes); the compiled callbacks, whose compilation
-  takes seconds, are kept per fingerprint, so a changed model gets its own.
+  apart from its tensors' values (module types and their methods, each module's own
+  ``training`` flag, plain attributes, hooks, parameter and buffer shapes); the compiled
+  callbacks, whose compilation takes seconds, and the verdicts of :mod:`amaml_ext.model_checks`
+  are kept per fingerprint, so a changed model gets its own.
 """
 
 import copy
+import math
 import itertools
-import warnings
-import weakref
 from collections import OrderedDict
-from typing import Any, Dict, Hashable, List, Optional, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -77,6 +77,24 @@ def _wrapped(m: nn.Module) -> Optional[str]:
     if optimized is not None and isinstance(m, optimized.OptimizedModule):
         return "_orig_mod"
     return None
+
+
+def param_shapes(model: nn.Module) -> Sequence[Tuple[str, torch.Size]]:
+    """(name, shape) of every trainable parameter (``requires_grad=True``), in
+    ``model.named_parameters()`` order: what theta covers. Frozen parameters are used as they
+    are and never adapted or meta-trained."""
+    return [(name, p.shape) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _unflatten_shapes(shapes: Sequence[Tuple[str, torch.Size]], flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Views of ``flat`` (``[..., d]``) shaped like ``shapes``, unchecked (also inside torch.compile)."""
+    out, i = {}, 0
+    batch = flat.shape[:-1]
+    for name, shape in shapes:
+        n = math.prod(shape)
+        out[name] = flat[..., i:i + n].reshape(*batch, *shape)
+        i += n
+    return out
 
 
 def functional_module(model: nn.Module) -> nn.Module:
@@ -193,6 +211,19 @@ def _freeze(v: Any, keep: List[Any], depth: int = 0) -> Hashable:
     return ("object", id(v))
 
 
+def _methods(cls: type, keep: List[Any]) -> Tuple[int, ...]:
+    """The identities of the functions defined by ``cls`` and its bases below ``nn.Module``: a
+    method patched on the class (``Act.forward = ...``) changes the fingerprint."""
+    out = []
+    for c in cls.__mro__:
+        if c is nn.Module or c is object:
+            break
+        fns = [v for v in vars(c).values() if callable(v)]
+        keep.extend(fns)
+        out.extend(id(v) for v in fns)
+    return tuple(out)
+
+
 def fingerprint(model: nn.Module) -> Tuple[Hashable, List[Any]]:
     """Everything of ``model`` that defines its function apart from its tensors' values, as a
     hashable key: for each module (in ``named_modules`` order, a shared one at each place) its
@@ -207,133 +238,5 @@ def fingerprint(model: nn.Module) -> Tuple[Hashable, List[Any]]:
                        for k, p in m._parameters.items())
         bufs = tuple((k, None if b is None else (tuple(b.shape), b.dtype)) for k, b in m._buffers.items())
         keep.append(type(m))
-        out.append((name, id(type(m)), m.training, attrs, params, bufs))
+        out.append((name, id(type(m)), _methods(type(m), keep), m.training, attrs, params, bufs))
     return tuple(out), keep
-
-
-class NondeterministicModelWarning(RuntimeWarning):
-    """The model's training loss changes between two evaluations at the same parameters
-    (dropout in training mode, random noise in the forward): the gradient flow, its adjoint and
-    every A-MAML meta-gradient are then undefined."""
-
-
-def differentiable(total: torch.Tensor, what: str) -> torch.Tensor:
-    """``total`` (a loss of the flat state), checked to depend on it: else the loss or the
-    model's forward cut the graph, and autograd's own message would not say so."""
-    if not total.requires_grad:
-        raise ValueError(f"the {what} loss does not depend on the model's parameters: argument 'loss' or the "
-                         "model's forward cuts the graph (.detach(), torch.no_grad(), .item(), .numpy(), "
-                         "an integer result such as argmax), so it has no gradient to train or meta-train with")
-    return total
-
-
-def check_supported(model: nn.Module) -> None:
-    """Refuse what a functional call of ``model`` cannot take, naming it: trainable complex
-    parameters (theta is real), sparse gradients (``nn.Embedding(sparse=True)``), tensors on the
-    ``meta`` device (no values)."""
-    for name, p in model.named_parameters():
-        if p.is_complex() and p.requires_grad:
-            raise TypeError(f"argument 'model' has a complex trainable parameter {name!r} ({p.dtype}): theta, "
-                            "the flow and its adjoint are real; split it into real and imaginary parts")
-        if p.device.type == "meta":
-            raise ValueError(f"argument 'model' has parameter {name!r} on the 'meta' device, which holds no "
-                             "values: move the model to 'cpu' or 'cuda' (model.to_empty(device=...) and load "
-                             "the weights)")
-    for name, m in model.named_modules():
-        if getattr(m, "sparse", False) is True and isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-            raise ValueError(f"argument 'model' has {name or type(m).__name__} ({type(m).__name__}) with "
-                             "sparse=True: its sparse gradients have no second derivative; use sparse=False")
-
-
-def backward_hooked(model: nn.Module) -> List[str]:
-    """Names of the submodules with backward hooks, which ``torch.func`` (vmap, grad) skips."""
-    return [name or type(model).__name__ for name, m in model.named_modules()
-            if m._backward_hooks or m._backward_pre_hooks]
-
-
-_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def check_model(fns, u: torch.Tensor, strict: bool, caller: str) -> None:
-    """What only evaluating the model can show, checked on one task at ``u`` (two evaluations,
-    with copies of the buffers so the user's are not touched), once per unchanged model (its
-    :func:`fingerprint`):
-
-    * the forward reads the user's own trainable parameters other than through the module tree
-      (a hook or closure that holds the model: ``net[0].weight`` in a forward hook), where theta
-      never reaches them: ValueError, naming them;
-    * the forward changes buffers in place (a counter, ``spectral_norm``'s power iteration in
-      training mode): this call and every later one work on copies of them, so the user's model
-      is never changed; :class:`NondeterministicModelWarning` (ValueError with ``strict``);
-    * the forward is random (:func:`check_same_loss`), unless dropout modules were named already.
-
-    ``fns`` is the call's :class:`~amaml_ext.functional.TaskFunctions`."""
-    key, keep = fingerprint(fns.model)
-    cached = _CHECKED.get(fns.model)
-    if cached is not None and cached[0] == key:
-        _mutated_buffers(fns, cached[1], strict, caller)
-        return
-    x, y = fns.support
-    if fns.batched:                 # one task is enough to see any of these, and cheaper
-        u, x, y = u[0], x[0], y[0]
-    copies = {k: v.clone() for k, v in cast_constants(fns.buffers, u.dtype).items()}
-    versions = {k: v._version for k, v in copies.items()}
-    trainable = [(n, p) for n, p in fns.model.named_parameters() if p.requires_grad]
-    with torch.enable_grad():
-        a = fns._task_loss(u.detach(), x, y, copies)
-        b = fns._task_loss(u.detach(), x, y, copies)
-    if a.requires_grad and trainable:
-        grads = torch.autograd.grad(a, [p for _, p in trainable], allow_unused=True)
-        used = [n for (n, _), g in zip(trainable, grads) if g is not None]
-        if used:
-            raise ValueError(f"{caller}: the model's forward reads its own trainable parameters "
-                             f"{', '.join(used[:3])}{', ...' if len(used) > 3 else ''} other than through its "
-                             "modules (a hook or closure that holds the model, e.g. net[0].weight in a forward "
-                             "hook): theta, which replaces the parameters module by module, never reaches them, so "
-                             "the gradients would be wrong. Read parameters through the module the code runs in "
-                             "(a hook's `module` argument).")
-    mutated = sorted(k for k, v in copies.items() if v._version != versions[k])
-    _mutated_buffers(fns, mutated, strict, caller)
-    if mutated or fns.dropout or check_same_loss(a.detach(), b.detach(), False, strict, caller):
-        _CHECKED[fns.model] = (key, mutated, keep)      # a random forward is checked (and warned of) again
-
-
-def _mutated_buffers(fns, names: List[str], strict: bool, caller: str) -> None:
-    """The forward changes the buffers ``names`` in place: warn (raise with ``strict``) and let
-    ``fns`` work on copies of them."""
-    if not names:
-        return
-    msg = (f"{caller}: the model's forward changes its buffer(s) {', '.join(names[:3])} in place (a counter, "
-           "spectral_norm's power iteration in training mode, ...): the function being trained changes at every "
-           "evaluation, so the flow and its adjoint are not those of one function. Every call works on copies of "
-           "them (the model's own are never changed); put such modules in eval mode.")
-    if strict:
-        raise ValueError(msg)
-    warnings.warn(msg, NondeterministicModelWarning, stacklevel=6)
-    fns.buffers = {k: v.clone() if k in names else v for k, v in fns.buffers.items()}
-    fns._cast = {}
-
-
-def check_same_loss(a: torch.Tensor, b: torch.Tensor, batched: bool, strict: bool, caller: str) -> bool:
-    """Two evaluations ``a``, ``b`` of the training loss at the same point (per task) must agree
-    to a relative 1e-4 (nondeterministic GPU reductions pass, random forwards do not); else warn
-    (:class:`NondeterministicModelWarning`) or, with ``strict``, raise ValueError. Returns
-    whether they agree."""
-    diff = (a - b).abs()
-    scale = torch.maximum(a.abs(), b.abs())
-    tiny = torch.finfo(a.dtype).tiny
-    bad = ~(diff <= 1e-4 * scale + tiny)
-    if not bool(bad.any()):
-        return True
-    i = int(bad.reshape(-1).nonzero()[0])
-    rel = float(diff.reshape(-1)[i] / scale.reshape(-1)[i].clamp_min(tiny))
-    msg = (f"{caller}: the model's training loss is not deterministic: two evaluations at the same "
-           f"parameters gave {a.reshape(-1)[i].item():.6g} and {b.reshape(-1)[i].item():.6g} (relative "
-           f"difference {rel:.2g}{f', task {i}' if batched else ''}). Randomness in the forward "
-           "(F.dropout(x, p, self.training), torch.rand, noise layers) makes the gradient flow and its "
-           "adjoint undefined, and the meta-gradient meaningless. Make the forward deterministic "
-           "(model.eval(), a fixed mask, or noise drawn outside the model).")
-    if strict:
-        raise ValueError(msg)
-    warnings.warn(msg, NondeterministicModelWarning, stacklevel=5)
-    return False

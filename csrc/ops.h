@@ -98,10 +98,16 @@ inline void check_overlap(const char* op, const char* out_name, const at::Tensor
                           const std::string& in_name, const at::Tensor& in, bool allow_full) {
   if (!in.defined()) return;
   const at::MemOverlapStatus s = at::get_overlap_status(out, in);
-  const bool partial = s == at::MemOverlapStatus::Partial;
+  // TooHard: a view that is not dense (a stride-2 slice). Against an input it is harmless (that
+  // side goes through a contiguous copy); between two outputs both are written, one of them
+  // from a temporary copied back afterwards, so any shared storage is refused.
+  const bool shared = s == at::MemOverlapStatus::TooHard && !allow_full && out.has_storage() &&
+                      in.has_storage() && out.storage().is_alias_of(in.storage());
+  const bool partial = s == at::MemOverlapStatus::Partial || shared;
   const bool full = s == at::MemOverlapStatus::Full;
   TORCH_CHECK(!partial && (allow_full || !full), cat("amaml_ext.", op, ": argument '", out_name,
-              "' ", partial ? "partially overlaps" : "is the same memory as", " argument '", in_name,
+              "' ", shared ? "may share memory with" : partial ? "partially overlaps" : "is the same memory as",
+              " argument '", in_name,
               "' (", out_name, " ", shape_str(out), ", ", in_name, " ", shape_str(in), "); ",
               allow_full ? "an output may be an input itself (in place) but not overlap it in part"
                          : "they must not share memory",
@@ -208,8 +214,7 @@ void dopri5_finish_op(const at::Tensor& y0, at::TensorList stages, double h, dou
               ", got ", detail::shape_str(err_norm)));
   detail::check_output(op, "y1", y1, {{"y0", y0}}, stages, {{"err", err}, {"err_norm", err_norm}});
   detail::check_output(op, "err", err, {{"y0", y0}}, stages, {{"err_norm", err_norm}});
-  // err_norm is a reduction over each row: written once all of a row is read, so it may not
-  // share memory with any input either
+  // err_norm is a reduction over each row: it may not be (part of) an input either
   detail::check_output(op, "err_norm", err_norm, {{"y0", y0}}, stages, {}, false);
   const at::Tensor y0c = y0.contiguous();
   detail::with_contiguous_out(y1, [&](at::Tensor& y1o) {

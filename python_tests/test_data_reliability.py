@@ -210,3 +210,13 @@ def test_command_reports_damaged_data_files(tmp_path, capsys):
     msg = _command_error(["train", "--task", "miniimagenet", "--data-root", str(root), "--out", str(tmp_path / "m")]
                          + run, capsys)
     assert msg.startswith("amaml-ext: --task miniimagenet: ") and "test.csv' is not UTF-8 text" in msg, msg
+
+
+def test_ids_past_2_to_the_53_are_refused(tmp_path):
+    """A float id past 2^53 is not exact and wrapped to a negative int64 (second trial)."""
+    path = _write_ml100k(tmp_path)
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = b"\t".join([b"100000000000000000000"] + lines[2].split(b"\t")[1:])
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataFileError, match=r"user id 1e\+20 in row 3, column 1 is not a positive integer up to 2\^53"):
+        MovieLens100K(tmp_path)

@@ -344,7 +344,7 @@ def test_hook_reading_the_users_parameters_is_refused():
     net = small()
     net[2].register_forward_hook(lambda m, i, o: o + net[0].weight.sum())
     s, q = data(0), data(1)
-    with pytest.raises(ValueError, match=r"reads its own trainable parameters 0\.weight other than through"):
+    with pytest.raises(ValueError, match=r"reads the model.s own trainable parameters 0\.weight other than through"):
         adjoint_meta_grad(net, F.mse_loss, flatten_params(net), 0.5, support=s, query=q, **EXACT)
     net2 = small()        # the same hook reading its own module's parameters is fine
     net2[2].register_forward_hook(lambda m, i, o: o + m.weight.sum())
@@ -528,3 +528,191 @@ def test_weight_norm_second_order_is_right(api):
         fd = torch.stack([torch.tensor((_gd_value(net, theta + eps * e, s, q) - _gd_value(net, theta - eps * e, s, q))
                                        / (2 * eps), dtype=F64) for e in torch.eye(theta.numel(), dtype=F64)])
     assert rel(r.grad, fd) < 1e-6
+
+
+def test_every_model_of_a_process_is_compiled():
+    """Dynamo keeps compiled code per code object and stops compiling one after 8 recompilations:
+    with one code object for every model, the ninth model of a process silently ran eagerly."""
+    if compile_refusal() is not None:
+        pytest.skip(compile_refusal())
+    from amaml_ext.functional import TaskFunctions
+    from torch._dynamo.utils import counters
+    s = (data(0)[0][None], data(0)[1][None])
+    for width in range(2, 12):                                # 10 models, each its own shapes
+        torch.manual_seed(width)
+        net = nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, 1)).double()
+        fns = TaskFunctions(net, F.mse_loss, s, s, True, compile=True)
+        u = flatten_params(net)[None]
+        before = counters["stats"]["unique_graphs"]
+        fns.hvp(u, u)
+        assert fns.compiled and counters["stats"]["unique_graphs"] > before, f"model {width - 1} not compiled"
+
+
+# -- the second pass: other members of each class ---------------------------------------------------
+
+def _two_tasks():
+    sets, queries = [data(0), data(2)], [data(1), data(3)]
+    S = (torch.stack([a for a, _ in sets]), torch.stack([b for _, b in sets]))
+    Q = (torch.stack([a for a, _ in queries]), torch.stack([b for _, b in queries]))
+    return sets, queries, TaskBatch(support=S, query=Q)
+
+
+@pytest.mark.parametrize("name", ["MAML", "FOMAML", "Reptile", "IMAML", "ANIL"])
+def test_baselines_check_the_model_too(name):
+    _, _, batch = _two_tasks()
+    net = small()
+    net[2].register_forward_pre_hook(lambda m, i: (i[0] + net[0].weight.sum(),))
+    kwargs = dict(steps=2, inner_lr=0.1) if name != "ANIL" else dict(steps=2, inner_lr=0.1, head="2")
+    learner = getattr(learners, name)(net, F.mse_loss, **kwargs)
+    with pytest.raises(ValueError, match="reads the model's own trainable parameters 0.weight"):
+        learner.meta_grad(flatten_params(net), batch)
+    counted = Counter()
+    learner = getattr(learners, name)(counted, F.mse_loss, **dict(kwargs, head="body.2") if name == "ANIL" else kwargs)
+    with pytest.warns(amaml_ext.NondeterministicModelWarning, match="changes its buffer"):
+        learner.meta_grad(flatten_params(counted), batch)
+    assert int(counted.calls) == 0
+
+
+def test_meta_test_checks_the_model_and_runs_what_vmap_cannot():
+    from amaml_ext import train
+    sets, queries, batch = _two_tasks()
+    net = Branchy()
+    theta = flatten_params(net)
+    with pytest.warns(RuntimeWarning, match="one at a time"):
+        curve = train.meta_test(net, F.mse_loss, theta, batch, steps=2, lr=0.1)
+    for b, (s, q) in enumerate(zip(sets, queries)):
+        u = theta.clone()
+        for _ in range(2):
+            u = u - 0.1 * torch.func.grad(lambda w: _loss(net, w, s))(u)
+        pred = torch.func.functional_call(net, amaml_ext.unflatten_params(net, u), (q[0],))
+        assert curve["final"][b] == pytest.approx(float((pred - q[1]).norm() / q[1].norm()), rel=1e-10)
+    hooked = small()
+    hooked[2].register_forward_hook(lambda m, i, o: o + hooked[0].bias.sum())
+    with pytest.raises(ValueError, match="reads the model's own trainable parameters 0.bias"):
+        train.meta_test(hooked, F.mse_loss, flatten_params(hooked), batch, steps=2, lr=0.1)
+
+
+class TensorHooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = small()
+
+    def forward(self, x):
+        h = self.body[1](self.body[0](x))
+        if h.requires_grad:
+            h.register_hook(lambda g: g * 2)          # vmap skips it: the tasks must run one at a time
+        return self.body[2](h)
+
+
+def test_tensor_hooks_inside_the_forward_hold_batched():
+    sets, queries, batch = _two_tasks()
+    net = TensorHooked()
+    theta = flatten_params(net)
+    ref = torch.stack([reference(net, theta, s, q) for s, q in zip(sets, queries)])
+    with pytest.warns(RuntimeWarning, match="another gradient than plain autograd"):
+        r = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=batch.support, query=batch.query, batched=True,
+                              **EXACT)
+    assert rel(r.grad, ref) < 1e-10
+    step = learners.MAML(net, F.mse_loss, steps=K, inner_lr=0.1).meta_grad(theta, batch)
+    assert rel(step.grad, ref.mean(0)) < 1e-10
+
+
+class Act(nn.Module):
+    def forward(self, x):
+        return torch.tanh(x)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_method_patched_on_the_class_is_seen(compile, monkeypatch):
+    if compile and compile_refusal() is not None:
+        pytest.skip(compile_refusal())
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), Act(), nn.Linear(8, 1)).double()
+    s, q = data(0), data(1)
+    theta = flatten_params(net)
+    adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=s, query=q, compile=compile, **EXACT)
+    monkeypatch.setattr(Act, "forward", lambda self, x: torch.sin(x))
+    r = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=s, query=q, compile=compile, **EXACT)
+    assert rel(r.grad, reference(net, theta, s, q)) < 1e-10
+
+
+def test_swapping_which_parameters_train_is_refused():
+    net = small()
+    learner = learners.ANIL(net, F.mse_loss, steps=2, inner_lr=0.1, head="2")
+    net[0].bias.requires_grad_(False)
+    net[2].weight.requires_grad_(False)
+    net[2].weight.requires_grad_(True)
+    net[0].bias.requires_grad_(True)          # the same again: accepted
+    _, _, batch = _two_tasks()
+    learner.meta_grad(flatten_params(net), batch)
+    net[0].bias.requires_grad_(False)
+    extra = nn.Parameter(torch.zeros(8, dtype=F64))
+    net[0].register_parameter("scale", extra)   # the same count, other parameters
+    with pytest.raises(ValueError, match="trainable parameters changed since the learner was made"):
+        learner.meta_grad(flatten_params(net), batch)
+
+
+def test_discrete_adjoint_needs_the_euler_forward():
+    s, q = data(0), data(1)
+    net = small()
+    for solver in ("rk4", "dopri5"):
+        with pytest.raises(ValueError, match="'discrete' is the exact gradient of solver='euler'"):
+            adjoint_meta_grad(net, F.mse_loss, flatten_params(net), 0.4, support=s, query=q, h=0.2, solver=solver,
+                              adjoint="discrete")
+        with pytest.raises(ValueError, match="must be paired with it"):
+            learners.AMAML(net, F.mse_loss, T=0.4, h=0.2, solver=solver, adjoint="discrete")
+        with pytest.raises(ValueError, match="must be paired with it"):
+            amaml_ext.AdjointLearner(net, F.mse_loss, T=0.4, h=0.2, solver=solver, adjoint="discrete")
+
+
+def test_non_finite_data_is_named_by_adjoint_meta_grad():
+    s, q = data(0), data(1)
+    net = small()
+    qx = q[0].clone()
+    qx[3, 0] = -float("inf")
+    with pytest.raises(ValueError, match=r"argument 'query' \(query x\) holds non-finite values"):
+        adjoint_meta_grad(net, F.mse_loss, flatten_params(net), 0.5, support=s, query=(qx, q[1]), **EXACT)
+    sx = torch.stack([s[0], s[0]])
+    sx[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"argument 'support' \(support x\) holds non-finite values at task 1"):
+        adjoint_meta_grad(net, F.mse_loss, flatten_params(net), 0.5, support=(sx, torch.stack([s[1], s[1]])),
+                          query=(torch.stack([q[0], q[0]]), torch.stack([q[1], q[1]])), batched=True, **EXACT)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_outputs_sharing_memory_through_strided_views_are_refused(device):
+    y0 = torch.randn(3, 6, dtype=F64, device=device)
+    stages = [torch.randn(3, 6, dtype=F64, device=device) for _ in range(7)]
+    y1 = torch.empty(3, 6, dtype=F64, device=device)
+    with pytest.raises(RuntimeError, match="argument 'y1' may share memory with argument 'err_norm'"):
+        ops.dopri5_finish(y0, stages, 0.1, 1e-6, 1e-8, y1=y1, err=torch.empty_like(y1), err_norm=y1[:, 0])
+    buf = torch.empty(18, dtype=F64, device=device)
+    with pytest.raises(RuntimeError, match="argument 'y1' may share memory with argument 'err'"):
+        ops.dopri5_finish(y0[0], [k[0] for k in stages], 0.1, 1e-6, 1e-8, y1=buf[:6], err=buf[::3])
+
+
+def test_a_loss_without_graph_is_named_before_any_compiled_call():
+    """torch 2.14's compiled path crashes the process on a loss under inference_mode (every later
+    backward fails too): the check refuses it first. In a child process, to keep this one clean."""
+    import subprocess
+    import sys
+    code = """
+import torch, torch.nn.functional as F, amaml_ext
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+def loss(p, y):
+    with torch.inference_mode():
+        return F.mse_loss(p.detach(), y)
+x, y = torch.rand(6, 2, dtype=torch.float64), torch.rand(6, 1, dtype=torch.float64)
+try:
+    amaml_ext.adjoint_meta_grad(net, loss, amaml_ext.flatten_params(net), 0.5, support=(x, y), query=(x, y), h=0.1,
+                                solver="euler", adjoint="discrete", compile=True)
+except ValueError as e:
+    print("refused:", e)
+net(x).sum().backward()
+print("backward ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env=dict(__import__("os").environ, OMP_NUM_THREADS="1"))
+    assert "refused: the training loss does not depend on the model's parameters" in out.stdout, out.stderr[-2000:]
+    assert "backward ok" in out.stdout

@@ -285,3 +285,28 @@ def test_evaluate_with_a_non_finite_theta_or_a_diverging_meta_test_ends_in_one_l
     monkeypatch.setattr(cli_main, "evaluate_run", diverging)
     err = _refused(["evaluate", "--run", run, "--test-steps", "2", "--quiet"], capsys, code=1)
     assert "diverged on task 3" in err
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: dict(c, method="nope"), r"'method' is 'nope', not one of"),
+    (lambda c: dict(c, dtype="float16"), r"'dtype' is 'float16', not one of"),
+    (lambda c: {k: v for k, v in c.items() if k != "inner_lr"}, r"it lacks inner_lr"),
+])
+def test_evaluate_names_a_damaged_config(tmp_path, capsys, edit, match):
+    run = str(tmp_path / "run")
+    assert main(_train(run, 1)) == 0
+    path = os.path.join(run, "config.json")
+    damaged = json.dumps(edit(json.load(open(path))))
+    open(path, "w").write(damaged)
+    err = _refused(["evaluate", "--run", run, "--test-steps", "2", "--quiet"], capsys)
+    assert "config.json (the run's settings) is damaged" in err and __import__("re").search(match, err)
+    assert open(path).read() == damaged                      # left as it is
+
+
+def test_resume_without_config_is_refused(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(_train(run, 2)) == 0
+    os.remove(os.path.join(run, "config.json"))
+    err = _refused(_train(run, 4, "reptile", "--resume"), capsys)
+    assert "has a checkpoint but no config.json" in err
+    assert not os.path.exists(os.path.join(run, "config.json"))

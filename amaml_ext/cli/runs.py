@@ -113,6 +113,22 @@ def train_one(args, method: str, out: str, resume: bool) -> torch.Tensor:
                       distributed=getattr(args, "distributed", None))
 
 
+def _checked_config(cfg, path: str) -> Dict:
+    """A run's config.json as evaluate reads it: an object naming a known task, method and dtype,
+    with the settings the meta-test needs; else UnreadableRunFile naming what is wrong."""
+    def bad(what):
+        return UnreadableRunFile(f"{path} (the run's settings) is damaged: {what}. It was left as it is")
+    for key, allowed in (("task", BENCHMARKS), ("method", L.METHODS), ("dtype", DTYPES)):
+        if cfg.get(key) not in allowed:
+            raise bad(f"'{key}' is {cfg.get(key)!r}, not one of {sorted(allowed)}")
+    needed = ["inner_lr", "test_steps"] + (["T", "solver", "adjoint", "memory", "rtol", "atol"]
+                                           if L.METHODS[cfg["method"]].flow else ["inner_steps"])
+    missing = [k for k in needed if k not in cfg]
+    if missing:
+        raise bad(f"it lacks {', '.join(missing)}")
+    return cfg
+
+
 def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.device] = None,
                  quiet: bool = False, data_root: Optional[str] = None, distributed=None) -> Dict:
     """Meta-test the run in ``run`` (its test tasks split over the ranks with ``distributed``;
@@ -121,7 +137,7 @@ def evaluate_run(run: str, test_steps: Optional[int], device: Optional[torch.dev
     cfg_path = os.path.join(run, CONFIG)
     if not os.path.exists(cfg_path):
         raise SystemExit(f"amaml-ext: argument --run: {run!r} has no {CONFIG}; is it a directory written by 'train'?")
-    cfg = read_json_file(cfg_path, "the run's settings")
+    cfg = _checked_config(read_json_file(cfg_path, "the run's settings"), cfg_path)
     theta_path = os.path.join(run, THETA)
     if not os.path.exists(theta_path):
         ck = load_checkpoint(run)

@@ -12,6 +12,7 @@ from .. import _checks
 from ..data.batch import TaskBatch
 from ..functional import LossFn, TaskFunctions
 from ..metagrad import adjoint_meta_grad, gradient_flow
+from ..metagrad.checks import check_pairing
 from .base import MetaLearner, MetaStep
 from .checks import InnerLoopDiverged
 
@@ -35,6 +36,7 @@ class AMAML(MetaLearner):
         steps = round(T / h)
         if steps < 1 or abs(steps * h - T) > 1e-9 * max(1.0, T):
             raise ValueError(f"argument 'T' must be a whole multiple of h={h:g}, got T={T:g}")
+        check_pairing(solver, adjoint)
         super().__init__(model, loss, inner_lr=h, steps=steps)
         self.T, self.h, self.solver, self.adjoint = T, h, solver, adjoint
         self.options = dict(options)

@@ -44,7 +44,8 @@ class MetaLearner:
         self.model, self.loss = model, loss
         self.inner_lr = _checks.positive("inner_lr", inner_lr)
         self.steps = _checks.positive("steps", steps, integer=True)
-        self.d = sum(math.prod(s) for _, s in param_shapes(model))
+        self.trainable = [(name, tuple(shape)) for name, shape in param_shapes(model)]
+        self.d = sum(math.prod(s) for _, s in self.trainable)
 
     # -- meta-parameters beyond theta ------------------------------------------------------------
 
@@ -77,11 +78,14 @@ class MetaLearner:
     def _check_model_unchanged(self) -> None:
         """The model's trainable parameters still number what the learner was made for (theta,
         the learner's own meta-parameters and ANIL's head were sized for them)."""
-        d = sum(math.prod(s) for _, s in param_shapes(self.model))
-        if d != self.d:
+        now = [(name, tuple(shape)) for name, shape in param_shapes(self.model)]
+        if now != self.trainable:
+            d = sum(math.prod(s) for _, s in now)
+            changed = sorted(set(n for n, _ in now) ^ set(n for n, _ in self.trainable))
             raise ValueError(f"{self!r}: the model's trainable parameters changed since the learner was made "
-                             f"({self.d} -> {d} entries: a parameter frozen or unfrozen, added or removed); theta "
-                             "and the learner's own meta-parameters were sized for the old ones: make a new learner "
+                             f"({self.d} -> {d} entries; {', '.join(changed[:3]) or 'shapes'} changed: a parameter "
+                             "frozen or unfrozen, added, removed or reshaped); theta, the learner's own "
+                             "meta-parameters and ANIL's head were laid out for the old ones: make a new learner "
                              "(and a new theta, amaml_ext.flatten_params(model))")
 
     def _checked(self, step: MetaStep) -> MetaStep:
@@ -96,8 +100,14 @@ class MetaLearner:
         return (f"lower the inner step size (inner_lr={self.inner_lr if lr is None else lr:g}) or the number "
                 f"of inner steps (steps={self.steps if steps is None else steps})")
 
-    def functions(self, tasks: TaskBatch, batched: bool = True) -> TaskFunctions:
-        return TaskFunctions(self.model, self.loss, tasks.support, tasks.query, batched)
+    def functions(self, tasks: TaskBatch, batched: bool = True, theta: Optional[torch.Tensor] = None) -> TaskFunctions:
+        """The model's callbacks on ``tasks``; with ``theta``, the model checked at it
+        (:meth:`TaskFunctions.check_model`: a forward reading the model's own parameters, buffers
+        changed in place; a random forward is fine for these learners)."""
+        fns = TaskFunctions(self.model, self.loss, tasks.support, tasks.query, batched)
+        if theta is not None:
+            fns.check_model(self._start(theta, tasks.size) if batched else theta, caller=f"{self!r}", random_ok=True)
+        return fns
 
     def _start(self, theta: torch.Tensor, batch: int) -> torch.Tensor:
         return theta.detach().expand(batch, -1).clone()
@@ -116,7 +126,7 @@ class MetaLearner:
         """Check the arguments, then ``steps`` GD steps on every task's support set: the
         callbacks and the adapted parameters ``psi [B, d]``."""
         self._check(theta, tasks)
-        fns = self.functions(tasks)
+        fns = self.functions(tasks, theta=theta)
         with torch.no_grad():
             return fns, self._gd(fns, self._start(theta, tasks.size), self.steps, self.inner_lr)
 
@@ -132,6 +142,7 @@ class MetaLearner:
         checks.check_model_device(self.model, theta)
         fns = TaskFunctions(self.model, self.loss, support, support, batched)
         u = self._start(theta, support[0].shape[0]) if batched else theta.detach().clone()
+        fns.check_model(u, caller=f"{self!r}.adapt", random_ok=True)
         with torch.no_grad():
             u = self._gd(fns, u, steps, lr)
         checks.diverged(f"{self!r}.adapt", [("adapted parameters", u)], per_task=u if batched else None,

@@ -29,7 +29,7 @@ class IMAML(MetaLearner):
 
     def meta_grad(self, theta, tasks):
         self._check(theta, tasks)
-        fns = self.functions(tasks)
+        fns = self.functions(tasks, theta=theta)
         psi = self.adapt_prox(theta, fns, tasks.size)
         per_task, g = fns.value_and_grad_val(psi)
         x = self.cg_solve(fns, psi, g)

@@ -18,7 +18,7 @@ class MAML(MetaLearner):
 
     def meta_grad(self, theta, tasks):
         self._check(theta, tasks)
-        fns = self.functions(tasks)
+        fns = self.functions(tasks, theta=theta)
         B = tasks.size
         with torch.enable_grad(), _math_attention():
             th = theta.detach().clone().requires_grad_(True)

@@ -120,8 +120,10 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
     u_T = flow.forward()
     val_loss, lam_T = fns.value_and_grad_val(u_T)
     if not bool(torch.isfinite(val_loss).all()) or not bool(torch.isfinite(lam_T).all()):
-        raise ValueError(f"adjoint_meta_grad: the validation loss at u(T) (t={plan.T}, step {plan.n}) is "
-                         f"non-finite: {val_loss.tolist()}")
+        what = "loss" if not bool(torch.isfinite(val_loss).all()) else "loss's gradient"
+        raise ValueError(f"adjoint_meta_grad: the validation {what} at u(T) (t={plan.T}, step {plan.n}) is "
+                         f"non-finite (the data are finite; loss {val_loss.tolist()}): the inner run diverged, lower "
+                         "T or h")
     try:
         out = flow.backward(lam_T, estimate=estimate)
         checks = accuracy_stats(fns, out, flow.u0, u_T, plan, adjoint, error_tol) if estimate else {}

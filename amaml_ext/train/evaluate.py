@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..data.batch import TaskBatch
-from ..functional import TaskFunctions, param_shapes, unflatten_params
+from ..functional import TaskFunctions, param_shapes
 from ..learners.checks import check_tasks, check_theta, diverged
 from .distributed import Distributed
 
@@ -97,12 +97,11 @@ def _per_task(model, loss, theta, tasks: TaskBatch, recorded: List[int], lr: flo
         part = tasks.select(slice(a, a + chunk))
         fns = TaskFunctions(model, loss, part.support, part.query, batched=True)
         u = theta.detach().to(part.support[0].dtype).expand(part.size, -1).clone()
+        fns.check_model(u, caller="meta_test", random_ok=True)
 
         def value():
             with torch.no_grad():
-                pred = torch.func.vmap(lambda w, x: torch.func.functional_call(
-                    fns.module, (unflatten_params(fns.model, w), fns.buffers), (x,)))(u, part.query[0])
-                return score(pred, part.query[1], part.query_mask)
+                return score(fns.predictions(u, part.query[0]), part.query[1], part.query_mask)
 
         k = 0
         if recorded[0] == 0:

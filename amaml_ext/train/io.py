@@ -123,11 +123,13 @@ def check_resumable(out_dir: str, config: Dict, meta_steps: int, ckpt: Dict) -> 
     """Refuse (RunConfigMismatch) to continue the run in ``out_dir``, at its checkpoint ``ckpt``,
     with other settings than its config.json holds, or up to fewer meta-steps than it has done."""
     cfg_path = os.path.join(out_dir, CONFIG)
-    if os.path.exists(cfg_path):
-        diff = settings_diff(read_json_file(cfg_path, "the run's settings"), config)
-        if diff:
-            raise RunConfigMismatch(f"the run in {out_dir!r} was made with other settings, so it cannot be continued "
-                                    f"or reported as one made with these (saved vs now): {diff}")
+    if not os.path.exists(cfg_path):
+        raise RunConfigMismatch(f"the run in {out_dir!r} has a checkpoint but no {CONFIG}, so its settings cannot be "
+                                f"checked against these: restore {CONFIG}, or start the run in another directory")
+    diff = settings_diff(read_json_file(cfg_path, "the run's settings"), config)
+    if diff:
+        raise RunConfigMismatch(f"the run in {out_dir!r} was made with other settings, so it cannot be continued "
+                                f"or reported as one made with these (saved vs now): {diff}")
     done = int(ckpt["step"])
     if done > meta_steps:
         raise RunConfigMismatch(

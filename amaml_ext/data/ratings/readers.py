@@ -71,11 +71,11 @@ def first_bad(mask: np.ndarray) -> int:
 
 
 def check_ids(arr: np.ndarray, path: str, name: str, column: int, what: str) -> np.ndarray:
-    bad = (arr != np.round(arr)) | (arr < 1)
+    bad = (arr != np.round(arr)) | (arr < 1) | (arr > 2 ** 53)    # past 2^53 a float id is not exact (int64 wraps)
     if bad.any():
         i = first_bad(bad)
-        raise DataFileError(f"{path!r}: {name} {arr[i]:g} in row {i + 1}, column {column} is not a positive integer; "
-                            f"expected {what}")
+        raise DataFileError(f"{path!r}: {name} {arr[i]:g} in row {i + 1}, column {column} is not a positive integer "
+                            f"up to 2^53; expected {what}")
     return arr.astype(np.int64)
 
 
