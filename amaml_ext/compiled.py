@@ -69,10 +69,10 @@ COMPILED_CALL_LOCK = threading.Lock()
 _COMPILED_PER_MODEL = 4      # versions of one model kept compiled (a changed model compiles anew)
 
 
-def compiled_callbacks(model: nn.Module, loss: LossFn, batched: bool) -> CompiledCallbacks:
+def compiled_callbacks(model: nn.Module, loss: LossFn, batched: bool, fp=None) -> CompiledCallbacks:
     """The compiled callbacks of ``model`` as it is now (its :func:`fingerprint`), ``loss`` and
     ``batched``: reused while none of them changes, compiled anew when one does."""
-    key, keep = fingerprint(model)
+    key, keep = fingerprint(model) if fp is None else fp
     key = (key, loss, batched)
     with _COMPILED_LOCK:
         per_model = _COMPILED.setdefault(model, {})

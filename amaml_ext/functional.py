@@ -25,7 +25,7 @@ from .compile_policy import compile_refusal, resolve_compile
 from .compiled import COMPILED_CALL_LOCK, compiled_callbacks
 from .model_checks import (LossFn, LossValueError, NondeterministicModelWarning,  # noqa: F401 (re-exported)
                            backward_hooked, check_model, check_supported, checked_loss, differentiable)
-from .model_state import (_unflatten_shapes, cast_constants, constants,  # noqa: F401 (re-exported)
+from .model_state import (_unflatten_shapes, cast_constants, constants, fingerprint,  # noqa: F401 (re-exported)
                           functional_module, param_shapes)
 
 
@@ -116,6 +116,7 @@ class TaskFunctions:
         self.batched = batched
         self.names = [name for name, _ in param_shapes(model)]
         self.buffers = constants(model, self.module)
+        self._fp = None
         self._cast: Dict[torch.dtype, Dict[str, torch.Tensor]] = {}
         for name, data in (("support", support), ("query", query)):
             check_data(name, data, batched)
@@ -143,7 +144,7 @@ class TaskFunctions:
         if refusal is not None:
             warnings.warn(f"amaml_ext: {refusal}; using the eager callbacks", RuntimeWarning, stacklevel=3)
             compile = False
-        self._compiled = compiled_callbacks(model, loss, batched) if compile else None
+        self._compiled = compiled_callbacks(model, loss, batched, self.fingerprint) if compile else None
 
     def _compiled_call(self, name: str, *args) -> Optional[torch.Tensor]:
         """Run a compiled callback; on a compilation failure warn once and return None (eager)."""
@@ -166,6 +167,14 @@ class TaskFunctions:
             warnings.warn(f"amaml_ext: torch.compile of the model callbacks failed ({c.failed[:300]}); "
                           "using the eager callbacks", RuntimeWarning, stacklevel=3)
             return None
+
+    @property
+    def fingerprint(self):
+        """The model's :func:`~amaml_ext.model_state.fingerprint` ``(key, keep)`` as it was when
+        this call began (one walk of the model per call)."""
+        if self._fp is None:
+            self._fp = fingerprint(self.model)
+        return self._fp
 
     def constants(self, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
         """The model's frozen parameters and buffers, floating ones in ``dtype`` (the state's)."""

@@ -11,7 +11,7 @@ from typing import Callable, List
 import torch
 from torch import nn
 
-from .model_state import cast_constants, fingerprint
+from .model_state import cast_constants
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -96,7 +96,7 @@ def check_model(fns, u: torch.Tensor, strict: bool, caller: str, random_ok: bool
       at a time from then on, with a RuntimeWarning.
 
     ``fns`` is the call's :class:`~amaml_ext.functional.TaskFunctions`."""
-    key, keep = fingerprint(fns.model)
+    key, keep = fns.fingerprint
     cached = _CHECKED.get(fns.model)
     if cached is not None and cached[0] == key:
         _mutated_buffers(fns, cached[1], strict, caller)

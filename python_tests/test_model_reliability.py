@@ -333,7 +333,7 @@ def test_dopri5_outputs_must_not_share_memory(device):
     assert torch.allclose(y1, ref_y1, rtol=0, atol=1e-14) and torch.allclose(err, ref_err, rtol=0, atol=1e-14)
 
 
-# -- the new-user trial's defects (docs/trial_round2.md, D1-D10) --------------------------------
+# -- the new-user trial's defects (docs/design.md, Reliability, D1-D10) --------------------------------
 
 def small(seed=0):
     torch.manual_seed(seed)
@@ -716,3 +716,17 @@ print("backward ok")
                          env=dict(__import__("os").environ, OMP_NUM_THREADS="1"))
     assert "refused: the training loss does not depend on the model's parameters" in out.stdout, out.stderr[-2000:]
     assert "backward ok" in out.stdout
+
+
+def test_torch_func_transforms_through_gradient_flow_are_named():
+    net = small()
+    s, q = data(0), data(1)
+    theta = flatten_params(net)
+
+    def J(th):
+        return _loss(net, gradient_flow(net, F.mse_loss, th, 0.5, s, **EXACT), q)
+    for transform in (torch.func.grad, torch.func.hessian):
+        with pytest.raises(RuntimeError, match="gradient_flow: its inputs come from a torch.func transform"):
+            transform(J)(theta)
+    with pytest.raises(RuntimeError, match="gradient_flow: its inputs come from a torch.func transform"):
+        torch.func.jvp(J, (theta,), (torch.ones_like(theta),))

@@ -310,3 +310,24 @@ def test_resume_without_config_is_refused(tmp_path, capsys):
     err = _refused(_train(run, 4, "reptile", "--resume"), capsys)
     assert "has a checkpoint but no config.json" in err
     assert not os.path.exists(os.path.join(run, "config.json"))
+
+
+@pytest.mark.parametrize("extra,option", [
+    (["--method", "maml", "--solver", "dopri5"], "--solver"),
+    (["--method", "fomaml", "--compile", "on"], "--compile"),
+    (["--method", "maml", "--imaml-lambda", "2"], "--imaml-lambda"),
+    (["--method", "maml1", "--maml-steps", "3"], "--maml-steps"),
+    (["--method", "fomaml", "--chan", "8"], "--channels"),                    # a prefix, as argparse takes it
+    (["--method", "amaml", "--solver", "euler", "--adjoint", "discrete", "--error-tol", "0.1"], "--error-tol"),
+])
+def test_options_no_method_uses_are_named(tmp_path, capsys, extra, option):
+    out = str(tmp_path / "run")
+    argv = ["train", "--task", "cosmixture", "--meta-steps", "1", "--pool-size", "6", "--meta-batch", "2",
+            "--inner-steps", "2", "--out", out, "--quiet"] + extra
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"amaml-ext: warning: argument {option} is not used" in err and "ignored" in err
+    assert main(["train", "--task", "cosmixture", "--method", "fomaml", "--meta-steps", "1", "--pool-size", "6",
+                 "--meta-batch", "2", "--inner-steps", "2", "--out", str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert "warning" not in capsys.readouterr().err

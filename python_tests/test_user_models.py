@@ -1,4 +1,4 @@
-"""Models and inputs users hold (docs/trial_round2.md), in the cases that work: each against an
+"""Models and inputs users hold (docs/design.md, "Reliability"), in the cases that work: each against an
 independent reference, MAML's unrolled autograd through K GD steps with
 ``torch.func.functional_call`` on the user's own module (or a closed form), or the clear error
 for an input that is truly unsupported. Exact mode (``solver="euler", adjoint="discrete"``,
@@ -144,7 +144,7 @@ def test_backward_hooks_that_observe(batched):
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_backward_hooks_that_change_the_gradient_one_task():
-    # (with batched=True such hooks are not applied: a DEFECT in docs/trial_round2.md)
+    # batched: test_model_reliability.py::test_backward_hooks_that_change_the_gradient_hold_batched
     net = mlp()
     net[2].register_full_backward_pre_hook(lambda m, go: (go[0] * 2,))
     net[2].register_full_backward_hook(lambda m, gi, go: (gi[0] * 0.5,))

@@ -7,7 +7,7 @@ import math
 import re
 import sys
 import warnings
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -143,3 +143,62 @@ def unstable_step(learner, cfg: Dict, batch, theta: torch.Tensor) -> Optional[st
     return (f"h * lambda_max of the support loss's Hessian at the initial theta is {h:g} x {lam:.3g} = "
             f"{h * lam:.3g}, past {bound:.3g}, the stability bound of {what}; it is stable below --inner-lr "
             f"{bound / lam:.3g}")
+
+
+_FLOW_OPTIONS = ("solver", "adjoint", "memory", "rtol", "atol", "compile", "error_tol", "strict", "refine")
+_IMAGE_OPTIONS = ("channels", "activation", "pool")
+
+
+def given_options(parser, argv) -> set:
+    """The options written on the command line (argparse's prefixes resolved), as ``dest`` names."""
+    known = {s: a.dest for a in _all_actions(parser) for s in a.option_strings if s.startswith("--")}
+    out = set()
+    for token in argv:
+        if not token.startswith("--") or token == "--":
+            continue
+        name = token.split("=", 1)[0]
+        hits = [s for s in known if s == name] or [s for s in known if s.startswith(name)]
+        if len({known[s] for s in hits}) == 1:
+            out.add(known[hits[0]])
+    return out
+
+
+def _all_actions(parser):
+    for a in parser._actions:
+        yield a
+        for sub in (getattr(a, "choices", None) or {}).values() if hasattr(a, "_name_parser_map") else ():
+            yield from _all_actions(sub)
+
+
+def unused_options(args, given: set) -> List[str]:
+    """The warnings (one line each, printed once the run's checks have passed) naming the options written on the command line none of the run's
+    methods or its task uses, so they are not ignored without a word (a warning, not a refusal:
+    one option list for a loop over methods is common): A-MAML's solver options with no A-MAML method,
+    iMAML's with no iMAML, --maml-steps with no MAML/ANIL, the Conv4 options off the image tasks,
+    the error-estimate options in exact mode."""
+    methods = [args.method] if args.command == "train" else list(args.methods)
+    info = [L.METHODS[m] for m in methods]
+    flow = any(m.flow for m in info)
+    exact = getattr(args, "adjoint", None) == "discrete"
+    uses = {opt: flow for opt in _FLOW_OPTIONS}
+    uses.update({opt: flow and not exact for opt in ("error_tol", "strict", "refine")})
+    uses.update({"imaml_lambda": any("imaml_lambda" in m.options for m in info),
+                 "cg_steps": any("cg_steps" in m.options for m in info),
+                 "maml_steps": any(m.steps == "maml_steps" for m in info)})   # --inner-steps: also the test steps
+    from ..data.benchmarks import BENCHMARKS
+    uses.update({opt: bool(BENCHMARKS[args.task].episodes) for opt in _IMAGE_OPTIONS})
+    out = []
+    for opt in sorted(given):
+        if uses.get(opt, True) is False:
+            why = (f"--task {args.task} has no Conv4" if opt in _IMAGE_OPTIONS else
+                   "exact mode (--adjoint discrete) has no error estimate" if flow and exact and opt in uses
+                   and opt in ("error_tol", "strict", "refine") else f"no method of {', '.join(methods)} uses it")
+            out.append(f"amaml-ext: warning: argument --{opt.replace('_', '-')} is not used ({why}): ignored")
+    return out
+
+
+def warn_unused(args) -> None:
+    """Print :func:`unused_options`'s warnings (rank 0 alone under torchrun)."""
+    if args.distributed is None or args.distributed.is_main:
+        for line in args.unused:
+            print(line, file=sys.stderr)

@@ -12,7 +12,8 @@ from ..train import (CHECKPOINT, THETA, DistributedError, RunConfigMismatch, Run
                      launched_by_torchrun, load_checkpoint)
 from ..train.io import atomic_write_bytes, check_resumable
 from ..train.loop import RESUME_HINT, run_settings
-from .checks import CommandError, check_environment, check_methods, ending
+from .checks import (CommandError, check_environment, check_methods, ending, given_options, unused_options,
+                     warn_unused)
 from .options import build_parser, device_of, resolve_task_args
 from .report import compare_plot, compare_table, paired_table
 from .runs import RunProblem, evaluate_run, locked, run_config, train_one
@@ -27,6 +28,7 @@ def compare(args) -> Dict:
     runs = {m: os.path.join(args.out, m) for m in args.methods}
     done = _runs_done(args, runs)
     check_methods(args, {m: done[m] is None for m in runs})
+    warn_unused(args)
     curves = {}
     with locked([args.out, *runs.values()], args.distributed, writable=(args.out, COMPARE_FILES)):
         for method, run in runs.items():
@@ -110,6 +112,7 @@ def _train(args) -> None:
         raise CommandError(f"amaml-ext: argument --out: {args.out!r} already holds a run; add --resume "
                            f"to continue it or choose another directory")
     check_methods(args, {args.method: not (args.resume and os.path.exists(os.path.join(args.out, CHECKPOINT)))})
+    warn_unused(args)
     with locked([args.out], args.distributed):
         train_one(args, args.method, args.out, args.resume)
     if args.distributed is None or args.distributed.is_main:
@@ -121,7 +124,9 @@ def _train(args) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command; an error ends it with a one-line message and exit status 2 for a refusal
     (an option, a run directory), 1 for a run that failed (:func:`~amaml_ext.cli.checks.ending`)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given = given_options(parser, sys.argv[1:] if argv is None else list(argv))
     args.distributed = _join_torchrun(args)
     try:
         code = _main(args)
@@ -162,6 +167,7 @@ def _main(args) -> int:
         return 0
     args.device = device_of(args.device)
     resolve_task_args(args)
+    args.unused = unused_options(args, args.given)
     try:
         if args.command == "train":
             _train(args)

@@ -67,6 +67,22 @@ def _check_extras(T, theta: torch.Tensor, adjoint_params, adjoint: str, compile)
     return params
 
 
+def _check_not_transformed(*inputs) -> None:
+    """``torch.func`` transforms (grad, vmap, jvp, hessian) and forward-mode AD cannot go through
+    the adjoint (it is a reverse-mode ``autograd.Function`` without a jvp or vmap rule): refuse
+    them naming gradient_flow, not with torch's message about ``setup_context``."""
+    from torch._C._functorch import is_functorch_wrapped_tensor
+    from torch.autograd import forward_ad
+    flat = []
+    for x in inputs:
+        flat += list(x) if isinstance(x, (tuple, list)) else [x]
+    for x in flat:
+        if isinstance(x, torch.Tensor) and (is_functorch_wrapped_tensor(x) or forward_ad.unpack_dual(x).tangent is not None):
+            raise RuntimeError("gradient_flow: its inputs come from a torch.func transform (grad, vmap, jvp, hessian) or "
+                               "carry forward-mode tangents; the adjoint is a reverse-mode autograd operation only: "
+                               "differentiate through it with torch.autograd (loss.backward(), torch.autograd.grad), once")
+
+
 class _Flow(torch.autograd.Function):
     """Inputs ``(job, theta, lr, T, *params)``; output ``u(T)``."""
 
@@ -172,6 +188,7 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
         >>> pred = torch.func.functional_call(net, amaml_ext.unflatten_params(net, u), (xq,))
         >>> F.mse_loss(pred, yq).backward()          # theta.grad: MAML's meta-gradient
     """
+    _check_not_transformed(theta, lr, T, adjoint_params)
     d, batch, error_tol = check_call(model, loss, theta, support, support, solver=solver, adjoint=adjoint,
                                      memory=memory, batched=batched, compile=compile, strict=strict, refine=False,
                                      error_estimate=error_estimate, error_tol=error_tol, memory_modes=MEMORY_MODES)
