@@ -65,7 +65,7 @@ class CompiledCallbacks:
 _COMPILED: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, CompiledCallbacks]]" = weakref.WeakKeyDictionary()
 _COMPILED_LOCK = threading.Lock()
 COMPILED_CALL_LOCK = threading.Lock()
-"""Held around every compiled call (the dynamo setting they run under is process-wide)."""
+"""Held around every compiled call: one compilation at a time, whatever the thread."""
 _COMPILED_PER_MODEL = 4      # versions of one model kept compiled (a changed model compiles anew)
 
 

@@ -156,9 +156,9 @@ class TaskFunctions:
         # to have the tangent have the same layout as primal". A copy of one state is cheap.
         args = tuple(a.clone() if a._is_view() or not a.is_contiguous() else a for a in args)
         try:
-            # dynamo does not guard on module hooks by default: a hook added or removed after a
-            # compilation would run the old code (the compiled code is shared per code object)
-            with COMPILED_CALL_LOCK, second_order(), torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            # dynamo does not guard on module hooks: a model changed in any way (hooks included)
+            # has another fingerprint, so other callbacks, with a code object of their own
+            with COMPILED_CALL_LOCK, second_order():
                 return getattr(c, name)(*args, self.constants(args[0].dtype), *self.support)
         except LossValueError:
             raise

@@ -2,7 +2,8 @@
 that a change to it could make stale, and no call mutates anything another call uses.
 
 * :func:`functional_module`: a private copy of the model's *structure* (modules, attributes,
-  hooks; 0.2 ms for the paper's MLP, 0.7 ms for a 64-channel Conv4) made anew at every call (every :class:`~amaml_ext.functional.TaskFunctions`), sharing
+  hooks; 0.11 ms for the paper's MLP, 0.42 ms for a 64-channel Conv4: benchmarks/call_overhead.py)
+  made anew at every call (every :class:`~amaml_ext.functional.TaskFunctions`), sharing
   the model's tensors without copying them. ``torch.func.functional_call`` swaps parameters on
   the module it is given, in place; on a per-call copy, two threads calling on one model do not
   see each other's parameters, and a plain attribute changed (``net.temperature = 4``) or a
@@ -136,7 +137,7 @@ _ATOMIC = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch
 
 
 def _copy_module(m: nn.Module, memo: Dict[int, Any]) -> nn.Module:
-    """``copy.deepcopy(m, memo)`` with ``memo`` mapping every tensor to itself, 3-4x faster for
+    """``copy.deepcopy(m, memo)`` with ``memo`` mapping every tensor to itself, 2-3x faster for
     plain modules: the module's own dictionaries of parameters and buffers are new dicts holding
     the same tensors, its submodules are copied the same way (a shared one once), plain values
     are kept and anything else is deep-copied. Modules with their own ``__deepcopy__`` and
