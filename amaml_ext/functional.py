@@ -149,7 +149,7 @@ class TaskFunctions:
     def _compiled_call(self, name: str, *args) -> Optional[torch.Tensor]:
         """Run a compiled callback; on a compilation failure warn once and return None (eager)."""
         c = self._compiled
-        if c is None or c.failed is not None:
+        if c is None or c.failed is not None or self.per_task is not None:   # vmapped code: not for these tasks
             return None
         # Forward-mode AD under inductor rejects primals that are views at an offset (a row of
         # the trajectory buffer): "Expected the output of forward differentiable view operations
@@ -192,7 +192,7 @@ class TaskFunctions:
     @property
     def compiled(self) -> bool:
         """Whether the compiled callbacks are in use."""
-        return self._compiled is not None and self._compiled.failed is None
+        return self._compiled is not None and self._compiled.failed is None and self.per_task is None
 
     # -- losses ---------------------------------------------------------------------------
 

@@ -63,7 +63,8 @@ def check_supported(model: nn.Module) -> None:
                              "values: move the model to 'cpu' or 'cuda' (model.to_empty(device=...) and load "
                              "the weights)")
     for name, m in model.named_modules():
-        if getattr(m, "sparse", False) is True and isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        if (getattr(m, "sparse", False) is True and isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+                and m.weight.requires_grad):
             raise ValueError(f"argument 'model' has {name or type(m).__name__} ({type(m).__name__}) with "
                              "sparse=True: its sparse gradients have no second derivative; use sparse=False")
 
@@ -97,12 +98,14 @@ def check_model(fns, u: torch.Tensor, strict: bool, caller: str, random_ok: bool
 
     ``fns`` is the call's :class:`~amaml_ext.functional.TaskFunctions`."""
     key, keep = fns.fingerprint
+    key = (key, fns.batched, fns.loss, random_ok, fns._compiled is not None)
     cached = _CHECKED.get(fns.model)
-    if cached is not None and cached[0] == key:
-        _mutated_buffers(fns, cached[1], strict, caller)
-        fns.per_task = fns.per_task or cached[2]
+    if cached is not None and cached.key == key and cached.alive():
+        _mutated_buffers(fns, cached.mutated, strict, caller, cached.changes)
+        _apply(fns, cached.per_task, cached.compile_ok)
         return
     x, y = fns.support
+    u_all = u
     if fns.batched:                 # one task is enough to see any of these, and cheaper
         u, x, y = u[0], x[0], y[0]
     copies = {k: v.clone() for k, v in cast_constants(fns.buffers, u.dtype).items()}
@@ -111,7 +114,7 @@ def check_model(fns, u: torch.Tensor, strict: bool, caller: str, random_ok: bool
     with torch.enable_grad():
         leaf = u.detach().requires_grad_(True)
         a = fns._task_loss(leaf, x, y, copies)
-        b = fns._task_loss(leaf.detach(), x, y, copies)
+        b = fns._task_loss(u.detach().requires_grad_(True), x, y, copies).detach()   # the same code path as a
         grads = torch.autograd.grad(a, [leaf] + [p for _, p in trainable], allow_unused=True) if a.requires_grad else [None]
     if grads[0] is None:
         differentiable(a.detach(), "training")
@@ -124,22 +127,82 @@ def check_model(fns, u: torch.Tensor, strict: bool, caller: str, random_ok: bool
                          "would be wrong. Read parameters through the module the code runs in (a hook's `module` "
                          "argument).")
     mutated = sorted(k for k, v in copies.items() if v._version != versions[k])
-    _mutated_buffers(fns, mutated, strict, caller)
-    if not (mutated or fns.dropout or random_ok or check_same_loss(a.detach(), b, False, strict, caller)):
+    changes = bool(mutated) and not _same(a.detach(), b)          # the buffers change the function itself
+    _mutated_buffers(fns, mutated, strict, caller, changes)
+    if not (changes or fns.dropout or random_ok or check_same_loss(a.detach(), b, False, strict, caller)):
         return                      # a random forward is checked (and warned of) again
     if fns.batched and not mutated and fns.per_task is None:
         _vmap_agrees(fns, leaf, x, y, copies, grads[0])
-    _CHECKED[fns.model] = (key, mutated, fns.per_task, keep)
+    compile_ok = _compiled_agrees(fns, u_all, (x, y), copies, grads[0], caller) if fns._compiled is not None else True
+    _CHECKED[fns.model] = _Verdict(key, keep, mutated, changes, fns.per_task, compile_ok)
+
+
+class _Verdict:
+    """What :func:`check_model` found for a model as it was (its fingerprint ``key``). The
+    objects the key names by identity are held by weak reference where they allow it (a strong
+    one would keep a model alive whose hooks close over it): a verdict whose objects died is
+    stale (their identities may have been reused)."""
+
+    def __init__(self, key, keep, mutated, changes, per_task, compile_ok):
+        self.key, self.mutated, self.changes, self.per_task, self.compile_ok = key, mutated, changes, per_task, compile_ok
+        self.refs, self.strong = [], []
+        for obj in keep:
+            try:
+                self.refs.append(weakref.ref(obj))
+            except TypeError:
+                self.strong.append(obj)
+
+    def alive(self) -> bool:
+        return all(r() is not None for r in self.refs)
+
+
+def _apply(fns, per_task, compile_ok) -> None:
+    fns.per_task = fns.per_task or per_task
+    if not compile_ok:
+        fns._compiled = None
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(((a - b).abs() <= 1e-4 * torch.maximum(a.abs(), b.abs()) + torch.finfo(a.dtype).tiny).all())
+
+
+def _compiled_agrees(fns, u: torch.Tensor, task, copies, g_plain: torch.Tensor, caller: str) -> bool:
+    """The compiled gradient and HVP against plain autograd's at ``u`` (task 0, ``task`` = its
+    ``(x, y)``): where they differ (a tensor hook in the forward, which torch.func skips) the
+    eager callbacks are used."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel   # attention's math kernel: differentiable twice
+    v = g_plain.detach()
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        w = u[0].detach().requires_grad_(True) if fns.batched else u.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(fns._task_loss(w, *task, copies), w, create_graph=True)
+        (hv_plain,) = torch.autograd.grad(g, w, v)
+    out = fns._compiled_call("hvp", u.detach(), torch.stack([v] + [torch.zeros_like(v)] * (u.shape[0] - 1))
+                             if fns.batched else v)
+    if out is None or fns._compiled is None:
+        return fns._compiled is not None
+    g_c, hv_c = (out[0][0], out[1][0]) if fns.batched else out
+    tol = 1e-8 if g_plain.dtype == torch.float64 else 1e-3
+    close = all(float((a - b).norm()) <= tol * float(b.norm()) for a, b in ((g_c, g_plain), (hv_c, hv_plain)))
+    if close or not bool(torch.isfinite(hv_plain).all()):
+        return True
+    fns._compiled = None
+    warnings.warn(f"amaml_ext: {caller}: the compiled callbacks compute another gradient or HVP than plain autograd "
+                  "(a tensor hook inside the forward?); using the eager ones", RuntimeWarning, stacklevel=5)
+    return False
 
 
 def _vmap_agrees(fns, leaf: torch.Tensor, x, y, copies, g_plain: torch.Tensor) -> None:
     """Task 0's gradient under vmap against plain autograd's ``g_plain``: where they differ (a
-    tensor hook inside the forward) the tasks are evaluated one at a time."""
+    tensor hook inside the forward), or vmap cannot differentiate the forward, the tasks are
+    evaluated one at a time."""
     try:
         with torch.enable_grad():
             w = leaf.detach()[None].requires_grad_(True)
             (g,) = torch.autograd.grad(torch.func.vmap(lambda *a: fns._task_loss(*a, copies))(w, x[None], y[None]).sum(), w)
-    except Exception:  # noqa: BLE001  (vmap cannot run it: TaskFunctions.losses falls back by itself)
+    except Exception as e:  # noqa: BLE001  (vmap cannot run it, e.g. a transformer's fused eval path)
+        fns.per_task = f"torch.func.vmap cannot differentiate its forward ({type(e).__name__}: {str(e)[:120]})"
+        warnings.warn(f"amaml_ext: the model's tasks are evaluated one at a time (slower): {fns.per_task}",
+                      RuntimeWarning, stacklevel=5)
         return
     tol = 1e-8 if g_plain.dtype == torch.float64 else 1e-3     # vmap's kernels may sum in another order
     if not bool(torch.isfinite(g_plain).all()) or float((g[0] - g_plain).norm()) <= tol * float(g_plain.norm()):
@@ -149,10 +212,15 @@ def _vmap_agrees(fns, leaf: torch.Tensor, x, y, copies, g_plain: torch.Tensor) -
                   RuntimeWarning, stacklevel=5)
 
 
-def _mutated_buffers(fns, names: List[str], strict: bool, caller: str) -> None:
-    """The forward changes the buffers ``names`` in place: warn (raise with ``strict``) and let
-    ``fns`` work on copies of them."""
+def _mutated_buffers(fns, names: List[str], strict: bool, caller: str, changes: bool = True) -> None:
+    """The forward changes the buffers ``names`` in place: ``fns`` works on copies of them (the
+    user's are never changed); where that changes the function (``changes``: two evaluations at
+    one point differ), warn (raise with ``strict``)."""
     if not names:
+        return
+    fns.buffers = {k: v.clone() if k in names else v for k, v in fns.buffers.items()}
+    fns._cast = {}
+    if not changes:
         return
     msg = (f"{caller}: the model's forward changes its buffer(s) {', '.join(names[:3])} in place (a counter, "
            "spectral_norm's power iteration in training mode, ...): the function being trained changes at every "
@@ -161,8 +229,6 @@ def _mutated_buffers(fns, names: List[str], strict: bool, caller: str) -> None:
     if strict:
         raise ValueError(msg)
     warnings.warn(msg, NondeterministicModelWarning, stacklevel=6)
-    fns.buffers = {k: v.clone() if k in names else v for k, v in fns.buffers.items()}
-    fns._cast = {}
 
 
 def check_same_loss(a: torch.Tensor, b: torch.Tensor, batched: bool, strict: bool, caller: str) -> bool:

@@ -17,8 +17,10 @@ that a change to it could make stale, and no call mutates anything another call 
 """
 
 import copy
-import math
+import functools
 import itertools
+import math
+import types
 from collections import OrderedDict
 from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
@@ -164,9 +166,24 @@ def _copy_module(m: nn.Module, memo: Dict[int, Any]) -> nn.Module:
         elif type(v) in (dict, OrderedDict) and not v:
             fields[k] = type(v)()
         else:
-            fields[k] = copy.deepcopy(v, memo)
+            fields[k] = _copy_value(v, memo)
     object.__setattr__(new, "__dict__", fields)
     return new
+
+
+def _copy_value(v: Any, memo: Dict[int, Any], depth: int = 0) -> Any:
+    """An attribute value for the copy: tensors shared (a non-leaf one, e.g. activations kept in
+    a dict, cannot be deep-copied), containers copied element by element, modules structurally,
+    anything else deep-copied."""
+    if isinstance(v, torch.Tensor) or isinstance(v, _ATOMIC):
+        return v
+    if isinstance(v, nn.Module):
+        return _copy_module(v, memo)
+    if depth <= 4 and type(v) in (list, tuple, dict, OrderedDict):
+        if isinstance(v, (list, tuple)):
+            return type(v)(_copy_value(x, memo, depth + 1) for x in v)
+        return type(v)((k, _copy_value(x, memo, depth + 1)) for k, x in v.items())
+    return copy.deepcopy(v, memo)
 
 
 def constants(model: nn.Module, module: nn.Module) -> Dict[str, torch.Tensor]:
@@ -188,6 +205,7 @@ def cast_constants(consts: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[
 
 
 _PLAIN = _ATOMIC
+_ROUTINES = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)
 _SKIP = ("_parameters", "_buffers", "_modules", "training")
 
 
@@ -201,14 +219,18 @@ def _freeze(v: Any, keep: List[Any], depth: int = 0) -> Hashable:
         return (type(v), repr(v)) if isinstance(v, float) else v     # repr: nan == nan
     if isinstance(v, (tuple, list)) and depth <= 4:
         return (type(v), tuple(_freeze(x, keep, depth + 1) for x in v))
+    if isinstance(v, (set, frozenset)) and depth <= 4:
+        return (type(v), tuple(sorted((_freeze(x, keep, depth + 1) for x in v), key=repr)))
     if isinstance(v, dict) and depth <= 4:
         return (type(v), tuple((_freeze(k, keep, depth + 1), _freeze(x, keep, depth + 1)) for k, x in v.items()))
     keep.append(v)
+    if isinstance(v, nn.Parameter):       # a parameter's values come from theta or are read per call
+        return ("parameter", id(v))
     if isinstance(v, torch.Tensor):
         return ("tensor", id(v), v._version)
     fields = getattr(v, "__dict__", None)
-    if isinstance(fields, dict) and depth <= 4 and not callable(v) and not isinstance(v, nn.Module):
-        return ("fields", id(v), _freeze(fields, keep, depth + 1))
+    if isinstance(fields, dict) and depth <= 4 and not isinstance(v, (nn.Module, type, *_ROUTINES)):
+        return ("fields", id(v), _freeze(fields, keep, depth + 1))     # a callable object's fields too
     return ("object", id(v))
 
 

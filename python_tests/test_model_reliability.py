@@ -364,23 +364,29 @@ def test_wrapped_modules_are_unwrapped(wrap):
 
 
 class Counter(nn.Module):
-    def __init__(self):
+    def __init__(self, weight=0.0):
         super().__init__()
         self.body = small()
+        self.weight = weight                      # how much the count enters the output
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     def forward(self, x):
         self.calls += 1
-        return self.body(x)
+        return self.body(x) + self.weight * self.calls
 
 
 def test_buffers_changed_in_place_by_the_forward_are_never_the_users():
-    net = Counter()
     s, q = data(0), data(1)
-    with pytest.warns(amaml_ext.NondeterministicModelWarning, match="changes its buffer"):
-        r = adjoint_meta_grad(net, F.mse_loss, flatten_params(net), 0.5, support=s, query=q, **EXACT)
+    net = Counter()                               # counted, the output unchanged: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", amaml_ext.NondeterministicModelWarning)
+        r = adjoint_meta_grad(net, F.mse_loss, flatten_params(net), 0.5, support=s, query=q, strict=True, **EXACT)
     assert int(net.calls) == 0
-    assert rel(r.grad, reference(net.body, flatten_params(net), s, q)) < 1e-10     # calls does not enter the output
+    assert rel(r.grad, reference(net.body, flatten_params(net), s, q)) < 1e-10
+    net = Counter(weight=0.1)                     # the count changes the function: warned, strict refuses
+    with pytest.warns(amaml_ext.NondeterministicModelWarning, match="changes its buffer"):
+        adjoint_meta_grad(net, F.mse_loss, flatten_params(net), 0.5, support=s, query=q, **EXACT)
+    assert int(net.calls) == 0
     with pytest.raises(ValueError, match="changes its buffer"):
         adjoint_meta_grad(net, F.mse_loss, flatten_params(net), 0.5, support=s, query=q, strict=True, **EXACT)
     assert int(net.calls) == 0
@@ -392,8 +398,7 @@ def test_spectral_norm_in_training_mode_leaves_the_users_vector_alone():
                         nn.Linear(8, 1)).double()
     u_before = net[0].parametrizations.weight[0]._u.clone()
     s, q = data(0), data(1)
-    with pytest.warns(amaml_ext.NondeterministicModelWarning, match="_u"):
-        adjoint_meta_grad(net, F.mse_loss, flatten_params(net), 0.5, support=s, query=q, **EXACT)
+    adjoint_meta_grad(net, F.mse_loss, flatten_params(net), 0.5, support=s, query=q, **EXACT)
     assert torch.equal(net[0].parametrizations.weight[0]._u, u_before)
 
 
@@ -566,7 +571,7 @@ def test_baselines_check_the_model_too(name):
     learner = getattr(learners, name)(net, F.mse_loss, **kwargs)
     with pytest.raises(ValueError, match="reads the model's own trainable parameters 0.weight"):
         learner.meta_grad(flatten_params(net), batch)
-    counted = Counter()
+    counted = Counter(weight=0.1)
     learner = getattr(learners, name)(counted, F.mse_loss, **dict(kwargs, head="body.2") if name == "ANIL" else kwargs)
     with pytest.warns(amaml_ext.NondeterministicModelWarning, match="changes its buffer"):
         learner.meta_grad(flatten_params(counted), batch)
@@ -730,3 +735,119 @@ def test_torch_func_transforms_through_gradient_flow_are_named():
             transform(J)(theta)
     with pytest.raises(RuntimeError, match="gradient_flow: its inputs come from a torch.func transform"):
         torch.func.jvp(J, (theta,), (torch.ones_like(theta),))
+
+
+# -- the review of the change ----------------------------------------------------------------------
+
+def test_a_first_unbatched_call_does_not_hide_vmap_trouble_from_batched_ones():
+    sets, queries, batch = _two_tasks()
+    net = TensorHooked()
+    theta = flatten_params(net)
+    adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=sets[0], query=queries[0], **EXACT)
+    with pytest.warns(RuntimeWarning, match="one at a time"):
+        r = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=batch.support, query=batch.query, batched=True,
+                              **EXACT)
+    assert rel(r.grad, torch.stack([reference(net, theta, s, q) for s, q in zip(sets, queries)])) < 1e-10
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_compiled_callbacks_that_differ_from_autograd_are_dropped(batched):
+    if compile_refusal() is not None:
+        pytest.skip(compile_refusal())
+    sets, queries, batch = _two_tasks()
+    net = TensorHooked()
+    theta = flatten_params(net)
+    s, q = (batch.support, batch.query) if batched else (sets[0], queries[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=s, query=q, batched=batched, compile=True, **EXACT)
+    ref = torch.stack([reference(net, theta, a, b) for a, b in zip(sets, queries)])
+    assert rel(r.grad, ref if batched else ref[0]) < 1e-10
+
+
+class Leaky(nn.Module):
+    """A callable activation object with a field, a set attribute, and activations kept in a dict."""
+
+    class Act:
+        def __init__(self):
+            self.alpha = 1.0
+
+        def __call__(self, x):
+            return torch.tanh(self.alpha * x)
+
+    def __init__(self):
+        super().__init__()
+        self.body = small()
+        self.act, self.skip, self.acts = Leaky.Act(), set(), {}
+
+    def forward(self, x):
+        h = self.act(self.body[0](x))
+        self.acts["h"] = h
+        return self.body[2](h) * (2.0 if 1 in self.skip else 1.0)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_changes_inside_attribute_objects_are_seen(compile):
+    if compile and compile_refusal() is not None:
+        pytest.skip(compile_refusal())
+    net = Leaky()
+    s, q = data(0), data(1)
+    theta = flatten_params(net)
+    net(s[0])                                    # the user's own call leaves a non-leaf tensor in net.acts
+    adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=s, query=q, compile=compile, **EXACT)
+    net.act.alpha = 2.0
+    net.skip.add(1)
+    net(s[0])
+    r = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=s, query=q, compile=compile, **EXACT)
+    net.acts.clear()                             # (the reference deep-copies the model, which a non-leaf blocks)
+    assert rel(r.grad, reference(net, theta, s, q)) < 1e-10
+
+
+def test_a_random_forward_is_still_caught_after_a_baseline_allowed_it():
+    _, _, batch = _two_tasks()
+    net = Noisy("rand")
+    theta = flatten_params(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        learners.FOMAML(net, F.mse_loss, steps=2, inner_lr=0.1).meta_grad(theta, batch)
+    with pytest.raises(ValueError, match="not deterministic"):
+        adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=data(0), query=data(1), strict=True, **EXACT)
+
+
+def test_frozen_sparse_embedding_and_integer_inputs_in_meta_test():
+    from amaml_ext import train
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(6, 3, sparse=True), nn.Flatten(), nn.Linear(3, 1)).double()
+    net[0].weight.requires_grad_(False)
+    xi = torch.randint(0, 6, (2, 8, 1))
+    y = torch.randn(2, 8, 1, dtype=F64)
+    batch = TaskBatch(support=(xi, y), query=(xi, y))
+    theta = flatten_params(net)
+    curve = train.meta_test(net, F.mse_loss, theta, batch, steps=2, lr=0.1)
+    u = theta.clone()
+    for _ in range(2):
+        u = u - 0.1 * torch.func.grad(lambda w: _loss(net, w, (xi[0], y[0])))(u)
+    pred = torch.func.functional_call(net, amaml_ext.unflatten_params(net, u), (xi[0],))
+    assert curve["final"][0] == pytest.approx(float((pred - y[0]).norm() / y[0].norm()), rel=1e-10)
+
+
+def test_eval_transformer_batched():
+    torch.manual_seed(0)
+
+    class T(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(2, 8)
+            self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.out = nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.out(self.enc(self.inp(x)[None])[0])
+    net = T().double().eval()
+    sets, queries, batch = _two_tasks()
+    theta = flatten_params(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=batch.support, query=batch.query, batched=True,
+                              strict=True, **EXACT)
+    assert rel(r.grad, torch.stack([reference(net, theta, s, q) for s, q in zip(sets, queries)])) < 1e-10

@@ -96,7 +96,8 @@ def _per_task(model, loss, theta, tasks: TaskBatch, recorded: List[int], lr: flo
     for a in range(0, tasks.size, chunk):
         part = tasks.select(slice(a, a + chunk))
         fns = TaskFunctions(model, loss, part.support, part.query, batched=True)
-        u = theta.detach().to(part.support[0].dtype).expand(part.size, -1).clone()
+        floating = [t.dtype for t in (*part.support, *part.query) if t.is_floating_point()]
+        u = theta.detach().to(floating[0] if floating else theta.dtype).expand(part.size, -1).clone()
         fns.check_model(u, caller="meta_test", random_ok=True)
 
         def value():
