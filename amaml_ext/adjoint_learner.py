@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from .functional import LossFn, flatten_params, unflatten_params
+from .functional import LossFn, flatten_params, param_shapes, unflatten_params
 from .metagrad import gradient_flow
 from .metagrad.checks import check_pairing
 
@@ -68,7 +68,7 @@ class AdjointLearner(nn.Module):
         if not learn_T and (steps < 1 or abs(steps * self.h - self.T) > 1e-9 * max(1.0, self.T)):
             raise ValueError(f"argument 'T' must be a whole multiple of h={self.h:g}, got T={self.T:g}")
         like = flatten_params(model)      # [d]; names a model with nothing trainable
-        self.trainable = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+        self.trainable = list(param_shapes(model))       # (name, shape) of what theta and log_lr cover
         self.log_lr = nn.Parameter(torch.zeros_like(like)) if learn_lr else None
         self.log_T = nn.Parameter(like.new_tensor(math.log(self.T))) if learn_T else None
 
@@ -82,7 +82,7 @@ class AdjointLearner(nn.Module):
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor, *, T: Optional[float] = None) -> AdaptedModel:
         """Inner training on ``(x, y)``: the adapted model (``T`` overrides the horizon)."""
-        now = [(n, tuple(p.shape)) for n, p in self.module.named_parameters() if p.requires_grad]
+        now = list(param_shapes(self.module))
         if self.log_lr is not None and now != self.trainable:
             raise ValueError(f"AdjointLearner.adapt: the model's trainable parameters changed since the learner "
                              f"was made ({self.log_lr.numel()} -> {sum(math.prod(s) for _, s in now)} entries: a "

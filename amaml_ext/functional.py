@@ -24,7 +24,8 @@ from torch import nn
 from .compile_policy import compile_refusal, resolve_compile
 from .compiled import COMPILED_CALL_LOCK, compiled_callbacks
 from .model_checks import (LossFn, LossValueError, NondeterministicModelWarning,  # noqa: F401 (re-exported)
-                           backward_hooked, check_model, check_supported, checked_loss, differentiable)
+                           backward_hooked, check_model, check_supported, checked_loss, differentiable,
+                           first_line, one_task_at_a_time)
 from .model_state import (_unflatten_shapes, cast_constants, constants, fingerprint,  # noqa: F401 (re-exported)
                           functional_module, param_shapes)
 
@@ -67,10 +68,6 @@ def second_order():
     CPU/flash kernels have no double backward: nn.TransformerEncoderLayer would fail)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel(SDPBackend.MATH)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def _dropout_in_training(model: nn.Module) -> Sequence[str]:
@@ -225,9 +222,8 @@ class TaskFunctions:
                 raise
             except Exception as e:  # noqa: BLE001  (vmap cannot run this forward: try task by task)
                 out = torch.stack([fn(u[b], *(t[b] for t in data)) for b in range(u.shape[0])])
-                self.per_task = f"torch.func.vmap cannot run its forward ({type(e).__name__}: {_first_line(e)})"
-                warnings.warn(f"amaml_ext: the model's tasks are evaluated one at a time (slower): {self.per_task}",
-                              RuntimeWarning, stacklevel=3)
+                one_task_at_a_time(self, f"torch.func.vmap cannot run its forward ({type(e).__name__}: "
+                                         f"{first_line(e)})", 3)
                 return out
         return torch.stack([fn(u[b], *(t[b] for t in data)) for b in range(u.shape[0])])
 

@@ -127,7 +127,7 @@ def check_model(fns, u: torch.Tensor, strict: bool, caller: str, random_ok: bool
                          "would be wrong. Read parameters through the module the code runs in (a hook's `module` "
                          "argument).")
     mutated = sorted(k for k, v in copies.items() if v._version != versions[k])
-    changes = bool(mutated) and not _same(a.detach(), b)          # the buffers change the function itself
+    changes = bool(mutated) and bool(_differ(a.detach(), b).any())          # the buffers change the function itself
     _mutated_buffers(fns, mutated, strict, caller, changes)
     if not (changes or fns.dropout or random_ok or check_same_loss(a.detach(), b, False, strict, caller)):
         return                      # a random forward is checked (and warned of) again
@@ -162,8 +162,34 @@ def _apply(fns, per_task, compile_ok) -> None:
         fns._compiled = None
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool(((a - b).abs() <= 1e-4 * torch.maximum(a.abs(), b.abs()) + torch.finfo(a.dtype).tiny).all())
+def _differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Where two evaluations of a loss differ by more than a relative 1e-4 (nondeterministic GPU
+    reductions pass, random forwards do not)."""
+    return ~((a - b).abs() <= 1e-4 * torch.maximum(a.abs(), b.abs()) + torch.finfo(a.dtype).tiny)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two gradients (or HVPs) agree: to 1e-8 in float64, 1e-3 in float32 (vmap's and compiled
+    kernels may sum in another order); a non-finite reference counts as agreeing."""
+    tol = 1e-8 if b.dtype == torch.float64 else 1e-3
+    return not bool(torch.isfinite(b).all()) or float((a - b).norm()) <= tol * float(b.norm())
+
+
+def one_task_at_a_time(fns, reason: str, stacklevel: int) -> None:
+    """Evaluate ``fns``'s tasks one at a time from now on, saying why (a RuntimeWarning)."""
+    fns.per_task = reason
+    warnings.warn(f"amaml_ext: the model's tasks are evaluated one at a time (slower): {reason}", RuntimeWarning,
+                  stacklevel=stacklevel + 1)
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def _refuse_or_warn(msg: str, strict: bool, stacklevel: int) -> None:
+    if strict:
+        raise ValueError(msg)
+    warnings.warn(msg, NondeterministicModelWarning, stacklevel=stacklevel + 1)
 
 
 def _compiled_agrees(fns, u: torch.Tensor, task, copies, g_plain: torch.Tensor, caller: str) -> bool:
@@ -181,9 +207,7 @@ def _compiled_agrees(fns, u: torch.Tensor, task, copies, g_plain: torch.Tensor, 
     if out is None or fns._compiled is None:
         return fns._compiled is not None
     g_c, hv_c = (out[0][0], out[1][0]) if fns.batched else out
-    tol = 1e-8 if g_plain.dtype == torch.float64 else 1e-3
-    close = all(float((a - b).norm()) <= tol * float(b.norm()) for a, b in ((g_c, g_plain), (hv_c, hv_plain)))
-    if close or not bool(torch.isfinite(hv_plain).all()):
+    if _close(g_c, g_plain) and _close(hv_c, hv_plain):
         return True
     fns._compiled = None
     warnings.warn(f"amaml_ext: {caller}: the compiled callbacks compute another gradient or HVP than plain autograd "
@@ -200,16 +224,12 @@ def _vmap_agrees(fns, leaf: torch.Tensor, x, y, copies, g_plain: torch.Tensor) -
             w = leaf.detach()[None].requires_grad_(True)
             (g,) = torch.autograd.grad(torch.func.vmap(lambda *a: fns._task_loss(*a, copies))(w, x[None], y[None]).sum(), w)
     except Exception as e:  # noqa: BLE001  (vmap cannot run it, e.g. a transformer's fused eval path)
-        fns.per_task = f"torch.func.vmap cannot differentiate its forward ({type(e).__name__}: {str(e)[:120]})"
-        warnings.warn(f"amaml_ext: the model's tasks are evaluated one at a time (slower): {fns.per_task}",
-                      RuntimeWarning, stacklevel=5)
+        one_task_at_a_time(fns, f"torch.func.vmap cannot differentiate its forward ({type(e).__name__}: "
+                                f"{first_line(e)})", 5)
         return
-    tol = 1e-8 if g_plain.dtype == torch.float64 else 1e-3     # vmap's kernels may sum in another order
-    if not bool(torch.isfinite(g_plain).all()) or float((g[0] - g_plain).norm()) <= tol * float(g_plain.norm()):
-        return
-    fns.per_task = "torch.func.vmap computes another gradient than plain autograd (a tensor hook inside the forward?)"
-    warnings.warn(f"amaml_ext: the model's tasks are evaluated one at a time (slower): {fns.per_task}",
-                  RuntimeWarning, stacklevel=5)
+    if not _close(g[0], g_plain):
+        one_task_at_a_time(fns, "torch.func.vmap computes another gradient than plain autograd (a tensor hook inside "
+                                "the forward?)", 5)
 
 
 def _mutated_buffers(fns, names: List[str], strict: bool, caller: str, changes: bool = True) -> None:
@@ -226,9 +246,7 @@ def _mutated_buffers(fns, names: List[str], strict: bool, caller: str, changes: 
            "spectral_norm's power iteration in training mode, ...): the function being trained changes at every "
            "evaluation, so the flow and its adjoint are not those of one function. Every call works on copies of "
            "them (the model's own are never changed); put such modules in eval mode.")
-    if strict:
-        raise ValueError(msg)
-    warnings.warn(msg, NondeterministicModelWarning, stacklevel=6)
+    _refuse_or_warn(msg, strict, 6)
 
 
 def check_same_loss(a: torch.Tensor, b: torch.Tensor, batched: bool, strict: bool, caller: str) -> bool:
@@ -236,21 +254,17 @@ def check_same_loss(a: torch.Tensor, b: torch.Tensor, batched: bool, strict: boo
     to a relative 1e-4 (nondeterministic GPU reductions pass, random forwards do not); else warn
     (:class:`NondeterministicModelWarning`) or, with ``strict``, raise ValueError. Returns
     whether they agree."""
-    diff = (a - b).abs()
-    scale = torch.maximum(a.abs(), b.abs())
-    tiny = torch.finfo(a.dtype).tiny
-    bad = ~(diff <= 1e-4 * scale + tiny)
+    bad = _differ(a, b)
     if not bool(bad.any()):
         return True
     i = int(bad.reshape(-1).nonzero()[0])
-    rel = float(diff.reshape(-1)[i] / scale.reshape(-1)[i].clamp_min(tiny))
+    x, y = a.reshape(-1)[i], b.reshape(-1)[i]
+    rel = float((x - y).abs() / torch.maximum(x.abs(), y.abs()).clamp_min(torch.finfo(a.dtype).tiny))
     msg = (f"{caller}: the model's training loss is not deterministic: two evaluations at the same "
            f"parameters gave {a.reshape(-1)[i].item():.6g} and {b.reshape(-1)[i].item():.6g} (relative "
            f"difference {rel:.2g}{f', task {i}' if batched else ''}). Randomness in the forward "
            "(F.dropout(x, p, self.training), torch.rand, noise layers) makes the gradient flow and its "
            "adjoint undefined, and the meta-gradient meaningless. Make the forward deterministic "
            "(model.eval(), a fixed mask, or noise drawn outside the model).")
-    if strict:
-        raise ValueError(msg)
-    warnings.warn(msg, NondeterministicModelWarning, stacklevel=5)
+    _refuse_or_warn(msg, strict, 5)
     return False

@@ -155,18 +155,8 @@ def _copy_module(m: nn.Module, memo: Dict[int, Any]) -> nn.Module:
         return copy.deepcopy(m, memo)
     new = type(m).__new__(type(m))
     memo[id(m)] = new
-    fields = {}
-    for k, v in m.__dict__.items():
-        if k in ("_parameters", "_buffers"):
-            fields[k] = type(v)(v)
-        elif k == "_modules":
-            fields[k] = type(v)((n, None if c is None else _copy_module(c, memo)) for n, c in v.items())
-        elif isinstance(v, _ATOMIC) or isinstance(v, torch.Tensor):
-            fields[k] = v           # a plain tensor attribute (old weight_norm's computed weight) is shared
-        elif type(v) in (dict, OrderedDict) and not v:
-            fields[k] = type(v)()
-        else:
-            fields[k] = _copy_value(v, memo)
+    # its dicts of parameters, buffers and submodules are new dicts: the same tensors, copied modules
+    fields = {k: _copy_value(v, memo) for k, v in m.__dict__.items()}
     object.__setattr__(new, "__dict__", fields)
     return new
 

@@ -44,7 +44,7 @@ class MetaLearner:
         self.model, self.loss = model, loss
         self.inner_lr = _checks.positive("inner_lr", inner_lr)
         self.steps = _checks.positive("steps", steps, integer=True)
-        self.trainable = [(name, tuple(shape)) for name, shape in param_shapes(model)]
+        self.trainable = list(param_shapes(model))       # (name, shape) of what theta covers
         self.d = sum(math.prod(s) for _, s in self.trainable)
 
     # -- meta-parameters beyond theta ------------------------------------------------------------
@@ -78,7 +78,7 @@ class MetaLearner:
     def _check_model_unchanged(self) -> None:
         """The model's trainable parameters still number what the learner was made for (theta,
         the learner's own meta-parameters and ANIL's head were sized for them)."""
-        now = [(name, tuple(shape)) for name, shape in param_shapes(self.model)]
+        now = list(param_shapes(self.model))
         if now != self.trainable:
             d = sum(math.prod(s) for _, s in now)
             changed = sorted(set(n for n, _ in now) ^ set(n for n, _ in self.trainable))

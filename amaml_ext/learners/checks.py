@@ -9,6 +9,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .._checks import check_finite  # noqa: F401  (the learners' checks use it; re-exported)
 from ..data.batch import TaskBatch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -30,32 +31,6 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     if flags[0].device.type == "cpu":
         return all(bool(f) for f in flags)
     return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
-
-
-def _first_bad(t: torch.Tensor) -> Tuple[int, float, int]:
-    """``(flat index, value, count)`` of the non-finite entries of ``t`` (only called when it has some)."""
-    bad = ~torch.isfinite(t.detach()).reshape(-1)
-    i = int(bad.nonzero()[0])
-    return i, float(t.detach().reshape(-1)[i]), int(bad.sum())
-
-
-def check_finite(name: str, t: torch.Tensor, part: Optional[str] = None, tasks_first: bool = False) -> None:
-    """``t`` (a floating tensor; others pass) holds only finite values. ``part`` names the piece of
-    the argument (``"support x"``); ``tasks_first``: dimension 0 indexes tasks, and the message
-    names the first task that holds a non-finite value."""
-    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
-        return
-    i, value, count = _first_bad(t)
-    what = f"argument '{name}'" + (f" ({part})" if part else "")
-    if tasks_first and t.dim() >= 1 and t.shape[0] > 0:
-        rows = (~torch.isfinite(t.detach())).reshape(t.shape[0], -1).any(1)
-        task, others = int(rows.nonzero()[0]), int(rows.sum()) - 1
-        where = f" at task {task}" + (f" (and {others} other task{'s' if others > 1 else ''})" if others else "")
-    else:
-        where = f" at index {i}"
-    why = " (one NaN or inf in the data makes every gradient of its task NaN)" if part else ""
-    raise ValueError(f"{what} holds non-finite values{where}: {count} of {t.numel()} entries (e.g. {value}); "
-                     f"expected finite numbers{why}")
 
 
 def check_theta(theta, n: int, what: str = "the model's parameter count") -> torch.Tensor:

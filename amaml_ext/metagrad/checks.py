@@ -87,12 +87,8 @@ def check_call(model, loss, theta, support, query, *, solver: str, adjoint: str,
     xs, ys = check_pair("support", support, batched)
     xq, yq = check_pair("query", query, batched)
     for name, t in (("support x", xs), ("support y", ys), ("query x", xq), ("query y", yq)):
-        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-            bad = ~torch.isfinite(t.detach())
-            where = f" at task {int(bad.reshape(t.shape[0], -1).any(1).nonzero()[0])}" if batched else ""
-            raise ValueError(f"argument '{name.split()[0]}' ({name}) holds non-finite values{where}: "
-                             f"{int(bad.sum())} of {t.numel()} entries; expected finite numbers (one NaN or inf in "
-                             "the data makes every gradient of its task NaN)")
+        if t.device.type != "meta":
+            _checks.check_finite(name.split()[0], t, name, tasks_first=batched)
         if t.device != theta.device:
             raise ValueError(f"argument '{name.split()[0]}' ({name}) must be on theta's device {theta.device}, got {t.device}")
         if t.is_floating_point() and t.dtype != theta.dtype:
