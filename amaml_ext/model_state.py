@@ -2,7 +2,7 @@
 that a change to it could make stale, and no call mutates anything another call uses.
 
 * :func:`functional_module`: a private copy of the model's *structure* (modules, attributes,
-  hooks; 0.11 ms for the paper's MLP, 0.42 ms for a 64-channel Conv4: benchmarks/call_overhead.py)
+  hooks; 0.16 ms for the paper's MLP, 0.65 ms for a 64-channel Conv4: benchmarks/call_overhead.py)
   made anew at every call (every :class:`~amaml_ext.functional.TaskFunctions`), sharing
   the model's tensors without copying them. ``torch.func.functional_call`` swaps parameters on
   the module it is given, in place; on a per-call copy, two threads calling on one model do not
@@ -139,7 +139,7 @@ _ATOMIC = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch
 
 
 def _copy_module(m: nn.Module, memo: Dict[int, Any]) -> nn.Module:
-    """``copy.deepcopy(m, memo)`` with ``memo`` mapping every tensor to itself, 2-3x faster for
+    """``copy.deepcopy(m, memo)`` with ``memo`` mapping every tensor to itself, 1.7-1.8x faster for
     plain modules: the module's own dictionaries of parameters and buffers are new dicts holding
     the same tensors, its submodules are copied the same way (a shared one once), plain values
     are kept and anything else is deep-copied. Modules with their own ``__deepcopy__`` and
@@ -156,23 +156,28 @@ def _copy_module(m: nn.Module, memo: Dict[int, Any]) -> nn.Module:
     new = type(m).__new__(type(m))
     memo[id(m)] = new
     # its dicts of parameters, buffers and submodules are new dicts: the same tensors, copied modules
-    fields = {k: _copy_value(v, memo) for k, v in m.__dict__.items()}
+    fields = {k: v if isinstance(v, _SHARED) else _copy_value(v, memo) for k, v in m.__dict__.items()}
     object.__setattr__(new, "__dict__", fields)
     return new
+
+
+_SHARED = _ATOMIC + (torch.Tensor,)
 
 
 def _copy_value(v: Any, memo: Dict[int, Any], depth: int = 0) -> Any:
     """An attribute value for the copy: tensors shared (a non-leaf one, e.g. activations kept in
     a dict, cannot be deep-copied), containers copied element by element, modules structurally,
     anything else deep-copied."""
-    if isinstance(v, torch.Tensor) or isinstance(v, _ATOMIC):
+    if isinstance(v, _SHARED):
         return v
     if isinstance(v, nn.Module):
         return _copy_module(v, memo)
     if depth <= 4 and type(v) in (list, tuple, dict, OrderedDict):
+        if not v:                # most of a module's dicts (its hooks) are empty
+            return type(v)()
         if isinstance(v, (list, tuple)):
-            return type(v)(_copy_value(x, memo, depth + 1) for x in v)
-        return type(v)((k, _copy_value(x, memo, depth + 1)) for k, x in v.items())
+            return type(v)([x if isinstance(x, _SHARED) else _copy_value(x, memo, depth + 1) for x in v])
+        return type(v)([(k, x if isinstance(x, _SHARED) else _copy_value(x, memo, depth + 1)) for k, x in v.items()])
     return copy.deepcopy(v, memo)
 
 
