@@ -15,9 +15,9 @@ import torch
 from torch.nn import functional as F
 
 from amaml_ext import flatten_params, learners, models
-from amaml_ext.compile_policy import compile_refusal
+from amaml_ext.functional.compile_policy import compile_refusal
 from amaml_ext.data import TaskBatch
-from amaml_ext.model_state import fingerprint, functional_module
+from amaml_ext.functional.model_state import fingerprint, functional_module
 
 from .common.timing import median_time
 

@@ -1,5 +1,5 @@
 """Memory bandwidth of the fused kernels on a GPU, against the device's copy bandwidth and the
-same math in plain PyTorch (``amaml_ext.reference``).
+same math in plain PyTorch (``amaml_ext.ops.reference``).
 
     python -m benchmarks.gpu_bandwidth --out gpu_bandwidth.json
     python -m benchmarks.gpu_bandwidth --sizes 1e6,1e7 --ops stage_combine,heun_update

@@ -1,4 +1,4 @@
-"""Fused kernels vs the same math in plain PyTorch (``amaml_ext.reference``).
+"""Fused kernels vs the same math in plain PyTorch (``amaml_ext.ops.reference``).
 
 For every op, d in {1e3, ..., 1e7}, float32 and device (cpu, and cuda when available), two
 benchmarks share a group ``<op> d=<d> <device>``: ``fused`` (the extension op writing into

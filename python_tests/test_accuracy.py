@@ -1,5 +1,5 @@
 """The continuous adjoint's error estimate, warning, strict error and refinement, against
-fine-grid references (amaml_ext.accuracy)."""
+fine-grid references (amaml_ext.metagrad.accuracy)."""
 
 import math
 import warnings

@@ -3,21 +3,32 @@ functions stay small enough to read. These check the source tree, not behaviour.
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "amaml_ext")
 
-# what each part may not import (amaml_ext-relative module prefixes)
-FORBIDDEN = {
-    "data": ("train", "cli", "learners", "metagrad", "ode", "ops", "_C"),
-    "metagrad": ("_C", "ops", "learners", "train", "cli", "data"),
-    "ode": ("metagrad", "learners", "train", "cli", "data", "functional"),
-    "learners": ("train", "cli"),
-    "train": ("cli",),
-    "models": ("data", "train", "cli", "learners", "metagrad"),
+# The layers (docs/design.md, "Layout"): what each part of the package may import besides itself
+# (amaml_ext-relative module prefixes; the root package, which loads only the compiled core
+# through ops, is importable from everywhere). Each layer's rule is in its package docstring.
+ALLOWED = {
+    "_checks": (),
+    "_io": (),
+    "models": (),
+    "ops": ("_C",),
+    "ode": ("ops", "_checks"),
+    "data": ("_checks", "_io"),
+    "tasks": ("data",),
+    "functional": ("_checks",),
+    "metagrad": ("ode", "functional", "_checks"),
+    "learners": ("metagrad", "functional", "data", "_checks"),
+    "train": ("learners", "metagrad", "functional", "data", "models", "_checks", "_io"),
+    "cli": ("train", "learners", "metagrad", "functional", "ode", "data", "models", "_checks", "_io"),
 }
+ROOT_MODULES = {"", "__main__"}
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 90
 
@@ -55,15 +66,49 @@ def test_the_checker_sees_relative_imports():
     assert "_io" in found or any(m.startswith("_io") for m in found)
 
 
-@pytest.mark.parametrize("part", sorted(FORBIDDEN))
+def _part(module: str) -> str:
+    return module.split(".")[0]
+
+
+def test_every_part_has_a_rule():
+    parts = {_part(m) for _, m in _modules()} - ROOT_MODULES
+    assert parts == set(ALLOWED) - {"_C"}, sorted(parts ^ (set(ALLOWED) - {"_C"}))
+
+
+@pytest.mark.parametrize("part", sorted(ALLOWED))
 def test_imports_run_downwards(part):
     bad = []
     for path, module in _modules():
-        if module == part or module.startswith(part + "."):
+        if _part(module) == part:
             for m in _imports(path, module):
-                if any(m == f or m.startswith(f + ".") for f in FORBIDDEN[part]):
+                if _part(m) not in (part, *ALLOWED[part]):
                     bad.append(f"{module} imports {m}")
     assert not bad, bad
+
+
+def _below(part: str) -> set:
+    """``part`` and every part it may reach, directly or through another."""
+    out, todo = set(), [part]
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.add(p)
+            todo += ALLOWED.get(p, ())
+    return out
+
+
+@pytest.mark.parametrize("part", sorted(set(ALLOWED) - {"_C", "cli"}))
+def test_importing_a_layer_loads_no_higher_one(part):
+    """At run time, not only in the source: importing a layer (a fresh interpreter) loads no module
+    of a layer above it, through ``__init__`` files or lazy names."""
+    code = (f"import sys, amaml_ext.{part}; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('amaml_ext.'))))")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, check=True)
+    allowed = _below(part) | _below("ops")          # the root package loads the compiled core
+    loaded = [m[len("amaml_ext."):] for m in out.stdout.split()]
+    above = sorted(m for m in loaded if _part(m) not in allowed)
+    assert not above, f"import amaml_ext.{part} loads {above}"
 
 
 def test_modules_and_functions_are_small():

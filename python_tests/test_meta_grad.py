@@ -320,7 +320,7 @@ def test_dopri5_warns_when_its_steps_collapse_below_the_grid():
 
 
 def test_compile_auto_compiles_dense_models_on_the_cpu_only(monkeypatch):
-    from amaml_ext.compile_policy import compile_pays, resolve_compile
+    from amaml_ext.functional.compile_policy import compile_pays, resolve_compile
     from amaml_ext import models
     cpu = torch.device("cpu")
     mlp_net, conv = models.mlp(width=8), models.Conv4(ways=3, channels=4, image_size=16)

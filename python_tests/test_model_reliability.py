@@ -16,8 +16,8 @@ from torch.nn import functional as F
 
 import amaml_ext
 from amaml_ext import accuracy, adjoint_meta_grad, flatten_params, gradient_flow, learners, ops
-from amaml_ext import reference as ops_reference
-from amaml_ext.compile_policy import compile_refusal
+from amaml_ext.ops import reference as ops_reference
+from amaml_ext.functional.compile_policy import compile_refusal
 from amaml_ext.data import TaskBatch
 
 from helpers import DEVICES, F64, mlp, rel

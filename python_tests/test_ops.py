@@ -1,11 +1,12 @@
-"""The fused ops against their plain-PyTorch mirrors (amaml_ext.reference), opcheck, and
+"""The fused ops against their plain-PyTorch mirrors (amaml_ext.ops.reference), opcheck, and
 argument checking."""
 
 import pytest
 import torch
 
 import amaml_ext
-from amaml_ext import ops, reference
+from amaml_ext import ops
+from amaml_ext.ops import reference
 
 from helpers import DEVICES
 
@@ -32,7 +33,7 @@ def stages(n, shape, dtype, device, noncontig=False):
 
 
 def sample_inputs(op, shape, dtype, device, noncontig=False, count=7):
-    """Random inputs of the fused op ``op`` in the order amaml_ext.ops and amaml_ext.reference
+    """Random inputs of the fused op ``op`` in the order amaml_ext.ops and amaml_ext.ops.reference
     share, outputs left out: the one builder behind the comparisons with the reference and
     opcheck. ``count``: stage_combine's number of stages (the DOPRI5 ops take 7)."""
     y = rand(shape, dtype, device, noncontig)

@@ -290,7 +290,8 @@ def test_command_compare_on_a_movielens_fixture(tmp_path):
 
 def test_command_compare_on_an_omniglot_fixture(tmp_path, monkeypatch):
     from test_images import make_omniglot
-    from amaml_ext.data import benchmarks, images
+    from amaml_ext.data import images
+    from amaml_ext.train import benchmarks
     make_omniglot(str(tmp_path))
     # the fixture has 8 characters, not 1,623: train on 6 of them (the real default is 1,200)
     monkeypatch.setitem(benchmarks._DATASETS, ("omniglot", None), images.Omniglot(str(tmp_path), n_train=6))

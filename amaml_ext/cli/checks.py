@@ -12,8 +12,8 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import learners as L
-from ..accuracy import lambda_max, stability_bound
-from ..compile_policy import compile_env
+from ..metagrad.accuracy import lambda_max, stability_bound
+from ..functional.compile_policy import compile_env
 from ..data.batch import task_indices
 from ..functional import TaskFunctions, flatten_params
 from ..ode import STABILITY_BOUNDS
@@ -185,7 +185,7 @@ def unused_options(args, given: set) -> List[str]:
     uses.update({"imaml_lambda": any("imaml_lambda" in m.options for m in info),
                  "cg_steps": any("cg_steps" in m.options for m in info),
                  "maml_steps": any(m.steps == "maml_steps" for m in info)})   # --inner-steps: also the test steps
-    from ..data.benchmarks import BENCHMARKS
+    from ..train.benchmarks import BENCHMARKS
     uses.update({opt: bool(BENCHMARKS[args.task].episodes) for opt in _IMAGE_OPTIONS})
     out = []
     for opt in sorted(given):

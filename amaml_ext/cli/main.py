@@ -6,8 +6,8 @@ import sys
 import time
 from typing import Dict, Optional, Sequence
 
-from ..accuracy import AdjointAccuracyError
-from ..data.benchmarks import BENCHMARKS
+from ..metagrad.accuracy import AdjointAccuracyError
+from ..train.benchmarks import BENCHMARKS
 from ..train import (CHECKPOINT, THETA, DistributedError, RunConfigMismatch, RunFileError, init_distributed,
                      launched_by_torchrun, load_checkpoint)
 from ..train.io import atomic_write_bytes, check_resumable

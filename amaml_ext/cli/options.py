@@ -10,7 +10,7 @@ import torch
 
 from .. import learners as L
 from .. import models
-from ..data.benchmarks import BENCHMARKS
+from ..train.benchmarks import BENCHMARKS
 from ..data.settings import RATING_SETTINGS, SYNTHETIC_SETTINGS
 from ..metagrad import MEMORY_MODES
 from ..ode import ADJOINT_METHODS, FORWARD_METHODS

@@ -10,7 +10,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from .. import learners as L
-from ..data.benchmarks import BENCHMARKS
+from ..train.benchmarks import BENCHMARKS
 from ..functional import flatten_params
 from ..train import CONFIG, THETA, UnreadableRunFile, load_checkpoint, meta_test, meta_train, read_json_file, read_torch_file
 from ..train.io import atomic_write_bytes, check_writable, lock_run_dir, unlock_run_dir

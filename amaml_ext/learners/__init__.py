@@ -48,9 +48,10 @@ from .adjoint import AMAML, AMAMLSGD, AMAMLT
 from .base import MetaLearner, MetaStep, head_mask
 from .checks import InnerLoopDiverged
 from .implicit import IMAML
+from .module import AdaptedModel, AdjointLearner
 from .unrolled import ANIL, FOMAML, MAML, MAML1, Reptile
 
-__all__ = ["MetaStep", "MetaLearner", "AMAML", "AMAMLSGD", "AMAMLT", "MAML", "MAML1", "ANIL", "FOMAML", "Reptile", "IMAML",
+__all__ = ["AdaptedModel", "AdjointLearner", "MetaStep", "MetaLearner", "AMAML", "AMAMLSGD", "AMAMLT", "MAML", "MAML1", "ANIL", "FOMAML", "Reptile", "IMAML",
            "METHODS", "Method", "LEARNERS", "LABELS", "PAPER_METHODS", "make_learner", "method_steps", "head_mask",
            "InnerLoopDiverged"]
 

@@ -17,8 +17,9 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 from torch import nn
 
-from .. import accuracy, ode
-from ..accuracy import AdjointAccuracyError, AdjointAccuracyWarning
+from .. import ode
+from . import accuracy
+from .accuracy import AdjointAccuracyError, AdjointAccuracyWarning
 from ..functional import TaskFunctions
 from .checks import check_call, check_solver_options
 from .flow import FlowSolve
@@ -42,7 +43,7 @@ class MetaGradResult:
             ``error_estimate="richardson"``), ``h_lambda_max`` (computed when the estimate
             exceeds the tolerance, else None), ``nonsmooth_modules``, ``error_tol`` and
             ``h`` (the grid used; differs from the argument after ``refine``).
-            See :mod:`amaml_ext.accuracy`.
+            See :mod:`amaml_ext.metagrad.accuracy`.
     """
 
     grad: torch.Tensor
@@ -85,7 +86,7 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
             compiles where it pays (dense models on the CPU); one call stays eager unless asked,
             the learners default to ``"auto"``.
         error_estimate: estimate the relative error of a continuous adjoint by the drift of the
-            invariant ``lam . grad L`` (:mod:`amaml_ext.accuracy`; about 3% of a meta-gradient);
+            invariant ``lam . grad L`` (:mod:`amaml_ext.metagrad.accuracy`; about 3% of a meta-gradient);
             ``"richardson"`` adds step doubling; ``False`` turns it off. Exact mode has none.
         error_tol: relative error above which :class:`amaml_ext.AdjointAccuracyWarning` is
             issued, naming the estimate, ``h * lambda_max`` and what to do.

@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import _checks, ode
 from ..functional import param_shapes
-from ..model_checks import check_supported
+from ..functional.model_checks import check_supported
 
 
 def check_pair(name: str, pair, batched: bool):

@@ -9,8 +9,9 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .. import _checks, accuracy, ode
-from ..accuracy import AdjointAccuracyError, AdjointAccuracyWarning
+from .. import _checks, ode
+from . import accuracy
+from .accuracy import AdjointAccuracyError, AdjointAccuracyWarning
 from ..functional import LossFn, TaskFunctions
 from .checks import check_call, check_solver_options
 from .flow import FlowSolve

@@ -8,7 +8,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .. import accuracy, ode
+from .. import ode
+from . import accuracy
 from ..functional import TaskFunctions
 from .plan import Plan, segments
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .. import _C
+from ..ops.core import C as _C
 from .schemes import ADJOINT_SCHEMES, FORWARD_SCHEMES
 
 

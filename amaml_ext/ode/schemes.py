@@ -6,7 +6,7 @@ The drivers look the fixed-step and adjoint schemes up by name in their own step
 that those tables and this registry hold the same names. Everything else that depends on a
 scheme (the methods accepted by :func:`~amaml_ext.ode.solve_forward`,
 :func:`~amaml_ext.adjoint_meta_grad` and the command line, the orders and bounds of
-:mod:`amaml_ext.accuracy`) reads this registry.
+:mod:`amaml_ext.metagrad.accuracy`) reads this registry.
 """
 
 import math
@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .. import _C
+from ..ops.core import C as _C
 
 
 def _dopri5_forward(method, f, y, shape, times, rtol, atol, max_steps, initial_step):

@@ -34,7 +34,7 @@ class AdjointStats:
     error_estimate: Optional[float] = None
     """Step-doubling (Richardson) estimate of the relative error of ``lam(0)`` (max over tasks),
     with ``error_estimate=True`` and a continuous method; see :func:`~amaml_ext.ode.schemes.richardson`
-    and :mod:`amaml_ext.accuracy`."""
+    and :mod:`amaml_ext.metagrad.accuracy`."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from ..accuracy import AdjointAccuracyError
+from ..metagrad.accuracy import AdjointAccuracyError
 from ..data.batch import TaskBatch
 from ..learners import MetaLearner, MetaStep
 

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .. import _checks
-from ..accuracy import AdjointAccuracyError
+from ..metagrad.accuracy import AdjointAccuracyError
 from ..data.batch import TaskPool, task_indices
 from ..functional import flatten_params
 from ..learners import MetaLearner

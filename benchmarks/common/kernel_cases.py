@@ -12,8 +12,9 @@ from typing import Callable, Dict
 
 import torch
 
-from amaml_ext import ops, reference
-from amaml_ext.reference import DOPRI5_B
+from amaml_ext import ops
+from amaml_ext.ops import reference
+from amaml_ext.ops.reference import DOPRI5_B
 
 OPS = ("stage_combine", "dopri5_finish", "dopri5_dense", "heun_update")
 H, RTOL, ATOL = 0.01, 1e-6, 1e-8

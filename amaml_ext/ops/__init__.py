@@ -5,14 +5,14 @@ returns None.
 
 Every op writes into preallocated outputs; the wrappers allocate them when not given.
 States are ``[d]`` (one task) or ``[B, d]`` (B tasks), float32 or float64. The same math in
-plain PyTorch is in :mod:`amaml_ext.reference`.
+plain PyTorch is in :mod:`amaml_ext.ops.reference`.
 """
 
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-from . import _C  # noqa: F401  (registers the ops)
+from .core import C  # noqa: F401  (registers the ops)
 
 _ops = torch.ops.amaml_ext
 

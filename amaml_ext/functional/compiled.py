@@ -1,7 +1,7 @@
 """The ``torch.compile``-d model callbacks (``compile=True``): ``torch.func.grad`` of the summed
 training loss and forward-over-reverse ``jvp(grad)`` for the HVP, kept per model as it is (its
-:func:`~amaml_ext.model_state.fingerprint`), loss and batching; when they are used is
-:mod:`amaml_ext.compile_policy`'s."""
+:func:`~amaml_ext.functional.model_state.fingerprint`), loss and batching; when they are used is
+:mod:`amaml_ext.functional.compile_policy`'s."""
 
 import itertools
 import threading

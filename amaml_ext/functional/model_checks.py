@@ -1,6 +1,6 @@
 """The checks of a user's model that only looking at it, or evaluating it, can make: what a
 functional call cannot take (:func:`check_supported`), and, once per unchanged model (its
-:func:`~amaml_ext.model_state.fingerprint`), a forward that reads the user's own parameters
+:func:`~amaml_ext.functional.model_state.fingerprint`), a forward that reads the user's own parameters
 past theta, changes its buffers in place, is random, cuts the graph, or computes another
 gradient under ``torch.func.vmap`` than under plain autograd (:func:`check_model`)."""
 

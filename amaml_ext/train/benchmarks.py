@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import models
-from . import synthetic
-from .settings import RATING_SETTINGS
+from ..data import synthetic
+from ..data.settings import RATING_SETTINGS
 
 
 class Benchmark:
@@ -94,7 +94,7 @@ class RatingBenchmark(Benchmark):
         return cfg
 
     def pools(self, cfg: Dict, root: Optional[str] = None):
-        from .ratings import make_rating_dataset          # pandas loads on first use
+        from ..data.ratings import make_rating_dataset          # pandas loads on first use
         family = _cached((self.name, root), lambda: make_rating_dataset(self.name, root))
         train, test = family.pools(cfg["setting"], seed=cfg["pool_seed"], resample=cfg.get("resample", False))
         return family, train, test
@@ -119,7 +119,7 @@ class ImageBenchmark(Benchmark):
         return cfg
 
     def pools(self, cfg: Dict, root: Optional[str] = None):
-        from . import images                              # Pillow loads on first use
+        from ..data import images                              # Pillow loads on first use
         make = images.Omniglot if self.name == "omniglot" else images.MiniImageNet
         family = _cached((self.name, root), lambda: make(root))
         kw = dict(ways=cfg["ways"], shots=cfg["shots"], query_shots=cfg["query_shots"])

@@ -4,7 +4,7 @@ The solver works on a flat state ``u``, ``[d]`` (one task) or ``[B, d]`` (B task
 :class:`TaskFunctions` gives A-MAML's callbacks: ``grad(u)`` and ``hvp(u, v)`` of the training
 (support) loss, ``value_and_grad_val(u)`` of the validation (query) loss per task. Parameters
 are views into ``u`` through ``torch.func.functional_call`` on a private copy of the model made
-per call (:mod:`amaml_ext.model_state`); the user's module is never mutated. B tasks are
+per call (:mod:`amaml_ext.functional.model_state`); the user's module is never mutated. B tasks are
 evaluated together by ``torch.func.vmap`` (one at a time where vmap cannot) and differentiated
 with autograd. HVPs use double backward; the linearisation of the last state is kept, so
 ``N + 1`` linearisations serve a Heun adjoint's ``2N`` HVPs (docs/design.md).
@@ -167,7 +167,7 @@ class TaskFunctions:
 
     @property
     def fingerprint(self):
-        """The model's :func:`~amaml_ext.model_state.fingerprint` ``(key, keep)`` as it was when
+        """The model's :func:`~amaml_ext.functional.model_state.fingerprint` ``(key, keep)`` as it was when
         this call began (one walk of the model per call)."""
         if self._fp is None:
             self._fp = fingerprint(self.model)

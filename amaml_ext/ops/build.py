@@ -4,7 +4,7 @@ from typing import Any, Dict
 
 import torch
 
-from . import _C
+from .core import C as _C
 
 
 def build_info() -> Dict[str, Any]:

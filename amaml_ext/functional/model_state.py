@@ -12,7 +12,7 @@ that a change to it could make stale, and no call mutates anything another call 
 * :func:`fingerprint`: a hashable summary of everything of a model that defines its function
   apart from its tensors' values (module types and their methods, each module's own
   ``training`` flag, plain attributes, hooks, parameter and buffer shapes); the compiled
-  callbacks, whose compilation takes seconds, and the verdicts of :mod:`amaml_ext.model_checks`
+  callbacks, whose compilation takes seconds, and the verdicts of :mod:`amaml_ext.functional.model_checks`
   are kept per fingerprint, so a changed model gets its own.
 """
 

@@ -39,7 +39,7 @@ import torch
 
 # The orders and stability bounds of the schemes, and the step-doubling estimate, live with the
 # schemes (amaml_ext.ode.schemes); re-exported here.
-from .ode.schemes import ORDERS, STABILITY_BOUNDS, richardson  # noqa: F401
+from ..ode.schemes import ORDERS, STABILITY_BOUNDS, richardson  # noqa: F401
 
 __all__ = ["AdjointAccuracyWarning", "AdjointAccuracyError", "ORDERS", "STABILITY_BOUNDS", "richardson",
            "ErrorMonitor", "lambda_max", "advice", "stability_bound"]

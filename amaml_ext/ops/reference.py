@@ -10,7 +10,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from . import _C
+from .core import C as _C
 
 # Dormand-Prince 5(4) weights (Hairer, Norsett & Wanner, II.5, Table 5.2): the numbers of
 # csrc/solvers/tableaus.h, their one copy, read through the extension.

@@ -17,10 +17,10 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from . import _checks
-from .functional import LossFn, flatten_params, param_shapes, unflatten_params
-from .metagrad import gradient_flow
-from .metagrad.checks import check_pairing
+from .. import _checks
+from ..functional import LossFn, flatten_params, param_shapes, unflatten_params
+from ..metagrad import gradient_flow
+from ..metagrad.checks import check_pairing
 
 
 class AdaptedModel(nn.Module):
