@@ -12,7 +12,7 @@ from torch.nn import functional as F
 import amaml_ext
 from amaml_ext import AdjointAccuracyError, AdjointAccuracyWarning, adjoint_meta_grad, flatten_params, models, ode
 
-from helpers import F64, mlp, regression_task, rel, stack_tasks
+from helpers import F64, ROOT, mlp, regression_task, rel, stack_tasks
 
 
 def regression(seed):
@@ -260,7 +260,7 @@ def test_learner_strict_and_metrics_column(tmp_path):
 def test_readme_accuracy_example_runs():
     """The README's example of the estimate runs as written (and warns on the ReLU/max-pool net)."""
     import pathlib
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (pathlib.Path(ROOT) / "README.md").read_text()
     block = readme.split("## How far to trust a continuous meta-gradient")[1].split("```python")[1].split("```")[0]
     scope = {}
     exec(compile(block, "README.md", "exec"), scope)

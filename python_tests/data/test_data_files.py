@@ -1,7 +1,7 @@
 """Damaged data files (issue 23, item 17): a corrupt or truncated zip member, bytes that are not
 UTF-8, an image that does not decode, a file with the wrong columns. Each raises DataFileError
 (a ValueError) naming the file, the member and what is wrong, and the command shows it without a
-traceback (exit status 2). The fixtures are the small files of test_ratings.py and test_images.py, damaged here."""
+traceback (exit status 2). The fixtures are the small files of test_ratings.py, test_images.py and helpers.py, damaged here."""
 
 import os
 import struct
@@ -14,7 +14,8 @@ from amaml_ext.data import DataFileError
 from amaml_ext.data.images import MiniImageNet, Omniglot
 from amaml_ext.data.ratings import Jester, MovieLens1M, MovieLens100K
 
-from test_images import make_mini, make_omniglot
+from helpers import make_omniglot
+from test_images import make_mini
 from test_ratings import _write_jester_csv, _write_jester_zip, _write_ml1m, _write_ml100k
 
 DAMAGE = ["deflate", "crc", "header", "truncated"]

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 import amaml_ext
 from amaml_ext import AdjointAccuracyError, AdjointAccuracyWarning, flatten_params, gradient_flow, unflatten_params
-from helpers import F64, mlp, regression_task, rel, stack_tasks
+from helpers import F64, ROOT, mlp, regression_task, rel, stack_tasks
 
 EXACT = dict(solver="euler", adjoint="discrete")
 
@@ -283,8 +283,7 @@ def test_adjoint_learner_learns_step_sizes_and_horizon_with_an_optimiser():
 def test_the_ported_learn2learn_example_runs():
     import importlib.util
     import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
-                        "port_learn2learn_maml.py")
+    path = os.path.join(ROOT, "examples", "port_learn2learn_maml.py")
     spec = importlib.util.spec_from_file_location("port_l2l", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -295,7 +294,7 @@ def test_the_ported_learn2learn_example_runs():
 def test_readme_patterns_run():
     """The README's "Use it like torchdiffeq or learn2learn" block runs as written."""
     import pathlib
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (pathlib.Path(ROOT) / "README.md").read_text()
     block = readme.split("## Use it like torchdiffeq or learn2learn")[1].split("```python")[1].split("```")[0]
     scope = {}
     exec(compile(block, "README.md", "exec"), scope)

@@ -22,7 +22,7 @@ from amaml_ext import flatten_params, models, tasks
 from amaml_ext.train import meta_test, meta_train
 from amaml_ext.train.distributed import Distributed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 STEPS, HALF, BATCH = 3, 2, 5
 JOB_DEADLINE = 120.0
 
@@ -194,7 +194,7 @@ meta_train(learner, pool, meta_steps=50, out_dir={out!r}, meta_batch=5, dtype=to
 
 def test_a_dead_rank_ends_the_job_with_an_error(tmp_path):
     port = _free_port()
-    code = _DYING.format(tests=os.path.join(ROOT, "python_tests"), out=str(tmp_path / "run"))
+    code = _DYING.format(tests=os.path.dirname(os.path.abspath(__file__)), out=str(tmp_path / "run"))
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",

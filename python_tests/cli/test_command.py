@@ -289,7 +289,7 @@ def test_command_compare_on_a_movielens_fixture(tmp_path):
 
 
 def test_command_compare_on_an_omniglot_fixture(tmp_path, monkeypatch):
-    from test_images import make_omniglot
+    from helpers import make_omniglot
     from amaml_ext.data import images
     from amaml_ext.train import benchmarks
     make_omniglot(str(tmp_path))

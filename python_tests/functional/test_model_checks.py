@@ -20,10 +20,8 @@ from amaml_ext.ops import reference as ops_reference
 from amaml_ext.functional.compile_policy import compile_refusal
 from amaml_ext.data import TaskBatch
 
-from helpers import DEVICES, F64, mlp, rel
-from test_reliability import data, unrolled
+from helpers import DEVICES, EXACT, F64, data, mlp, rel, unrolled
 
-EXACT = dict(h=0.1, solver="euler", adjoint="discrete")
 K = 5   # T = 0.5 with h = 0.1
 
 

@@ -16,61 +16,10 @@ from amaml_ext.data.images import MiniImageNet, Omniglot, sources
 from amaml_ext.train import confidence_interval
 from amaml_ext.models import Conv4
 
+from helpers import DRAWINGS, make_omniglot
+
 # ------------------------------------------------------------------------------------------------
-# fixtures
-
-# (source, alphabet, number of characters): 5 background + 3 evaluation characters
-OMNI_LAYOUT = [("images_background", "Alpha", 3), ("images_background", "Beta", 2),
-               ("images_evaluation", "Gamma", 3)]
-DRAWINGS = 4
-
-
-def _png_1bit(ink: np.ndarray) -> bytes:
-    """A 1-bit PNG like Omniglot's: white background (1), black strokes (0) where ``ink``."""
-    im = Image.fromarray(np.where(ink, 0, 255).astype(np.uint8)).convert("1")
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def make_omniglot(root, zipped=True, src=28, drawings=DRAWINGS, seed=0, layout=OMNI_LAYOUT, pattern=None):
-    """Write ``root/omniglot/images_{background,evaluation}`` (zips or folders). Returns
-    ``{character name: bool ink [drawings, src, src]}``; every drawing is a distinct random pattern
-    (or ``pattern(i, j)``)."""
-    rng = np.random.default_rng(seed)
-    folder = os.path.join(root, "omniglot")
-    os.makedirs(folder, exist_ok=True)
-    truth, files = {}, {}
-    cid = 0
-    for source, alpha, n in layout:
-        for c in range(1, n + 1):
-            cid += 1
-            name = f"{source}/{alpha}/character{c:02d}"
-            inks = np.stack([rng.random((src, src)) < 0.3 if pattern is None else pattern(cid, j)
-                             for j in range(drawings)])
-            truth[name] = inks
-            for j in range(drawings):
-                files[f"{name}/{cid:04d}_{j + 1:02d}.png"] = _png_1bit(inks[j])
-    for source in ("images_background", "images_evaluation"):
-        mine = {k: v for k, v in files.items() if k.startswith(source + "/")}
-        if zipped:
-            with zipfile.ZipFile(os.path.join(folder, source + ".zip"), "w", zipfile.ZIP_DEFLATED) as z:
-                dirs = sorted({k.rsplit("/", i)[0] + "/" for k in mine for i in (1, 2, 3)})
-                for d in dirs:
-                    z.writestr(d, b"")
-                for k in sorted(mine):
-                    z.writestr(k, mine[k])
-                z.writestr("__MACOSX/._junk", b"junk")  # clutter that must be ignored
-        else:
-            for k, v in mine.items():
-                path = os.path.join(folder, k)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(v)
-            with open(os.path.join(folder, source, ".DS_Store"), "wb") as f:
-                f.write(b"clutter")
-    return truth
-
+# fixtures (make_omniglot is in helpers.py: the command's tests use it too)
 
 def _jpeg(color, size=(100, 90)) -> bytes:
     buf = io.BytesIO()

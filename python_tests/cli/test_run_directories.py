@@ -20,9 +20,7 @@ from amaml_ext._io import atomic_write_bytes
 from amaml_ext.cli import main
 from amaml_ext.train.io import LOCK, RunLocked
 
-from helpers import mlp
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, mlp
 TINY = ["--task", "cosmixture", "--pool-size", "6", "--meta-batch", "2", "--inner-steps", "2", "--maml-steps", "2",
         "--checkpoint-every", "2", "--quiet"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
