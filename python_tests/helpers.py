@@ -1,7 +1,8 @@
 """What several test files share: the repository root, the devices to run on, the relative error,
-small seeded models and regression tasks, autograd through unrolled GD steps and Omniglot files in
-the original format. Fixtures and hooks stay in conftest.py. Tests in every folder import this as
-``helpers``: pytest puts python_tests/ on sys.path when it loads the conftest.py beside it."""
+small seeded models and regression tasks, autograd through unrolled GD steps, a small learner on
+CosMixture and Omniglot files in the original format. Fixtures and hooks stay in conftest.py.
+Tests in every folder import this as ``helpers``: pytest puts python_tests/ on sys.path when it
+loads the conftest.py beside it."""
 
 import io
 import os
@@ -90,6 +91,21 @@ def unrolled(model, loss, theta, support, query, steps, lr):
             u = u - lr * g
         (grad,) = torch.autograd.grad(loss(f(u, query[0]), query[1]), th)
     return grad
+
+
+def cosmixture_learner(method="amaml"):
+    """A seeded ``models.mlp(width=8)``, a CosMixture pool of 8 tasks and a learner ``method``
+    for it (5 inner steps; A-MAML with the rk4 solver): ``(net, pool, learner)``."""
+    from torch.nn import functional as F
+
+    from amaml_ext import learners as L
+    from amaml_ext import tasks
+    torch.manual_seed(0)
+    net = models.mlp(width=8)
+    pool = tasks.CosMixture(10, 10).pool(8, seed=0)
+    learner = L.make_learner(method, net, F.mse_loss, inner_steps=5, maml_steps=2, solver="rk4") \
+        if method == "amaml" else L.make_learner(method, net, F.mse_loss, inner_steps=5, maml_steps=2)
+    return net, pool, learner
 
 
 # ---- Omniglot in its original format -----------------------------------------------------------

@@ -1,0 +1,75 @@
+"""The meta-training loop (amaml_ext.train.loop): the tasks of each step, checkpoints and resume,
+its arguments."""
+
+import os
+
+import pytest
+import torch
+
+from amaml_ext import flatten_params
+from amaml_ext.train import RunConfigMismatch, meta_train, task_indices
+
+from helpers import cosmixture_learner
+
+
+def test_task_indices_depend_only_on_seed_and_step():
+    a = task_indices(0, 5, 100, 5)
+    assert torch.equal(a, task_indices(0, 5, 100, 5)) and len(set(a.tolist())) == 5
+    assert not torch.equal(a, task_indices(0, 6, 100, 5))
+
+
+# ---- meta-training: checkpoints and resume ----------------------------------------------------
+
+@pytest.mark.parametrize("method", ["amaml", "imaml"])
+def test_resume_equals_uninterrupted(tmp_path, method):
+    net, pool, learner = cosmixture_learner(method)
+    theta0 = flatten_params(net)
+    kw = dict(meta_steps=7, meta_batch=3, lr=1e-2, seed=4, checkpoint_every=2, progress=False, theta0=theta0)
+    full = meta_train(learner, pool, out_dir=str(tmp_path / "full"), **kw)
+
+    def stop_at_5(step, row):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt, match="interrupted after meta-step 5"):
+        meta_train(learner, pool, out_dir=str(tmp_path / "cut"), on_step=stop_at_5, **kw)
+    assert not (tmp_path / "cut" / "theta.pt").exists()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        meta_train(learner, pool, out_dir=str(tmp_path / "cut"), **kw)
+    resumed = meta_train(learner, pool, out_dir=str(tmp_path / "cut"), resume=True, **kw)
+    assert torch.equal(resumed, full)
+    assert not torch.equal(full, theta0)
+    assert torch.equal(torch.load(tmp_path / "cut" / "theta.pt"), full)
+    rows_full = (tmp_path / "full" / "metrics.csv").read_text().splitlines()
+    rows_cut = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
+    assert len(rows_full) == 8
+    # same steps and losses (the seconds column differs)
+    strip = lambda rows: [r.rsplit(",", 1)[0] for r in rows]  # noqa: E731
+    assert strip(rows_cut) == strip(rows_full)
+    assert not any(n.startswith(".tmp-") for n in os.listdir(tmp_path / "cut"))
+    # resuming with other settings is refused
+    with pytest.raises(RunConfigMismatch, match="lr"):
+        meta_train(learner, pool, out_dir=str(tmp_path / "cut"), resume=True, **dict(kw, lr=0.5))
+
+
+def test_meta_train_rejects_bad_arguments(tmp_path):
+    _, pool, learner = cosmixture_learner("fomaml")
+    with pytest.raises(ValueError, match="argument 'meta_batch' must be at most the pool size 8, got 9"):
+        meta_train(learner, pool, meta_steps=2, out_dir=str(tmp_path), meta_batch=9, progress=False)
+    with pytest.raises(ValueError, match="argument 'meta_steps' must be a positive int, got 0"):
+        meta_train(learner, pool, meta_steps=0, out_dir=str(tmp_path), progress=False)
+
+
+def test_resume_across_devices_and_json_config(tmp_path):
+    """The device string (``cuda`` alone, ``cuda:0`` under torchrun) and the compile mode may change
+    on resume; a config with tuples resumes (config.json turns them into lists); a config that is
+    not JSON-able is refused up front."""
+    _, pool, learner = cosmixture_learner("fomaml")
+    out = str(tmp_path / "r")
+    kw = dict(meta_batch=2, progress=False, out_dir=out)
+    meta_train(learner, pool, meta_steps=1, config={"device": "cuda", "hidden": (4, 4)}, **kw)
+    meta_train(learner, pool, meta_steps=2, config={"device": "cuda:0", "hidden": (4, 4)}, resume=True, **kw)
+    with pytest.raises(ValueError, match="argument 'config' must be JSON-able"):
+        meta_train(learner, pool, meta_steps=3, config={"f": object()}, resume=True, **kw)
+
+
