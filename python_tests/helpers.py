@@ -1,8 +1,8 @@
 """What several test files share: the repository root, the devices to run on, the relative error,
-small seeded models and regression tasks, autograd through unrolled GD steps, a small learner on
-CosMixture and Omniglot files in the original format. Fixtures and hooks stay in conftest.py.
-Tests in every folder import this as ``helpers``: pytest puts python_tests/ on sys.path when it
-loads the conftest.py beside it."""
+small seeded models and regression tasks, autograd through unrolled GD steps, a small run of the
+command, a small learner on CosMixture and Omniglot files in the original format. Fixtures and
+hooks stay in conftest.py. Tests in every folder import this as ``helpers``: pytest puts
+python_tests/ on sys.path when it loads the conftest.py beside it."""
 
 import io
 import os
@@ -91,6 +91,17 @@ def unrolled(model, loss, theta, support, query, steps, lr):
             u = u - lr * g
         (grad,) = torch.autograd.grad(loss(f(u, query[0]), query[1]), th)
     return grad
+
+
+def small_run(tmp_path, steps=2):
+    """``amaml-ext train`` (FOMAML on CosMixture, ``steps`` meta-steps) into ``tmp_path/run``:
+    returns the run directory and the command's arguments."""
+    out = str(tmp_path / "run")
+    cmd = ["train", "--task", "cosmixture", "--method", "fomaml", "--inner-steps", "2", "--meta-steps", str(steps),
+           "--quiet", "--out", out]
+    from amaml_ext import cli
+    assert cli.main(cmd) == 0
+    return out, cmd
 
 
 def cosmixture_learner(method="amaml"):

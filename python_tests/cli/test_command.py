@@ -1,15 +1,20 @@
 """The amaml-ext command: train, resume, evaluate and compare, its argument errors, python -m,
-and compare on fixtures of the real-data task families."""
+compare on fixtures of the real-data task families, SIGTERM, --help, ANIL."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+from amaml_ext import train
 from amaml_ext.cli import main
+
+from helpers import small_run
 
 
 TINY = ["--task", "cosmixture", "--pool-size", "6", "--meta-batch", "2", "--inner-steps", "4",
@@ -140,3 +145,53 @@ def test_command_compare_on_an_omniglot_fixture(tmp_path, monkeypatch):
         main(["train", "--task", "omniglot", "--setting", "10shot-15val", "--method", "maml", "--out", out])
     with pytest.raises(SystemExit, match="--ways/--shots/--query-shots: only for the image tasks"):
         main(["train", "--task", "cosmixture", "--ways", "5", "--method", "maml", "--out", out])
+
+
+def _train_cmd(out, steps):
+    return [sys.executable, "-m", "amaml_ext", "train", "--task", "cosmixture", "--method", "maml",
+            "--maml-steps", "5", "--meta-steps", str(steps), "--checkpoint-every", "100000", "--quiet",
+            "--out", out]
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cut, full = str(tmp_path / "cut"), str(tmp_path / "full")
+    cmd = _train_cmd(cut, 100000)
+    cmd[cmd.index("--checkpoint-every") + 1] = "3"
+    p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not os.path.exists(os.path.join(cut, "checkpoint.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)                                       # the loop runs (its handler is installed)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert "SIGTERM" in err and "--resume" in err
+    done = train.load_checkpoint(cut)["step"]
+    assert done >= 3
+    assert f"after meta-step {done};" in err                   # saved at the signal, not only at checkpoints
+    # resume to done + 3 steps equals an uninterrupted run of done + 3 steps
+    subprocess.run(_train_cmd(cut, done + 3) + ["--resume"], env=env, check=True, capture_output=True)
+    subprocess.run(_train_cmd(full, done + 3), env=env, check=True, capture_output=True)
+    assert torch.equal(torch.load(os.path.join(cut, "theta.pt")), torch.load(os.path.join(full, "theta.pt")))
+
+
+def test_help_shows_defaults_and_evaluate_plots(tmp_path, capsys):
+    from amaml_ext import cli
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: 0.01)" in text and "``" not in text
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "``" not in capsys.readouterr().out
+    out, _ = small_run(tmp_path)
+    assert cli.main(["evaluate", "--run", out, "--quiet"]) == 0
+    assert os.path.getsize(os.path.join(out, "eval.png")) > 1000
+
+
+def test_anil_through_the_command(tmp_path):
+    from amaml_ext import cli
+    out = str(tmp_path / "anil")
+    assert cli.main(["train", "--task", "cosmixture", "--method", "anil", "--maml-steps", "2", "--meta-steps", "2",
+                     "--quiet", "--out", out]) == 0
+    assert cli.main(["evaluate", "--run", out, "--quiet", "--test-steps", "3"]) == 0

@@ -20,7 +20,7 @@ from amaml_ext._io import atomic_write_bytes
 from amaml_ext.cli import main
 from amaml_ext.train.io import LOCK, RunLocked
 
-from helpers import ROOT, mlp
+from helpers import ROOT, mlp, small_run
 TINY = ["--task", "cosmixture", "--pool-size", "6", "--meta-batch", "2", "--inner-steps", "2", "--maml-steps", "2",
         "--checkpoint-every", "2", "--quiet"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
@@ -329,3 +329,32 @@ def test_options_no_method_uses_are_named(tmp_path, capsys, extra, option):
     assert main(["train", "--task", "cosmixture", "--method", "fomaml", "--meta-steps", "1", "--pool-size", "6",
                  "--meta-batch", "2", "--inner-steps", "2", "--out", str(tmp_path / "quiet"), "--quiet"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,content", [("checkpoint.pt", b"PK\x03\x04trunc"), ("checkpoint.pt", b""),
+                                          ("config.json", b"{not json"), ("theta.pt", b"garbage")])
+def test_damaged_run_files_are_named_and_left_alone(tmp_path, name, content):
+    from amaml_ext import cli
+    out, cmd = small_run(tmp_path)
+    path = os.path.join(out, name)
+    with open(path, "wb") as f:
+        f.write(content)
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    run = (lambda: cli.main(["evaluate", "--run", out, "--quiet"])) if name == "theta.pt" else \
+        (lambda: cli.main(cmd[:-2] + ["--meta-steps", "4", "--out", out, "--resume"]))
+    with pytest.raises(SystemExit, match=f"{name}.*unreadable"):
+        run()
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+
+
+def test_checkpoint_missing_keys_or_wrong_size(tmp_path):
+    out, cmd = small_run(tmp_path)
+    path = os.path.join(out, "checkpoint.pt")
+    ck = torch.load(path, weights_only=True)
+    torch.save({k: v for k, v in ck.items() if k != "optimizer"}, path)
+    with pytest.raises(train.UnreadableRunFile, match="lacks \\['optimizer'\\]"):
+        train.load_checkpoint(out)
+    torch.save(dict(ck, theta=torch.zeros(7)), path)
+    from amaml_ext import cli
+    with pytest.raises(SystemExit, match=r"theta of shape \(7,\).*another model"):
+        cli.main(cmd[:-2] + ["--meta-steps", "4", "--out", out, "--resume"])

@@ -1,7 +1,8 @@
 """Damaged data files (issue 23, item 17): a corrupt or truncated zip member, bytes that are not
 UTF-8, an image that does not decode, a file with the wrong columns. Each raises DataFileError
 (a ValueError) naming the file, the member and what is wrong, and the command shows it without a
-traceback (exit status 2). The fixtures are the small files of test_ratings.py, test_images.py and helpers.py, damaged here."""
+traceback (exit status 2). The fixtures are the small files of test_ratings.py, test_images.py and
+helpers.py, damaged here."""
 
 import os
 import struct

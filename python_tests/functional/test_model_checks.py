@@ -15,12 +15,12 @@ from torch import nn
 from torch.nn import functional as F
 
 import amaml_ext
-from amaml_ext import accuracy, adjoint_meta_grad, flatten_params, gradient_flow, learners, ops
+from amaml_ext import accuracy, adjoint_meta_grad, flatten_params, gradient_flow, learners, ops, tasks, unflatten_params
 from amaml_ext.ops import reference as ops_reference
 from amaml_ext.functional.compile_policy import compile_refusal
 from amaml_ext.data import TaskBatch
 
-from helpers import DEVICES, EXACT, F64, data, mlp, rel, unrolled
+from helpers import DEVICES, EXACT, F64, data, mlp, rel, stack_tasks, unrolled
 
 K = 5   # T = 0.5 with h = 0.1
 
@@ -849,3 +849,136 @@ def test_eval_transformer_batched():
         r = adjoint_meta_grad(net, F.mse_loss, theta, 0.5, support=batch.support, query=batch.query, batched=True,
                               strict=True, **EXACT)
     assert rel(r.grad, torch.stack([reference(net, theta, s, q) for s, q in zip(sets, queries)])) < 1e-10
+
+
+# -- the first new-user trial: buffers and statistics changed between calls, frozen parameters, the
+# loss, dropout in training mode, torch 2.13's compiler, a transformer ----------------------------
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = mlp(width=8, depth=1)
+        self.register_buffer("scale", torch.tensor(1.0, dtype=F64))
+
+    def forward(self, x):
+        return self.net(x) * self.scale
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_buffer_changed_between_calls_is_seen(compile):
+    m = Scaled()
+    s, q = data(0), data(1)
+    theta = flatten_params(m)
+    adjoint_meta_grad(m, F.mse_loss, theta, 0.5, support=s, query=q, compile=compile, **EXACT)
+    m.scale.fill_(2.5)                                       # in place
+    r = adjoint_meta_grad(m, F.mse_loss, theta, 0.5, support=s, query=q, compile=compile, **EXACT)
+    assert rel(r.grad, unrolled(m, F.mse_loss, theta, s, q, 5, 0.1)) < 1e-10
+    m.scale = torch.tensor(0.5, dtype=F64)                   # reassigned
+    r = adjoint_meta_grad(m, F.mse_loss, theta, 0.5, support=s, query=q, compile=compile, **EXACT)
+    assert rel(r.grad, unrolled(m, F.mse_loss, theta, s, q, 5, 0.1)) < 1e-10
+
+
+def test_batchnorm_eval_running_stats_updated_between_calls():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).double().eval()
+    s, q = data(0), data(1)
+    theta = flatten_params(m)
+    adjoint_meta_grad(m, F.mse_loss, theta, 0.5, support=s, query=q, **EXACT)
+    m.train()
+    with torch.no_grad():
+        for _ in range(5):
+            m(torch.randn(16, 2, dtype=F64) * 3 + 1)        # the user updates the running statistics
+    m.eval()
+    r = adjoint_meta_grad(m, F.mse_loss, theta, 0.5, support=s, query=q, **EXACT)
+    assert rel(r.grad, unrolled(m, F.mse_loss, theta, s, q, 5, 0.1)) < 1e-10
+
+
+def test_frozen_parameters_are_constants():
+    m = mlp(width=8, depth=1)
+    m[0].weight.requires_grad_(False)
+    theta = flatten_params(m)
+    assert theta.numel() == 8 + 8 + 1                           # bias of layer 0 and layer 2
+    views = unflatten_params(m, theta)
+    assert list(views) == ["0.bias", "2.weight", "2.bias"]
+    s, q = data(0), data(1)
+    r = adjoint_meta_grad(m, F.mse_loss, theta, 0.5, support=s, query=q, **EXACT)
+    assert rel(r.grad, unrolled(m, F.mse_loss, theta, s, q, 5, 0.1)) < 1e-10
+    with torch.no_grad():
+        m[0].weight.mul_(2)                                     # frozen weights changed: seen
+    r2 = adjoint_meta_grad(m, F.mse_loss, theta, 0.5, support=s, query=q, **EXACT)
+    assert rel(r2.grad, unrolled(m, F.mse_loss, theta, s, q, 5, 0.1)) < 1e-10
+    # every learner follows the same rule
+    xs, ys = stack_tasks(data(i) for i in range(3))
+    batch = tasks.TaskBatch((xs, ys), (xs, ys))
+    for name in ("maml", "fomaml", "reptile", "imaml", "amaml"):
+        step = learners.make_learner(name, m, F.mse_loss, inner_steps=3, maml_steps=3, inner_lr=0.1).meta_grad(theta, batch)
+        assert step.grad.shape == theta.shape
+    all_frozen = nn.Linear(2, 1).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        flatten_params(all_frozen)
+
+
+def test_loss_must_be_a_scalar_and_sets_non_empty():
+    m = mlp(width=4, depth=1)
+    theta = flatten_params(m)
+    s, q = data(0), data(1)
+    per_sample = lambda p, y: F.mse_loss(p, y, reduction="none")  # noqa: E731
+    with pytest.raises(ValueError, match=r"scalar.*shape \(12, 1\)"):
+        adjoint_meta_grad(m, per_sample, theta, 0.5, support=s, query=q)
+    with pytest.raises(ValueError, match="scalar torch.Tensor, got float"):
+        adjoint_meta_grad(m, lambda p, y: 1.0, theta, 0.5, support=s, query=q)
+    with pytest.raises(ValueError, match="floating-point"):
+        adjoint_meta_grad(m, lambda p, y: torch.tensor(1), theta, 0.5, support=s, query=q)
+    empty = (s[0][:0], s[1][:0])
+    with pytest.raises(ValueError, match="'support' is empty"):
+        adjoint_meta_grad(m, F.mse_loss, theta, 0.5, support=empty, query=q)
+    with pytest.raises(ValueError, match="'query' is empty"):
+        adjoint_meta_grad(m, F.mse_loss, theta, 0.5, support=s, query=empty)
+
+
+def test_dropout_in_training_mode_warns_naming_the_module():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 1)).double()
+    s, q = data(0), data(1)
+    with pytest.warns(RuntimeWarning, match=r"dropout in training mode \(2\).*eval"):
+        adjoint_meta_grad(m, F.mse_loss, flatten_params(m), 0.5, support=s, query=q, **EXACT)
+    m.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adjoint_meta_grad(m, F.mse_loss, flatten_params(m), 0.5, support=s, query=q, **EXACT)
+
+
+def test_compile_refused_on_torch_2_13(monkeypatch):
+    from amaml_ext import functional
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    m = Scaled()
+    s, q = data(0), data(1)
+    with pytest.warns(RuntimeWarning, match="2.13.0.*segfaults"):
+        r = adjoint_meta_grad(m, F.mse_loss, flatten_params(m), 0.5, support=s, query=q, compile=True, **EXACT)
+    assert r.stats["compiled"] is False
+    monkeypatch.setattr(torch, "__version__", "2.14.1")
+    assert functional.compile_refusal() is None
+
+
+def test_transformer_encoder_layer_works():
+    torch.manual_seed(0)
+
+    class TF(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, dtype=F64)
+            self.head = nn.Linear(8, 1, dtype=F64)
+
+        def forward(self, x):
+            return self.head(self.enc(x).mean(1))
+    m = TF()
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(6, 4, 8, generator=g, dtype=F64), torch.randn(6, 1, generator=g, dtype=F64))
+    q = (torch.randn(6, 4, 8, generator=g, dtype=F64), torch.randn(6, 1, generator=g, dtype=F64))
+    theta = flatten_params(m)
+    r = adjoint_meta_grad(m, F.mse_loss, theta, 0.2, support=s, query=q, h=0.05, solver="euler", adjoint="discrete")
+    assert rel(r.grad, unrolled(m, F.mse_loss, theta, s, q, 4, 0.05)) < 1e-10
+    xs, ys = s[0].unsqueeze(0).expand(2, -1, -1, -1), s[1].unsqueeze(0).expand(2, -1, -1)
+    step = learners.make_learner("maml", m, F.mse_loss, maml_steps=2, inner_lr=0.05).meta_grad(
+        theta, tasks.TaskBatch((xs, ys), (xs, ys)))
+    assert torch.isfinite(step.grad).all()

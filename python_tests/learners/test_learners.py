@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from amaml_ext import flatten_params, unflatten_params
+from amaml_ext import flatten_params, learners, tasks, unflatten_params
 from amaml_ext import learners as L
 from amaml_ext.tasks import TaskBatch
 
-from helpers import F64, mlp, rel
+from helpers import F64, data, mlp, rel, stack_tasks
 
 
 def tiny_tasks(B=2, n=6, seed=0):
@@ -178,3 +178,30 @@ def test_amaml_on_one_task_equals_the_batched_path():
     a, b = learner.meta_grad(flatten_params(net), one), learner.meta_grad(flatten_params(net), two)
     assert a.grad.shape == b.grad.shape and a.query_loss.shape == (1,)
     assert rel(a.grad, b.grad) < 1e-12 and torch.allclose(a.query_loss, b.query_loss[:1], rtol=1e-12)
+
+
+def test_anil_adapts_only_the_head():
+    m = mlp(width=6, depth=1)
+    theta = flatten_params(m)
+    mask = learners.head_mask(m)
+    assert mask.tolist() == [0.0] * 18 + [1.0] * 7                 # "2.weight", "2.bias"
+    xs, ys = stack_tasks(data(i) for i in range(2))
+    xq, yq = stack_tasks(data(i + 5) for i in range(2))
+    step = learners.make_learner("anil", m, F.mse_loss, maml_steps=3, inner_lr=0.1).meta_grad(
+        theta, tasks.TaskBatch((xs, ys), (xq, yq)))
+    # reference: per task, autograd through 3 head-only GD steps (body constant inside, but in the graph)
+    ref = torch.zeros_like(theta)
+    for b in range(2):
+        th = theta.clone().requires_grad_(True)
+        body, head = th[:18], th[18:]
+        def f(h_, x):
+            return torch.func.functional_call(m, unflatten_params(m, torch.cat([body, h_])), (x,))
+        for _ in range(3):
+            (g,) = torch.autograd.grad(F.mse_loss(f(head, xs[b]), ys[b]), head, create_graph=True)
+            head = head - 0.1 * g
+        (gb,) = torch.autograd.grad(F.mse_loss(f(head, xq[b]), yq[b]), th)
+        ref += gb / 2
+    assert rel(step.grad, ref) < 1e-10
+    assert step.grad[:18].abs().sum() > 0                           # the body is meta-learned
+    with pytest.raises(ValueError, match="head"):
+        learners.head_mask(m, head="nothing")

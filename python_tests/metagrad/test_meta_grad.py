@@ -5,12 +5,13 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from amaml_ext import adjoint_meta_grad, flatten_params, unflatten_params
 from amaml_ext.functional import compile_refusal
 
-from helpers import DEVICES, F64, mlp, regression_task, rel, small_conv4, stack_tasks
+from helpers import DEVICES, F64, data, mlp, regression_task, rel, small_conv4, stack_tasks
 
 
 def unrolled_maml_grad(model, loss, theta, support, query, steps, lr):
@@ -357,3 +358,35 @@ def test_compile_auto_is_the_learners_default_and_gives_the_eager_gradient(monke
                            adjoint="discrete", compile=False).meta_grad(flatten_params(net), tasks_)
     assert eager.stats["compiled"] is False
     assert rel(step.grad, eager.grad) < 1e-10
+
+
+def test_solver_option_and_model_errors():
+    m = mlp(width=4, depth=1)
+    theta = flatten_params(m)
+    s, q = data(0), data(1)
+    for kw, match in ((dict(rtol=0.0), "rtol"), (dict(atol=-1e-8), "atol"), (dict(rtol=5.0), "rtol"),
+                      (dict(max_steps=0), "max_steps"), (dict(memory_budget=-1), "memory_budget")):
+        with pytest.raises(ValueError, match=match):
+            adjoint_meta_grad(m, F.mse_loss, theta, 0.5, support=s, query=q, **kw)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        adjoint_meta_grad(nn.Tanh(), F.mse_loss, torch.zeros(0, dtype=F64), 0.5, support=s, query=q)
+
+
+def test_float32_per_task_horizons_accepted():
+    m = mlp(width=4, depth=1)
+    xs, ys = stack_tasks(data(i) for i in range(3))
+    kw = dict(support=(xs, ys), query=(xs, ys), batched=True, h=0.1, solver="euler", adjoint="discrete")
+    T32 = torch.tensor([0.3, 0.7, 1.1], dtype=torch.float32)
+    a = adjoint_meta_grad(m, F.mse_loss, flatten_params(m), T32, **kw)
+    b = adjoint_meta_grad(m, F.mse_loss, flatten_params(m), torch.tensor([0.3, 0.7, 1.1], dtype=F64), **kw)
+    assert torch.equal(a.grad, b.grad)
+    c = adjoint_meta_grad(m, F.mse_loss, flatten_params(m)[:].clone(), torch.tensor(0.3, dtype=torch.float32),
+                          support=(xs[0], ys[0]), query=(xs[0], ys[0]), h=0.1, solver="euler", adjoint="discrete")
+    assert rel(c.grad, b.grad[0]) < 1e-12
+
+
+def test_batched_flag_with_unbatched_data_says_so():
+    m = mlp(width=4, depth=1)
+    s, q = data(0), data(1)
+    with pytest.raises(ValueError, match="is the data batched"):
+        adjoint_meta_grad(m, F.mse_loss, flatten_params(m), 0.5, support=s, query=q, batched=True)

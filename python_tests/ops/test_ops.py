@@ -283,3 +283,9 @@ def test_build_info_reports_the_build():
         assert info["cuda_archs"] and all(a[0].isdigit() for a in info["cuda_archs"])
     else:
         assert info["cuda_archs"] == []
+
+
+def test_import_warns_when_built_against_another_torch(monkeypatch):
+    monkeypatch.setattr(amaml_ext, "build_info", lambda: {"torch_version": "2.9.0"})
+    with pytest.warns(RuntimeWarning, match="built against torch 2.9.0"):
+        amaml_ext._check_build_torch()

@@ -1,15 +1,18 @@
 """The meta-training loop (amaml_ext.train.loop): the tasks of each step, checkpoints and resume,
-its arguments."""
+a diverging inner run, checkpoints by time, an unwritable run directory, no run directory, its
+arguments."""
 
 import os
 
 import pytest
 import torch
+from torch.nn import functional as F
 
-from amaml_ext import flatten_params
+import amaml_ext
+from amaml_ext import flatten_params, learners, tasks, train
 from amaml_ext.train import RunConfigMismatch, meta_train, task_indices
 
-from helpers import cosmixture_learner
+from helpers import cosmixture_learner, mlp
 
 
 def test_task_indices_depend_only_on_seed_and_step():
@@ -73,3 +76,46 @@ def test_resume_across_devices_and_json_config(tmp_path):
         meta_train(learner, pool, meta_steps=3, config={"f": object()}, resume=True, **kw)
 
 
+def test_diverging_inner_run_stops_with_checkpoint(tmp_path):
+    m = mlp(width=8, depth=1, dtype=None)
+    pool = tasks.CosMixture(10, 10).pool(4, seed=0)
+    learner = learners.make_learner("maml", m, F.mse_loss, maml_steps=3, inner_lr=1e6)
+    with pytest.raises(FloatingPointError, match="meta-step 1 .*not finite.*0 meta-steps before it"):
+        train.meta_train(learner, pool, meta_steps=5, out_dir=str(tmp_path), meta_batch=2, progress=False)
+    assert train.load_checkpoint(str(tmp_path))["step"] == 0
+
+
+def test_checkpoint_by_time(tmp_path):
+    m = mlp(width=8, depth=1, dtype=None)
+    pool = tasks.CosMixture(10, 10).pool(4, seed=0)
+    learner = learners.make_learner("fomaml", m, F.mse_loss, inner_steps=2)
+
+    def stop(step, row):
+        if step == 3:
+            raise RuntimeError("crash")      # not an interrupt: nothing is saved on the way out
+    with pytest.raises(RuntimeError):
+        train.meta_train(learner, pool, meta_steps=10, out_dir=str(tmp_path), meta_batch=2, progress=False,
+                         checkpoint_every=1000, checkpoint_seconds=0.0, on_step=stop)
+    assert train.load_checkpoint(str(tmp_path))["step"] == 3
+
+
+def test_unwritable_run_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    m = mlp(seed=None, width=4, depth=1, dtype=None)
+    learner = learners.make_learner("fomaml", m, F.mse_loss, inner_steps=2)
+    with pytest.raises(ValueError, match="argument 'out_dir': cannot write"):
+        train.meta_train(learner, tasks.CosMixture(10, 10).pool(4, seed=0), meta_steps=1,
+                         out_dir=str(blocker / "run"), meta_batch=2, progress=False)
+
+
+def test_meta_train_without_out_dir_and_learners_doc_example():
+    import doctest
+    m = mlp(width=4, depth=1, dtype=None)
+    learner = learners.make_learner("fomaml", m, F.mse_loss, inner_steps=2)
+    pool = tasks.CosMixture(10, 10).pool(4, seed=0)
+    a = train.meta_train(learner, pool, meta_steps=2, meta_batch=2, progress=False)
+    b = train.meta_train(learner, pool, meta_steps=2, meta_batch=2, progress=False)   # twice: no FileExistsError
+    assert torch.equal(a, b)
+    res = doctest.testmod(learners, extraglobs={"torch": torch, "amaml_ext": amaml_ext}, verbose=False)
+    assert res.attempted > 0 and res.failed == 0
