@@ -1,5 +1,5 @@
 """The continuous adjoint's error estimate, warning, strict error and refinement, against
-fine-grid references (amaml_ext.metagrad.accuracy)."""
+fine-grid references, and the RK4 adjoint's stability bound (amaml_ext.metagrad.accuracy)."""
 
 import math
 import warnings
@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import amaml_ext
-from amaml_ext import AdjointAccuracyError, AdjointAccuracyWarning, adjoint_meta_grad, flatten_params, models, ode
+from amaml_ext import (AdjointAccuracyError, AdjointAccuracyWarning, accuracy, adjoint_meta_grad, flatten_params, models,
+                       ode)
 
 from helpers import F64, ROOT, mlp, regression_task, rel, stack_tasks
 
@@ -267,3 +268,38 @@ def test_readme_accuracy_example_runs():
     assert scope["r"].stats["adjoint_error_estimate"] <= 1e-2          # the smooth Conv4, strict
     assert scope["w"] and scope["w"][-1].category is AdjointAccuracyWarning
     assert scope["exact"].stats["adjoint_error_estimate"] is None
+
+
+# -- the RK4 adjoint's stability bound (issue 23, item 8) -----------------------------------------
+
+def _quadratic(h_lambda, h=0.01, n=200):
+    """w -> (a w)^2 on one point: Hessian lambda = 2 a^2; the RK4 adjoint over ``n`` steps of h."""
+    net = nn.Linear(1, 1, bias=False).double()
+    a = math.sqrt(h_lambda / h / 2)
+    x, y = torch.full((1, 1), a, dtype=F64), torch.zeros(1, 1, dtype=F64)
+    theta = torch.ones(1, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = adjoint_meta_grad(net, F.mse_loss, theta, n * h, support=(x, y), query=(x, y), h=h, solver="rk4",
+                              adjoint="rk4", error_tol=1e9)
+    return float(r.grad.abs()), 2 * a * a * float(r.params.abs())       # |lam(0)|, |lam(T)|
+
+
+def test_rk4_adjoint_stability_bound_is_where_it_blows_up():
+    bound = accuracy.stability_bound("rk4", "rk4")
+    assert bound == pytest.approx(2.7852935634 / 2, rel=1e-9)
+    assert accuracy.stability_bound("rk4", "heun") == pytest.approx(2.0)
+    lam0, lamT = _quadratic(0.97 * bound)
+    assert lam0 < lamT                               # decays backward, as the exact adjoint does
+    lam0, lamT = _quadratic(1.03 * bound)
+    assert lam0 > 1e3 * lamT                         # grows without bound past it
+
+
+def test_rk4_adjoint_message_says_beyond_the_bound():
+    net = nn.Linear(1, 1, bias=False).double()
+    a = math.sqrt(1.8 / 0.01 / 2)
+    x, y = torch.full((1, 1), a, dtype=F64), torch.zeros(1, 1, dtype=F64)
+    with pytest.warns(amaml_ext.AdjointAccuracyWarning, match=r"1\.8, beyond the stability bound 1\.393 of the rk4 "
+                                                              r"adjoint"):
+        adjoint_meta_grad(net, F.mse_loss, torch.ones(1, dtype=F64), 1.0, support=(x, y), query=(x, y), h=0.01,
+                          solver="rk4", adjoint="rk4")

@@ -1,5 +1,5 @@
-"""The fused ops against their plain-PyTorch mirrors (amaml_ext.ops.reference), opcheck, and
-argument checking."""
+"""The fused ops against their plain-PyTorch mirrors (amaml_ext.ops.reference), opcheck, argument
+checking and outputs that overlap; the build's torch version."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import amaml_ext
 from amaml_ext import ops
 from amaml_ext.ops import reference
 
-from helpers import DEVICES
+from helpers import DEVICES, F64
 
 SHAPES = [(1000,), (3, 4099), (2, 70001)]  # [d] and [B, d]; odd sizes leave vector tails
 DTYPES = [torch.float32, torch.float64]
@@ -289,3 +289,65 @@ def test_import_warns_when_built_against_another_torch(monkeypatch):
     monkeypatch.setattr(amaml_ext, "build_info", lambda: {"torch_version": "2.9.0"})
     with pytest.warns(RuntimeWarning, match="built against torch 2.9.0"):
         amaml_ext._check_build_torch()
+
+
+# -- fused ops with overlapping outputs (issue 23, item 7) ----------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_fused_ops_refuse_partial_overlap(device, dtype):
+    buf = torch.arange(10, dtype=dtype, device=device)
+    k = torch.ones(9, dtype=dtype, device=device)
+    with pytest.raises(RuntimeError, match="argument 'out' partially overlaps argument 'y'"):
+        ops.stage_combine(buf[:-1], [k], [1.0], 0.5, out=buf[1:])
+    with pytest.raises(RuntimeError, match=r"argument 'out' partially overlaps argument 'stages\[0\]'"):
+        ops.stage_combine(k, [buf[:-1]], [1.0], 0.5, out=buf[1:])
+    with pytest.raises(RuntimeError, match="argument 'out' partially overlaps argument 'a'"):
+        ops.heun_update(k, buf[1:], None, 0.5, out=buf[:-1])
+    with pytest.raises(RuntimeError, match="elements that share memory"):
+        ops.heun_update(k, k, None, 0.5, out=torch.zeros(1, dtype=dtype, device=device).expand(9))
+    assert torch.equal(buf, torch.arange(10, dtype=dtype, device=device))   # nothing was written
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_ops_in_place_is_allowed_and_right(device):
+    y = torch.arange(6, dtype=F64, device=device)
+    k = torch.full((6,), 2.0, dtype=F64, device=device)
+    expect = y + 0.5 * k
+    ops.stage_combine(y, [k], [1.0], 0.5, out=y)
+    assert torch.equal(y, expect)
+    lam = torch.ones(2, 3, dtype=F64, device=device)
+    a = torch.full((2, 3), 3.0, dtype=F64, device=device)
+    ops.heun_update(lam, a, a, 0.5, out=lam)
+    assert torch.equal(lam, torch.full((2, 3), 2.5, dtype=F64, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dopri5_outputs_must_not_share_memory(device):
+    d = 4
+    y0 = torch.randn(d, dtype=F64, device=device)
+    stages = [torch.randn(d, dtype=F64, device=device) for _ in range(7)]
+    buf = torch.zeros(2 * d, dtype=F64, device=device)
+    with pytest.raises(RuntimeError, match="argument 'y1' is the same memory as argument 'err'"):
+        ops.dopri5_finish(y0, stages, 0.1, 1e-6, 1e-8, y1=buf[:d], err=buf[:d])
+    with pytest.raises(RuntimeError, match="argument 'y1' partially overlaps argument 'err'"):
+        ops.dopri5_finish(y0, stages, 0.1, 1e-6, 1e-8, y1=buf[:d], err=buf[1:d + 1])
+    traj = torch.zeros(3, d, dtype=F64, device=device)
+    with pytest.raises(RuntimeError, match="argument 'trajectory' partially overlaps argument 'y1'"):
+        ops.dopri5_dense(y0, traj[2], stages, 0.1, [0.5, 1.0], traj, 1)
+    # separate buffers: the reference implementation's values
+    y1, err, _ = ops.dopri5_finish(y0, stages, 0.1, 1e-6, 1e-8)
+    ref_y1, ref_err, _ = reference.dopri5_finish(y0, stages, 0.1, 1e-6, 1e-8)
+    assert torch.allclose(y1, ref_y1, rtol=0, atol=1e-14) and torch.allclose(err, ref_err, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_outputs_sharing_memory_through_strided_views_are_refused(device):
+    y0 = torch.randn(3, 6, dtype=F64, device=device)
+    stages = [torch.randn(3, 6, dtype=F64, device=device) for _ in range(7)]
+    y1 = torch.empty(3, 6, dtype=F64, device=device)
+    with pytest.raises(RuntimeError, match="argument 'y1' may share memory with argument 'err_norm'"):
+        ops.dopri5_finish(y0, stages, 0.1, 1e-6, 1e-8, y1=y1, err=torch.empty_like(y1), err_norm=y1[:, 0])
+    buf = torch.empty(18, dtype=F64, device=device)
+    with pytest.raises(RuntimeError, match="argument 'y1' may share memory with argument 'err'"):
+        ops.dopri5_finish(y0[0], [k[0] for k in stages], 0.1, 1e-6, 1e-8, y1=buf[:6], err=buf[::3])
