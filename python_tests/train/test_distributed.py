@@ -178,7 +178,7 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(jobs):
 _DYING = r"""
 import os, sys, torch
 from torch.nn import functional as F
-sys.path.insert(0, {tests!r})
+sys.path[:0] = {tests!r}
 from test_distributed import _problem
 from amaml_ext.train import meta_train, init_distributed
 init_distributed(timeout=20)
@@ -194,7 +194,8 @@ meta_train(learner, pool, meta_steps=50, out_dir={out!r}, meta_batch=5, dtype=to
 
 def test_a_dead_rank_ends_the_job_with_an_error(tmp_path):
     port = _free_port()
-    code = _DYING.format(tests=os.path.dirname(os.path.abspath(__file__)), out=str(tmp_path / "run"))
+    tests = [os.path.dirname(os.path.abspath(__file__)), os.path.join(ROOT, "python_tests")]   # and helpers.py
+    code = _DYING.format(tests=tests, out=str(tmp_path / "run"))
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
