@@ -53,6 +53,15 @@ def positive_real(name: str, v) -> float:
     return v
 
 
+def tolerances(rtol, atol) -> Tuple[float, float]:
+    """An adaptive solver's ``rtol`` and ``atol``: each a finite number in (0, 1). The one rule,
+    for :func:`amaml_ext.ode.solve_forward` and the meta-gradient alike."""
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not 0 < v < 1:
+            raise ValueError(f"argument '{name}' must be a number in (0, 1) (dopri5's tolerance), got {v!r}")
+    return float(rtol), float(atol)
+
+
 def path(name: str, v) -> str:
     """A non-empty ``str`` or ``os.PathLike``."""
     if isinstance(v, bool) or not isinstance(v, (str, os.PathLike)) or not os.fspath(v):
@@ -64,6 +73,22 @@ def choice(name: str, v, allowed) -> None:
     """``v`` is one of ``allowed`` (shown as given: pass ``sorted(...)`` or ``list(...)``)."""
     if v not in allowed:
         raise ValueError(f"argument '{name}' must be one of {allowed}, got {v!r}")
+
+
+def check_theta(theta, n: int, what: str = "the model's parameter count") -> torch.Tensor:
+    """``theta``: a float32/float64 tensor of shape ``[n]`` with finite values (the one check of
+    theta, for the meta-gradient, the learners and meta-testing)."""
+    if not isinstance(theta, torch.Tensor):
+        raise TypeError(f"argument 'theta' must be a torch.Tensor of shape [{n}] ({what}), got {type(theta).__name__}")
+    if theta.dim() != 1 or theta.numel() != n:
+        raise ValueError(f"argument 'theta' must have shape [{n}] ({what}), got {tuple(theta.shape)}")
+    if theta.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"argument 'theta' must be float32 or float64, got {theta.dtype}")
+    if theta.device.type == "meta":
+        raise ValueError("argument 'theta' is on the 'meta' device, which holds no values: the inner run needs "
+                         "real numbers; use 'cpu' or 'cuda'")
+    check_finite("theta", theta)
+    return theta
 
 
 def _first_bad(t: torch.Tensor) -> Tuple[int, float, int]:

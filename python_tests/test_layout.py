@@ -24,8 +24,8 @@ ALLOWED = {
     "tasks": ("data",),
     "functional": ("_checks",),
     "metagrad": ("ode", "functional", "_checks"),
-    "learners": ("metagrad", "functional", "data", "_checks"),
-    "train": ("learners", "metagrad", "functional", "data", "models", "_checks", "_io"),
+    "learners": ("metagrad", "functional", "ode", "data", "_checks"),
+    "train": ("learners", "metagrad", "functional", "ode", "data", "models", "_checks", "_io"),
     "cli": ("train", "learners", "metagrad", "functional", "ode", "data", "models", "_checks", "_io"),
 }
 ROOT_MODULES = {"", "__main__"}

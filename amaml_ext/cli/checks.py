@@ -12,11 +12,11 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import learners as L
+from .. import ode
 from ..metagrad.accuracy import lambda_max, stability_bound
 from ..functional.compile_policy import compile_env
 from ..data.batch import task_indices
 from ..functional import TaskFunctions, flatten_params
-from ..ode import STABILITY_BOUNDS
 from .runs import RunProblem, accuracy_options, make_run_learner, run_config
 
 
@@ -60,6 +60,12 @@ def check_environment() -> None:
         raise CommandError(f"amaml-ext: {e}") from None
 
 
+def _exact(adjoint) -> bool:
+    """Whether ``adjoint`` names an exact adjoint (the registry's ``exact_for``)."""
+    scheme = ode.ADJOINT_SCHEMES.get(adjoint)
+    return scheme is not None and scheme.exact_for is not None
+
+
 def check_methods(args, fresh: Dict[str, bool]) -> None:
     """Build the learner of every method of ``fresh`` with the run's options (they are checked as
     the run would meet them) and make the first meta-step of each run that starts afresh
@@ -68,10 +74,11 @@ def check_methods(args, fresh: Dict[str, bool]) -> None:
     model = prob.model(args.seed)
     for method, starts in fresh.items():
         cfg = run_config(args, method)
-        if callable(getattr(L.METHODS[method].cls, "horizon", None)) and cfg.get("adjoint") == "discrete":
+        if callable(getattr(L.METHODS[method].cls, "horizon", None)) and _exact(cfg.get("adjoint")):
+            continuous = " or ".join(n for n, s in ode.ADJOINT_SCHEMES.items() if s.exact_for is None)
             raise CommandError(f"amaml-ext: argument --adjoint: --method {method} learns the horizon T, which needs "
-                               f"a continuous adjoint (heun or rk4), got 'discrete' (exact mode: K = T / h GD "
-                               f"steps, whose number has no derivative)")
+                               f"a continuous adjoint ({continuous}), got {cfg['adjoint']!r} (exact mode: K = T / h "
+                               f"GD steps, whose number has no derivative)")
         try:
             make_run_learner(cfg, model, prob.loss, accuracy_options(args, method))
         except (ValueError, TypeError) as e:
@@ -136,7 +143,7 @@ def unstable_step(learner, cfg: Dict, batch, theta: torch.Tensor) -> Optional[st
         bound, what = stability_bound(cfg["solver"], cfg["adjoint"]), f"{cfg['solver']} / {cfg['adjoint']} on the grid h"
     else:
         lam += cfg.get("imaml_lambda", 0.0)     # iMAML: GD on the loss plus lambda/2 ||u - theta||^2
-        bound, what = STABILITY_BOUNDS["forward"]["euler"], "gradient descent"
+        bound, what = ode.FORWARD_SCHEMES["euler"].stability_bound, "gradient descent"
     h = cfg["inner_lr"]
     if not (math.isfinite(bound) and math.isfinite(lam) and h * lam > bound):
         return None
@@ -179,7 +186,7 @@ def unused_options(args, given: set) -> List[str]:
     methods = [args.method] if args.command == "train" else list(args.methods)
     info = [L.METHODS[m] for m in methods]
     flow = any(m.flow for m in info)
-    exact = getattr(args, "adjoint", None) == "discrete"
+    exact = _exact(getattr(args, "adjoint", None))
     uses = {opt: flow for opt in _FLOW_OPTIONS}
     uses.update({opt: flow and not exact for opt in ("error_tol", "strict", "refine")})
     uses.update({"imaml_lambda": any("imaml_lambda" in m.options for m in info),

@@ -10,6 +10,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from .. import learners as L
+from .. import ode
 from ..train.benchmarks import BENCHMARKS
 from ..functional import flatten_params
 from ..train import CONFIG, THETA, UnreadableRunFile, load_checkpoint, meta_test, meta_train, read_json_file, read_torch_file
@@ -61,7 +62,7 @@ def make_run_learner(cfg: Dict, model, loss, accuracy: Optional[Dict] = None) ->
     of the run's settings, so it may change when a run is resumed."""
     m = cfg["method"]
     if L.METHODS[m].flow:
-        steps = round(cfg["T"] / cfg["inner_lr"])
+        steps = ode.grid_size(cfg["T"], cfg["inner_lr"])
         return L.make_learner(m, model, loss, inner_steps=steps, inner_lr=cfg["inner_lr"],
                               solver=cfg["solver"], adjoint=cfg["adjoint"], memory=cfg["memory"],
                               rtol=cfg["rtol"], atol=cfg["atol"], **(accuracy or {}))

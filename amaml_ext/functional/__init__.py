@@ -13,9 +13,9 @@ a learner.
 
 from .compile_policy import compile_pays, compile_refusal, resolve_compile
 from .model_checks import LossFn, LossValueError, NondeterministicModelWarning
-from .model_state import functional_module, param_shapes
+from .model_state import functional_module, param_count, param_shapes
 from .task_functions import TaskFunctions, flatten_params, second_order, unflatten_params
 
 __all__ = ["LossFn", "LossValueError", "NondeterministicModelWarning", "TaskFunctions", "compile_pays",
-           "compile_refusal", "flatten_params", "functional_module", "param_shapes", "resolve_compile", "second_order",
+           "compile_refusal", "flatten_params", "functional_module", "param_count", "param_shapes", "resolve_compile", "second_order",
            "unflatten_params"]

@@ -6,6 +6,7 @@ training loss and forward-over-reverse ``jvp(grad)`` for the HVP, kept per model
 import itertools
 import threading
 import types
+import warnings
 import weakref
 from typing import Dict, Optional
 
@@ -26,6 +27,16 @@ def _own_code(fn, name: str):
 _COMPILED_COUNT = itertools.count()
 
 
+def _load_jvp_decompositions() -> None:
+    """torch registers its forward-mode decompositions when forward-mode AD is first used (the
+    compiled HVP's ``jvp``), scripting each with ``torch.jit.script``, which warns that it is
+    deprecated: a FutureWarning about torch's own code in every run that compiles. Load them
+    once here with that one warning silenced (anything else still warns)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
 class CompiledCallbacks:
     """``torch.compile``-d gradient and HVP of the summed training loss for one (model as it is
     now, loss, batched) combination; the task data and the model's constants are arguments, so
@@ -34,6 +45,7 @@ class CompiledCallbacks:
     compilation, and the dynamo setting it runs under, are process-wide)."""
 
     def __init__(self, model: nn.Module, loss: LossFn, batched: bool, keep):
+        _load_jvp_decompositions()
         shapes = list(param_shapes(model))
         module = functional_module(model)
         self.keep = keep        # the objects the cache key names by identity (model_state.fingerprint)

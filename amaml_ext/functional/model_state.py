@@ -89,6 +89,11 @@ def param_shapes(model: nn.Module) -> Sequence[Tuple[str, torch.Size]]:
     return [(name, p.shape) for name, p in model.named_parameters() if p.requires_grad]
 
 
+def param_count(shapes: Sequence[Tuple[str, torch.Size]]) -> int:
+    """d, the number of entries of theta, from :func:`param_shapes` (the one place it is summed)."""
+    return sum(math.prod(s) for _, s in shapes)
+
+
 def _unflatten_shapes(shapes: Sequence[Tuple[str, torch.Size]], flat: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Views of ``flat`` (``[..., d]``) shaped like ``shapes``, unchecked (also inside torch.compile)."""
     out, i = {}, 0

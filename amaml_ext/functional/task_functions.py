@@ -14,8 +14,8 @@ with autograd. HVPs use double backward; the linearisation of the last state is 
 is, loss and input shapes); a failed compilation warns and falls back to eager.
 """
 
-import math
 import warnings
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -27,7 +27,7 @@ from .model_checks import (LossFn, LossValueError, NondeterministicModelWarning,
                            backward_hooked, check_model, check_supported, checked_loss, differentiable,
                            first_line, one_task_at_a_time)
 from .model_state import (_unflatten_shapes, cast_constants, constants, fingerprint,  # noqa: F401 (re-exported)
-                          functional_module, param_shapes)
+                          functional_module, param_count, param_shapes)
 
 
 def flatten_params(model: nn.Module) -> torch.Tensor:
@@ -55,7 +55,7 @@ def unflatten_params(model: nn.Module, flat: torch.Tensor) -> Dict[str, torch.Te
     ``dict(m.named_parameters())`` in values. Raises ValueError if ``flat`` has the wrong length.
     """
     shapes = param_shapes(model)
-    d = sum(math.prod(s) for _, s in shapes)
+    d = param_count(shapes)
     if flat.shape[-1] != d:
         raise ValueError(f"argument 'theta' must have {d} entries (the model's parameter count), "
                          f"got {flat.shape[-1]} (shape {tuple(flat.shape)})")
@@ -82,6 +82,18 @@ def check_data(name: str, pair, batched: bool) -> None:
     if x.dim() > dim and x.shape[dim] == 0:
         raise ValueError(f"argument '{name}' is empty: it holds no samples (x has shape {tuple(x.shape)}); "
                          f"the {name} set needs at least one")
+
+
+@dataclass(frozen=True)
+class Linearisation:
+    """The training loss linearised at one state: its grid ``row`` (None: unnamed), the leaf
+    ``leaf`` and the gradient ``g`` with its graph (both None after a compiled HVP, which keeps
+    no graph), and ``grad``, the gradient itself (detached)."""
+
+    row: Optional[int]
+    leaf: Optional[torch.Tensor]
+    g: Optional[torch.Tensor]
+    grad: torch.Tensor
 
 
 class TaskFunctions:
@@ -129,10 +141,7 @@ class TaskFunctions:
         self.hvp_evals = 0
         self.linearisations = 0
         self.param_vjps = 0
-        self._lin_key = None
-        self._lin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        self._grad_key = None
-        self._grad_at_key: Optional[torch.Tensor] = None
+        self.last: Optional[Linearisation] = None
         like = next(iter(support))
         compile = resolve_compile(compile, model, like.device)
         refusal = compile_refusal() if compile else None
@@ -241,58 +250,58 @@ class TaskFunctions:
             (g,) = torch.autograd.grad(differentiable(self.losses(leaf, self.support).sum(), "training"), leaf)
         return g
 
-    def hvp(self, u: torch.Tensor, v: torch.Tensor, key=None) -> torch.Tensor:
+    def hvp(self, u: torch.Tensor, v: torch.Tensor, row: Optional[int] = None) -> torch.Tensor:
         """Hessian of the training loss at ``u`` times ``v``.
 
-        ``key`` identifies the state (e.g. its grid time): two calls with the same key reuse
-        one linearisation (gradient with graph) instead of rebuilding it.
+        ``row`` names the state (its grid row): two calls with the same row reuse one
+        linearisation (gradient with graph) instead of rebuilding it; None builds it anew.
         """
         self.hvp_evals += 1
         if self._compiled is not None:
             out = self._compiled_call("hvp", u, v)
             if out is not None:
                 self.linearisations += 1  # each forward-over-reverse HVP linearises anew
-                self._grad_key, self._grad_at_key = key, out[0]
+                self.last = Linearisation(row, None, None, out[0])
                 return out[1]
-        leaf, g = self.linearise(u, key)
-        (hv,) = torch.autograd.grad(g, leaf, v, retain_graph=True)
+        lin = self.linearise(u, row)
+        (hv,) = torch.autograd.grad(lin.g, lin.leaf, v, retain_graph=True)
         return hv
 
-    def linearise(self, u: torch.Tensor, key=None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The training-loss gradient at ``u`` with its graph, ``(leaf, g)``, kept for the next
-        calls with the same ``key`` (a new key, or None, builds it anew)."""
-        if key is None or key != self._lin_key or self._lin is None:
+    def linearise(self, u: torch.Tensor, row: Optional[int] = None) -> "Linearisation":
+        """The training-loss gradient at ``u`` with its graph, kept for the next calls with the
+        same ``row`` (a new row, or None, builds it anew)."""
+        last = self.last
+        if row is None or last is None or last.row != row or last.g is None:
             self.linearisations += 1
             with torch.enable_grad(), second_order():
                 leaf = u.detach().requires_grad_(True)
                 total = differentiable(self.losses(leaf, self.support).sum(), "training")
                 (g,) = torch.autograd.grad(total, leaf, create_graph=True)
-            self._lin, self._lin_key = (leaf, g), key
-            self._grad_key, self._grad_at_key = key, g.detach()
-        return self._lin
+            self.last = last = Linearisation(row, leaf, g, g.detach())
+        return last
 
-    def param_vjp(self, w: torch.Tensor, params: Sequence[torch.Tensor], key) -> Tuple[torch.Tensor, ...]:
-        """``d (grad L(u) . w) / d params`` at the state linearised last with ``key``: the
+    def param_vjp(self, w: torch.Tensor, params: Sequence[torch.Tensor], row: int) -> Tuple[torch.Tensor, ...]:
+        """``d (grad L(u) . w) / d params`` at the state linearised last, at grid row ``row``: the
         training loss's dependence on tensors of its closure (``adjoint_params``). One backward
         pass through the kept linearisation, like an HVP; zeros for a tensor it does not use."""
-        if key is None or key != self._lin_key or self._lin is None:
-            raise RuntimeError(f"TaskFunctions.param_vjp: no linearisation kept for key {key!r}")
-        _, g = self._lin
+        last = self.last
+        if row is None or last is None or last.row != row or last.g is None:
+            raise RuntimeError(f"TaskFunctions.param_vjp: no linearisation kept for row {row!r}")
         self.param_vjps += 1
-        grads = torch.autograd.grad(g, list(params), w, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(last.g, list(params), w, retain_graph=True, allow_unused=True)
         return tuple(torch.zeros_like(p) if d is None else d for p, d in zip(params, grads))
 
     def release(self) -> None:
-        """Drop the cached linearisation (its graph holds activations)."""
-        self._lin, self._lin_key = None, None
-        self._grad_key, self._grad_at_key = None, None
+        """Drop the kept linearisation (its graph holds activations)."""
+        self.last = None
 
-    def grad_at(self, key) -> Optional[torch.Tensor]:
-        """The training-loss gradient at the state of the last HVP made with ``key`` (a by-product
-        of its linearisation), or None if the last HVP had another key."""
-        if key is None or key != self._grad_key:
+    def grad_at(self, row: Optional[int]) -> Optional[torch.Tensor]:
+        """The training-loss gradient at the state of the last HVP, if it was made at grid row
+        ``row`` (a by-product of its linearisation), else None."""
+        last = self.last
+        if row is None or last is None or last.row != row:
             return None
-        return self._grad_at_key
+        return last.grad
 
     def value_and_grad_val(self, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Validation loss per task and its gradient at ``u``."""

@@ -8,11 +8,11 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .. import _checks
+from .. import _checks, ode
 from ..data.batch import TaskBatch
 from ..functional import LossFn, TaskFunctions
 from ..metagrad import adjoint_meta_grad, gradient_flow
-from ..metagrad.checks import check_pairing
+from ..metagrad.options import MetaGradOptions
 from .base import MetaLearner, MetaStep
 from .checks import InnerLoopDiverged
 
@@ -32,15 +32,21 @@ class AMAML(MetaLearner):
     def __init__(self, model: nn.Module, loss: LossFn, *, T: float = 2.0, h: float = 0.01,
                  solver: str = "dopri5", adjoint: str = "heun", **options):
         T = _checks.positive("T", T)
-        h = _checks.positive("h", h)
-        steps = round(T / h)
-        if steps < 1 or abs(steps * h - T) > 1e-9 * max(1.0, T):
-            raise ValueError(f"argument 'T' must be a whole multiple of h={h:g}, got T={T:g}")
-        check_pairing(solver, adjoint)
-        super().__init__(model, loss, inner_lr=h, steps=steps)
-        self.T, self.h, self.solver, self.adjoint = T, h, solver, adjoint
-        self.options = dict(options)
-        self.options.setdefault("compile", "auto")
+        options.setdefault("compile", "auto")
+        # every option checked now, not at the first meta_grad
+        self.options = MetaGradOptions.build(caller=type(self).__name__, h=h, solver=solver, adjoint=adjoint, **options)
+        h = self.options.solver.h
+        super().__init__(model, loss, inner_lr=h, steps=ode.grid_size(T, h))
+        self.T, self.h = T, h
+        self._batched = {False: self.options, True: self.options.replace(batched=True)}
+
+    @property
+    def solver(self) -> str:
+        return self.options.solver.solver
+
+    @property
+    def adjoint(self) -> str:
+        return self.options.solver.adjoint
 
     def meta_grad(self, theta, tasks):
         self._check(theta, tasks)
@@ -48,7 +54,7 @@ class AMAML(MetaLearner):
         data = tasks if batched else tasks.task(0)
         with self._diverging():
             r = adjoint_meta_grad(self.model, self.loss, theta, self.T, support=data.support, query=data.query,
-                                  h=self.h, solver=self.solver, adjoint=self.adjoint, batched=batched, **self.options)
+                                  options=self._batched[batched])
         return self._checked(MetaStep(r.grad.mean(0) if batched else r.grad, r.loss.reshape(-1), dict(r.stats)))
 
     def _advice(self, lr=None, steps=None) -> str:
@@ -79,7 +85,7 @@ class _LearnedFlow(AMAML):
 
     def __init__(self, model: nn.Module, loss: LossFn, **kwargs):
         super().__init__(model, loss, **kwargs)
-        if self.options.pop("refine", False):
+        if self.options.accuracy.refine:
             raise ValueError(f"argument 'refine' is not available for {self.name!r} (the flow's own "
                              f"meta-parameters would change with the grid); lower h instead")
 
@@ -98,8 +104,8 @@ class _LearnedFlow(AMAML):
     def _flow_step(self, tasks: TaskBatch, theta: torch.Tensor, inputs, T, lr=None) -> MetaStep:
         stats: Dict = {}
         with self._diverging():
-            u = gradient_flow(self.model, self.loss, theta, T, tasks.support, h=self.h, solver=self.solver,
-                              adjoint=self.adjoint, lr=lr, batched=True, stats=stats, **self.options)
+            u = gradient_flow(self.model, self.loss, theta, T, tasks.support, lr=lr, stats=stats,
+                              options=self._batched[True])
             with torch.enable_grad():
                 per_task = TaskFunctions(self.model, self.loss, tasks.support, tasks.query, True).losses(u, tasks.query)
                 grads = torch.autograd.grad(per_task.mean(), inputs)

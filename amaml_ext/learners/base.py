@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import _checks
 from ..data.batch import TaskBatch
-from ..functional import LossFn, TaskFunctions, param_shapes
+from ..functional import LossFn, TaskFunctions, param_count, param_shapes
 from . import checks
 
 
@@ -45,7 +45,7 @@ class MetaLearner:
         self.inner_lr = _checks.positive("inner_lr", inner_lr)
         self.steps = _checks.positive("steps", steps, integer=True)
         self.trainable = list(param_shapes(model))       # (name, shape) of what theta covers
-        self.d = sum(math.prod(s) for _, s in self.trainable)
+        self.d = param_count(self.trainable)
 
     # -- meta-parameters beyond theta ------------------------------------------------------------
 
@@ -80,7 +80,7 @@ class MetaLearner:
         the learner's own meta-parameters and ANIL's head were sized for them)."""
         now = list(param_shapes(self.model))
         if now != self.trainable:
-            d = sum(math.prod(s) for _, s in now)
+            d = param_count(now)
             changed = sorted(set(n for n, _ in now) ^ set(n for n, _ in self.trainable))
             raise ValueError(f"{self!r}: the model's trainable parameters changed since the learner was made "
                              f"({self.d} -> {d} entries; {', '.join(changed[:3]) or 'shapes'} changed: a parameter "

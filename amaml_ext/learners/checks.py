@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .._checks import check_finite  # noqa: F401  (the learners' checks use it; re-exported)
+from .._checks import check_finite, check_theta  # noqa: F401  (the learners' checks use them; re-exported)
 from ..data.batch import TaskBatch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -31,18 +31,6 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     if flags[0].device.type == "cpu":
         return all(bool(f) for f in flags)
     return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
-
-
-def check_theta(theta, n: int, what: str = "the model's parameter count") -> torch.Tensor:
-    """``theta``: a float32/float64 tensor of shape ``[n]`` with finite values."""
-    if not isinstance(theta, torch.Tensor):
-        raise TypeError(f"argument 'theta' must be a torch.Tensor of shape [{n}] ({what}), got {type(theta).__name__}")
-    if theta.dim() != 1 or theta.numel() != n:
-        raise ValueError(f"argument 'theta' must have shape [{n}] ({what}), got {tuple(theta.shape)}")
-    if theta.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"argument 'theta' must be float32 or float64, got {theta.dtype}")
-    check_finite("theta", theta)
-    return theta
 
 
 def check_model_device(model: nn.Module, theta: torch.Tensor) -> None:

@@ -40,7 +40,7 @@ class IMAML(MetaLearner):
     def cg_solve(self, fns: TaskFunctions, psi: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``cg_steps`` CG iterations on ``(I + H(psi) / lam) x = b``, per task (rows), from x = 0."""
         def A(v):
-            return v + fns.hvp(psi, v, key="psi") / self.lam
+            return v + fns.hvp(psi, v, row=0) / self.lam
         x = torch.zeros_like(b)
         r = b.clone()
         p = r.clone()

@@ -17,10 +17,11 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .. import _checks
-from ..functional import LossFn, flatten_params, param_shapes, unflatten_params
+from .. import _checks, ode
+from ..functional import LossFn, flatten_params, param_count, param_shapes, unflatten_params
 from ..metagrad import gradient_flow
-from ..metagrad.checks import check_pairing
+from ..metagrad.gradient_flow import continuous_adjoints
+from ..metagrad.options import MetaGradOptions
 
 
 class AdaptedModel(nn.Module):
@@ -58,15 +59,15 @@ class AdjointLearner(nn.Module):
             raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
         self.module = model
         self.loss = loss
-        self.T, self.h = _checks.positive("T", T), _checks.positive("h", h)
-        self.options = options
-        check_pairing(options.get("solver", "dopri5"), options.get("adjoint", "heun"))
-        if learn_T and options.get("adjoint") == "discrete":
-            raise ValueError("argument 'learn_T' needs a continuous adjoint ('heun' or 'rk4'): exact mode "
-                             "(adjoint='discrete') differentiates T / h GD steps, whose number has no derivative")
-        steps = round(self.T / self.h)
-        if not learn_T and (steps < 1 or abs(steps * self.h - self.T) > 1e-9 * max(1.0, self.T)):
-            raise ValueError(f"argument 'T' must be a whole multiple of h={self.h:g}, got T={self.T:g}")
+        self.T = _checks.positive("T", T)
+        self.options = MetaGradOptions.build(caller="AdjointLearner", h=h, **options)   # checked now, once
+        self.h = self.options.solver.h
+        if learn_T and self.options.adjoint_scheme.exact_for is not None:
+            raise ValueError(f"argument 'learn_T' needs a continuous adjoint ({continuous_adjoints()}): exact mode "
+                             f"(adjoint={self.options.solver.adjoint!r}) differentiates T / h GD steps, whose number "
+                             "has no derivative")
+        if not learn_T:
+            ode.grid_size(self.T, self.h)
         like = flatten_params(model)      # [d]; names a model with nothing trainable
         self.trainable = list(param_shapes(model))       # (name, shape) of what theta and log_lr cover
         self.log_lr = nn.Parameter(torch.zeros_like(like)) if learn_lr else None
@@ -85,12 +86,12 @@ class AdjointLearner(nn.Module):
         now = list(param_shapes(self.module))
         if self.log_lr is not None and now != self.trainable:
             raise ValueError(f"AdjointLearner.adapt: the model's trainable parameters changed since the learner "
-                             f"was made ({self.log_lr.numel()} -> {sum(math.prod(s) for _, s in now)} entries: a "
+                             f"was made ({self.log_lr.numel()} -> {param_count(now)} entries: a "
                              "parameter frozen or unfrozen, added, removed or reshaped); its learned step sizes "
                              "(learn_lr=True) were laid out for the old ones: make a new AdjointLearner")
         stats: Dict = {}
         horizon = self.log_T.exp() if self.log_T is not None and T is None else (self.T if T is None else T)
         lr = None if self.log_lr is None else self.log_lr.exp()
-        u = gradient_flow(self.module, self.loss, self.theta(), horizon, (x, y), h=self.h, lr=lr, stats=stats,
-                          **self.options)
+        u = gradient_flow(self.module, self.loss, self.theta(), horizon, (x, y), lr=lr, stats=stats,
+                          options=self.options)
         return AdaptedModel(self.module, u, stats)

@@ -39,7 +39,7 @@ import torch
 
 # The orders and stability bounds of the schemes, and the step-doubling estimate, live with the
 # schemes (amaml_ext.ode.schemes); re-exported here.
-from ..ode.schemes import ORDERS, STABILITY_BOUNDS, richardson  # noqa: F401
+from ..ode.schemes import ADJOINT_SCHEMES, ORDERS, STABILITY_BOUNDS, richardson  # noqa: F401
 
 __all__ = ["AdjointAccuracyWarning", "AdjointAccuracyError", "ORDERS", "STABILITY_BOUNDS", "richardson",
            "ErrorMonitor", "lambda_max", "advice", "stability_bound"]
@@ -56,10 +56,10 @@ class AdjointAccuracyError(ValueError):
 class ErrorMonitor:
     """Collects the invariant ``I_j = lam_j . g_j`` at the adjoint's nodes (per task row).
 
-    ``grad_at(t)`` returns the training-loss gradient of the state linearised last (the node's),
-    ``mask`` zeroes frozen tasks. Tensors stay on the device: no host synchronisation per node."""
+    ``grad_at(row)`` returns the training-loss gradient of the state linearised last (the node's,
+    at that grid row), ``mask`` zeroes frozen tasks. Tensors stay on the device: no host synchronisation per node."""
 
-    def __init__(self, grad_at: Callable[[float], torch.Tensor]):
+    def __init__(self, grad_at: Callable[[int], Optional[torch.Tensor]]):
         self.grad_at = grad_at
         self.prev: Optional[torch.Tensor] = None
         self.drift: Optional[torch.Tensor] = None
@@ -79,18 +79,18 @@ class ErrorMonitor:
             self.scale = torch.maximum(self.scale, size)
         self.prev = inv
 
-    def set_mask(self, mask: Optional[torch.Tensor], lam: torch.Tensor, t: float) -> None:
-        """A new phase of per-task horizons starts at time t: tasks that become active there
+    def set_mask(self, mask: Optional[torch.Tensor], lam: torch.Tensor, row: int) -> None:
+        """A new phase of per-task horizons starts at grid row ``row``: tasks that become active there
         start their invariant afresh (their I was 0 while frozen; the step is no drift)."""
         self.mask = mask
         if self.prev is not None:
-            g = self.grad_at(t)
+            g = self.grad_at(row)
             if g is not None:
                 g = g.reshape(lam.shape)
                 self.prev = (lam * (g if mask is None else g * mask)).sum(-1)
 
-    def node(self, t: float, lam: torch.Tensor) -> None:
-        g = self.grad_at(t)
+    def node(self, row: int, lam: torch.Tensor) -> None:
+        g = self.grad_at(row)
         if g is not None:       # the node's linearisation is the last one made (always, by the drivers)
             self.add(lam, g.reshape(lam.shape))
 
@@ -146,7 +146,8 @@ def _bound_owner(solver: str, adjoint: str) -> str:
     fwd = STABILITY_BOUNDS["forward"].get(solver, math.inf)
     adj = STABILITY_BOUNDS["adjoint"].get(adjoint, math.inf)
     if adj <= fwd:
-        return f"the {adjoint} adjoint" + (" (one RK4 step spans two intervals)" if adjoint == "rk4" else "")
+        span = ADJOINT_SCHEMES[adjoint].span
+        return f"the {adjoint} adjoint" + (f" (one step spans {span} intervals)" if span > 1 else "")
     return f"the {solver} forward"
 
 

@@ -10,21 +10,14 @@ Hessian-vector products; ``dJ/dtheta = lam(0)``. No autograd graph spans the run
 gradient-descent steps with step size h, which is what MAML computes by unrolling.
 """
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
 
-from .. import ode
-from . import accuracy
-from .accuracy import AdjointAccuracyError, AdjointAccuracyWarning
-from ..functional import TaskFunctions
-from .checks import check_call, check_solver_options
-from .flow import FlowSolve
-from .passes import Forward, accuracy_stats
-from .plan import MEMORY_MODES, Plan
+from .core import MAX_REFINEMENTS, InnerSolve
+from .options import MetaGradOptions
 
 
 @dataclass
@@ -54,13 +47,11 @@ class MetaGradResult:
 
 def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                       theta: torch.Tensor, T: Union[float, torch.Tensor], *, support, query,
-                      h: float = 0.01, solver: str = "dopri5", adjoint: str = "heun",
-                      rtol: float = 1e-6, atol: float = 1e-8, memory: str = "store",
-                      batched: bool = False, memory_budget: Optional[int] = None,
-                      max_steps: Optional[int] = None, compile: Union[bool, str] = False,
-                      error_estimate: Union[bool, str] = True, error_tol: float = 1e-2, strict: bool = False,
-                      refine: bool = False, _refinements: int = 0) -> MetaGradResult:
+                      options: Optional[MetaGradOptions] = None, **option_kwargs) -> MetaGradResult:
     """The A-MAML meta-gradient ``d V(u(T)) / d theta`` of inner training by gradient flow.
+
+    Options are keywords (or ``options``, a :class:`~amaml_ext.metagrad.MetaGradOptions`, with
+    keywords overriding its fields); they are checked once, here, into that object.
 
     Args:
         model: any ``nn.Module``; its parameters are replaced by ``theta`` (never mutated).
@@ -93,6 +84,7 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
         strict: raise :class:`amaml_ext.AdjointAccuracyError` instead of warning.
         refine: when the estimate exceeds ``error_tol`` on a smooth flow, solve again on the
             finer grid the estimate suggests (up to 3 times); ``stats["h"]`` is the grid used.
+        options: a :class:`~amaml_ext.metagrad.MetaGradOptions` holding any of the above.
 
     Returns:
         :class:`MetaGradResult`.
@@ -107,73 +99,31 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
         >>> r.grad.shape
         torch.Size([...])
     """
-    call = {k: v for k, v in locals().items() if k not in ("h", "_refinements")}  # for a refined re-solve
-    d, batch, error_tol = check_call(model, loss, theta, support, query, solver=solver, adjoint=adjoint,
-                                     memory=memory, batched=batched, compile=compile, strict=strict, refine=refine,
-                                     error_estimate=error_estimate, error_tol=error_tol, memory_modes=MEMORY_MODES)
-    check_solver_options(rtol, atol, max_steps, memory_budget)
-    estimate = error_estimate if error_estimate is not False and ode.ADJOINT_SCHEMES[adjoint].error_estimate else False
-    fns = TaskFunctions(model, loss, support, query, batched, compile=compile)
-    flow = FlowSolve(fns, theta, T, h=h, solver=solver, adjoint=adjoint, rtol=rtol, atol=atol, memory=memory,
-                     batched=batched, batch=batch, memory_budget=memory_budget, max_steps=max_steps)
-    plan, fwd = flow.plan, flow.fwd
-    fns.check_model(flow.u0, strict, "adjoint_meta_grad")
-    u_T = flow.forward()
-    val_loss, lam_T = fns.value_and_grad_val(u_T)
+    opts = MetaGradOptions.build(options, caller="adjoint_meta_grad", **option_kwargs)
+    for refinements in range(MAX_REFINEMENTS + 1):
+        solve = InnerSolve.start(model, loss, theta, T, support, query, opts, caller="adjoint_meta_grad")
+        result = _solve(solve)
+        if solve.within_tolerance(result.stats):
+            return result
+        h_new = solve.refined_h(result.stats, refinements)
+        if h_new is None:
+            break
+        opts = opts.replace(h=h_new)
+    solve.report(result.stats, stacklevel=2)
+    return result
+
+
+def _solve(solve: InnerSolve) -> MetaGradResult:
+    """Forward, the validation loss and its gradient at u(T), backward."""
+    plan = solve.plan
+    u_T = solve.forward()
+    val_loss, lam_T = solve.fns.value_and_grad_val(u_T)
     if not bool(torch.isfinite(val_loss).all()) or not bool(torch.isfinite(lam_T).all()):
+        solve.fns.release()
         what = "loss" if not bool(torch.isfinite(val_loss).all()) else "loss's gradient"
         raise ValueError(f"adjoint_meta_grad: the validation {what} at u(T) (t={plan.T}, step {plan.n}) is "
                          f"non-finite (the data are finite; loss {val_loss.tolist()}): the inner run diverged, lower "
                          "T or h")
-    try:
-        out = flow.backward(lam_T, estimate=estimate)
-        checks = accuracy_stats(fns, out, flow.u0, u_T, plan, adjoint, error_tol) if estimate else {}
-    finally:
-        fns.release()
-
-    stats = _stats(fns, fwd, out, plan, solver, adjoint, error_tol if estimate else None)
-    stats.update(checks)
-    result = MetaGradResult(grad=out["lam"].view(plan.shape), loss=val_loss, params=u_T, stats=stats)
-    if not estimate or stats["adjoint_error_estimate"] <= error_tol:
-        return result
-    return _past_tolerance(result, plan, dict(call, error_tol=error_tol), _refinements)
-
-
-def _stats(fns: TaskFunctions, fwd: Forward, out: Dict[str, Any], plan: Plan, solver: str, adjoint: str,
-           error_tol: Optional[float]) -> Dict[str, Any]:
-    """``MetaGradResult.stats`` of a solve, before the accuracy statistics are added."""
-    return {
-        "grad_evals": fns.grad_evals + 1,  # + the validation gradient
-        "hvps": fns.hvp_evals,
-        "linearisations": fns.linearisations,
-        "compiled": fns.compiled,
-        "accepted_steps": fwd.stats["accepted_steps"],
-        "rejected_steps": fwd.stats["rejected_steps"],
-        "grid_steps": plan.n,
-        "adjoint_steps": out["steps"],
-        "trajectory_bytes": fwd.peak_rows * plan.state_bytes,
-        "memory": plan.memory,
-        "solver": solver,
-        "adjoint": adjoint,
-        "h": plan.h,
-        "error_tol": error_tol,
-        "adjoint_error_estimate": None, "richardson_estimate": None, "invariant_drift": None,
-        "h_lambda_max": None, "nonsmooth_modules": None,
-    }
-
-
-def _past_tolerance(result: MetaGradResult, plan: Plan, call: Dict[str, Any], refinements: int) -> MetaGradResult:
-    """An estimate past the tolerance: solve again on a finer grid (``refine``, smooth models, up
-    to 3 times), or raise (``strict``), or warn."""
-    stats, tol, solver, adjoint = result.stats, call["error_tol"], call["solver"], call["adjoint"]
-    bound = accuracy.stability_bound(solver, adjoint)
-    if call["refine"] and not accuracy.is_nonsmooth(stats, tol, bound) and refinements < 3:
-        h_new = accuracy.suggested_h(estimate=stats["adjoint_error_estimate"], tol=tol, h=plan.h, T=plan.T,
-                                     adjoint=adjoint, h_lambda=stats["h_lambda_max"], bound=bound)
-        if h_new < plan.h * (1 - 1e-9):
-            return adjoint_meta_grad(**call, h=h_new, _refinements=refinements + 1)
-    msg = "adjoint_meta_grad: " + accuracy.advice(stats, tol=tol, h=plan.h, T=plan.T, solver=solver, adjoint=adjoint)
-    if call["strict"]:
-        raise AdjointAccuracyError(msg)
-    warnings.warn(msg, AdjointAccuracyWarning, stacklevel=3 + refinements)
-    return result
+    out, checks = solve.backward(lam_T)
+    stats = solve.stats(out, checks, extra_grad_evals=1)        # + the validation gradient
+    return MetaGradResult(grad=out.lam.view(plan.shape), loss=val_loss, params=u_T, stats=stats)

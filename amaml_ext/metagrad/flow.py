@@ -18,12 +18,14 @@ they are quadratures over the adjoint's nodes of the scheme's order: the trapezo
 Heun, piecewise quadratics (Simpson) with RK4.
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
+from .. import ode
 from ..functional import TaskFunctions
-from .passes import Forward, backward, explain_forward_failure, warn_if_dopri5_collapsed
+from .options import MetaGradOptions
+from .passes import AdjointOut, Forward, backward, explain_forward_failure, warn_if_steps_collapsed
 from .plan import Plan, make_plan
 
 
@@ -88,66 +90,66 @@ class Quadrature:
 
 class Sensitivities:
     """The gradients of the step sizes ``lr`` and of ``params`` (``adjoint_params``) collected
-    along one adjoint solve; ``grads()`` returns them (``dJ/dlr`` in ``lr``'s shape, then one per
-    param)."""
+    along one adjoint solve by ``scheme``; ``grads()`` returns them (``dJ/dlr`` in ``lr``'s shape,
+    then one per param). An exact adjoint sums them at its own VJPs; a continuous one integrates
+    them over its nodes by the quadrature of its ``quadrature_order``. Nodes are grid rows."""
 
-    def __init__(self, fns: TaskFunctions, plan: Plan, adjoint: str, lr: Optional[torch.Tensor],
+    def __init__(self, fns: TaskFunctions, plan: Plan, scheme: ode.Scheme, lr: Optional[torch.Tensor],
                  want_lr: bool, params: Sequence[torch.Tensor]):
         self.fns, self.plan, self.lr, self.want_lr, self.params = fns, plan, lr, want_lr, list(params)
-        self.discrete = adjoint == "discrete"
-        self.quad = Quadrature(2 if adjoint == "heun" else 4)
+        self.exact = scheme.exact_for is not None
+        self.quad = None if self.exact else Quadrature(scheme.quadrature_order)
         self.sums: Optional[List[torch.Tensor]] = None     # exact sums, or the closed phases' integrals
         self.mask: Optional[torch.Tensor] = None
+        self.t = plan.times.tolist()
 
-    def _integrand(self, key: float, lam: torch.Tensor) -> List[torch.Tensor]:
-        """``lam^T df/dlr`` and ``lam^T df/dphi`` at the state linearised with ``key``."""
+    def _integrand(self, row: int, lam: torch.Tensor) -> List[torch.Tensor]:
+        """``lam^T df/dlr`` and ``lam^T df/dphi`` at the state linearised at ``row``."""
         p = self.plan
         w = lam.reshape(p.rows, -1)
         if self.mask is not None:
             w = w * self.mask
         out = []
         if self.want_lr:
-            g = self.fns.grad_at(key).reshape(p.rows, -1)
+            g = self.fns.grad_at(row).reshape(p.rows, -1)
             term = (w * g).neg_().sum(0)
             out.append(term.sum() if self.lr.dim() == 0 else term)
         if self.params:
             lw = w if self.lr is None else w * self.lr
-            out += [d.neg() for d in self.fns.param_vjp(lw.reshape(p.shape), self.params, key)]
+            out += [d.neg() for d in self.fns.param_vjp(lw.reshape(p.shape), self.params, row)]
         return out
 
-    def top(self, lam: torch.Tensor, u_T: torch.Tensor, key: float, mask: Optional[torch.Tensor]) -> None:
-        """The node at T: linearise there (the adjoint's first VJP reuses it)."""
-        self.fns.linearise(u_T.reshape(self.plan.shape), key)
+    def top(self, lam: torch.Tensor, u_T: torch.Tensor, row: int, mask: Optional[torch.Tensor]) -> None:
+        """The node at T (grid row ``row``): linearise there (the adjoint's first VJP reuses it)."""
+        self.fns.linearise(u_T.reshape(self.plan.shape), row)
         self.mask = mask
-        if not self.discrete:
-            self.quad.add(key, self._integrand(key, lam))
+        if not self.exact:
+            self.quad.add(self.t[row], self._integrand(row, lam))
 
-    def new_phase(self, t: float, lam: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        """A phase of per-task horizons starts at ``t`` (going down): tasks whose horizon is ``t``
-        become active. The quadrature closes at ``t`` and starts again from the node at ``t``
-        with the new mask, so no panel straddles the jump of the integrand there (the node's
+    def new_phase(self, row: int, lam: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        """A phase of per-task horizons starts at grid row ``row`` (going down): tasks whose
+        horizon ends there become active. The quadrature closes there and starts again from that
+        node with the new mask, so no panel straddles the jump of the integrand (the node's
         linearisation is still the last one made)."""
         self.mask = mask
-        if self.discrete:
+        if self.exact:
             return
         self.sums = _plus(self.sums, self.quad.result())
         self.quad = Quadrature(self.quad.order)
-        self.quad.add(t, self._integrand(t, lam))
+        self.quad.add(self.t[row], self._integrand(row, lam))
 
-    def node(self, t: float, lam: torch.Tensor) -> None:
-        """A node of a continuous adjoint: ``lam`` is final at ``t``, its linearisation kept."""
-        if not self.discrete:
-            self.quad.add(t, self._integrand(t, lam))
+    def node(self, row: int, lam: torch.Tensor) -> None:
+        """A node of a continuous adjoint: ``lam`` is final at ``row``, its linearisation kept."""
+        if not self.exact:
+            self.quad.add(self.t[row], self._integrand(row, lam))
 
-    def vjp(self, t: float, u: torch.Tensor, v: torch.Tensor) -> None:
-        """A VJP of the discrete adjoint at ``u_k`` with ``v = lam_{k+1}``: the term ``h_k a``."""
-        p = self.plan
-        k = int(round(t * p.n / p.T))
-        width = float(p.times[k + 1] - p.times[k])
-        self.sums = _plus(self.sums, [width * a for a in self._integrand(t, v)])
+    def vjp(self, row: int, u: torch.Tensor, v: torch.Tensor) -> None:
+        """A VJP of an exact adjoint at ``u_k`` (row k) with ``v = lam_{k+1}``: the term ``h_k a``."""
+        width = self.t[row + 1] - self.t[row]
+        self.sums = _plus(self.sums, [width * a for a in self._integrand(row, v)])
 
     def grads(self) -> List[Optional[torch.Tensor]]:
-        if not self.discrete:
+        if not self.exact:
             self.sums = _plus(self.sums, self.quad.result())
             self.quad = Quadrature(self.quad.order)
         if self.sums is None:            # no interval at all
@@ -159,17 +161,15 @@ class FlowSolve:
     """One inner run: ``forward()`` gives ``u(T)``; ``backward(lam_T, ...)`` the adjoint from
     ``lam(T)`` with the requested gradients. States are ``[d]``, or ``[B, d]`` when batched."""
 
-    def __init__(self, fns: TaskFunctions, theta: torch.Tensor, T, *, h, solver: str, adjoint: str, rtol: float,
-                 atol: float, memory: str, batched: bool, batch: int, memory_budget, max_steps,
+    def __init__(self, fns: TaskFunctions, theta: torch.Tensor, T, options: MetaGradOptions, batch: int, *,
                  lr: Optional[torch.Tensor] = None, caller: str = "adjoint_meta_grad", stacklevel: int = 4):
         d = theta.numel()
-        self.fns, self.solver, self.adjoint = fns, solver, adjoint
-        self.u0 = theta.detach().expand(batch, d).contiguous() if batched else theta.detach().clone()
-        self.plan = make_plan(self.u0, T, h, batched=batched, batch=batch, memory=memory,
-                              memory_budget=memory_budget, max_steps=max_steps)
+        self.fns, self.options = fns, options
+        self.u0 = theta.detach().expand(batch, d).contiguous() if options.batched else theta.detach().clone()
+        self.plan = make_plan(self.u0, T, options, batch)
         self.lr = lr
-        self.fwd = Forward(fns, self.plan, solver, rtol, atol, lr=lr)
-        self.rtol, self.atol, self.caller, self.stacklevel = rtol, atol, caller, stacklevel
+        self.fwd = Forward(fns, self.plan, options, lr=lr)
+        self.caller, self.stacklevel = caller, stacklevel
         self.u_T: Optional[torch.Tensor] = None
 
     def forward(self) -> torch.Tensor:
@@ -177,25 +177,25 @@ class FlowSolve:
         try:
             y = self.fwd.run(self.u0)
         except ValueError as e:
-            raise explain_forward_failure(e, self.rtol, self.atol, p.h, self.caller) from None
-        if self.solver == "dopri5":
-            warn_if_dopri5_collapsed(self.fwd.stats, p.n, p.h, self.rtol, self.atol, self.caller, self.stacklevel)
+            raise explain_forward_failure(e, self.options, self.caller) from None
+        if self.options.forward_scheme.adaptive:
+            warn_if_steps_collapsed(self.fwd.stats, p.n, self.options, self.fns.model, self.caller, self.stacklevel)
         self.u_T = y.reshape(p.shape).clone()
         return self.u_T
 
-    def backward(self, lam_T: torch.Tensor, *, estimate, want_lr: bool = False,
-                 params: Sequence[torch.Tensor] = (), want_T: bool = False) -> Dict:
-        """``{"lam", "steps", "coarse", "monitor", "grad_T", "lr", "params", "T"}``: ``lam(0)``
-        ``[rows, d]``, then ``dJ/dlr``, ``[dJ/dphi]`` and ``dJ/dT_b`` per task row (``[rows]``)."""
-        p = self.plan
-        sens = Sensitivities(self.fns, p, self.adjoint, self.lr, want_lr, params) if want_lr or params else None
+    def backward(self, lam_T: torch.Tensor, *, want_lr: bool = False, params: Sequence[torch.Tensor] = (),
+                 want_T: bool = False) -> AdjointOut:
+        """The adjoint from ``lam_T``, with ``dJ/dlr``, ``[dJ/dphi]`` and ``dJ/dT_b`` per task row
+        (``[rows]``) where asked."""
+        p, scheme = self.plan, self.options.adjoint_scheme
+        sens = Sensitivities(self.fns, p, scheme, self.lr, want_lr, params) if want_lr or params else None
         lam = lam_T.reshape(p.rows, -1).contiguous()
         lam_top = lam.clone() if want_T else None
-        out = backward(self.fns, self.fwd, lam, self.u_T, self.adjoint, estimate, sens, need_grad_T=want_T)
+        out = backward(self.fns, self.fwd, lam, self.u_T, scheme, self.options.estimate, sens, need_grad_T=want_T)
         grads = sens.grads() if sens is not None else []
-        out["lr"] = grads[0] if want_lr else None
-        out["params"] = grads[int(want_lr):] if params else []
+        out.d_lr = grads[0] if want_lr else None
+        out.d_params = grads[int(want_lr):] if params else []
         if want_T:
-            f_T = out["grad_T"] if self.lr is None else out["grad_T"] * self.lr
-            out["T"] = (lam_top * f_T).sum(-1).neg_()
+            f_T = out.grad_T if self.lr is None else out.grad_T * self.lr
+            out.d_T = (lam_top * f_T).sum(-1).neg_()
         return out

@@ -3,20 +3,22 @@ backward is the adjoint over the stored trajectory (:mod:`.flow`)."""
 
 import math
 import numbers
-import warnings
-from typing import Any, Dict, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .. import _checks, ode
-from . import accuracy
-from .accuracy import AdjointAccuracyError, AdjointAccuracyWarning
-from ..functional import LossFn, TaskFunctions
-from .checks import check_call, check_solver_options
-from .flow import FlowSolve
-from .passes import accuracy_stats
-from .plan import MEMORY_MODES
+from .. import ode
+from ..functional import LossFn
+from .checks import check_call
+from .core import InnerSolve
+from .options import MetaGradOptions
+
+
+def continuous_adjoints() -> str:
+    """The continuous adjoint methods, in words (``'heun' or 'rk4'``)."""
+    return " or ".join(repr(n) for n, s in ode.ADJOINT_SCHEMES.items() if s.exact_for is None)
 
 
 def _check_lr(lr, theta: torch.Tensor) -> Optional[torch.Tensor]:
@@ -41,7 +43,7 @@ def _check_lr(lr, theta: torch.Tensor) -> Optional[torch.Tensor]:
     return value
 
 
-def _check_extras(T, theta: torch.Tensor, adjoint_params, adjoint: str, compile):
+def _check_extras(T, theta: torch.Tensor, adjoint_params, options: MetaGradOptions):
     """``adjoint_params`` as a tuple; a differentiable T refused where it has no derivative."""
     if isinstance(adjoint_params, torch.Tensor):
         adjoint_params = (adjoint_params,)
@@ -55,14 +57,14 @@ def _check_extras(T, theta: torch.Tensor, adjoint_params, adjoint: str, compile)
             got = type(p).__name__ if not isinstance(p, torch.Tensor) else "a tensor with requires_grad=False"
             raise ValueError(f"argument 'adjoint_params' must hold tensors that require grad (the training "
                              f"loss's closure uses them), got {got} at position {i}")
-    if params and compile is True:
+    if params and options.compile is True:
         raise ValueError("argument 'compile' must be False with adjoint_params: their gradients are taken "
                          "through the eager linearisation, which the compiled callbacks do not keep")
     if isinstance(T, torch.Tensor) and T.requires_grad:
-        if adjoint == "discrete":
-            raise ValueError("argument 'T' requires grad, but adjoint='discrete' (exact mode) differentiates "
-                             "K = T / h GD steps, whose number has no derivative; use a continuous adjoint "
-                             "('heun' or 'rk4') to learn T")
+        if options.adjoint_scheme.exact_for is not None:
+            raise ValueError(f"argument 'T' requires grad, but adjoint={options.solver.adjoint!r} (exact mode) "
+                             "differentiates K = T / h GD steps, whose number has no derivative; use a continuous "
+                             f"adjoint ({continuous_adjoints()}) to learn T")
         if not T.is_floating_point():
             raise TypeError(f"argument 'T' must be a floating-point tensor to require grad, got {T.dtype}")
     return params
@@ -84,15 +86,26 @@ def _check_not_transformed(*inputs) -> None:
                                "differentiate through it with torch.autograd (loss.backward(), torch.autograd.grad), once")
 
 
+@dataclass
+class _Job:
+    """What the autograd Function carries from its forward to its backward."""
+
+    solve: InnerSolve
+    params: Tuple[torch.Tensor, ...]
+    stats: Optional[Dict]
+    T: Optional[torch.Tensor]
+    lr_dtype: Optional[torch.dtype]
+
+
 class _Flow(torch.autograd.Function):
     """Inputs ``(job, theta, lr, T, *params)``; output ``u(T)``."""
 
     @staticmethod
-    def forward(ctx, job: Dict[str, Any], theta, lr, T, *params):
+    def forward(ctx, job: _Job, theta, lr, T, *params):
         ctx.job = job
-        u_T = job["flow"].forward()
-        if job["stats"] is not None:
-            job["stats"].update(grid_steps=job["flow"].plan.n, **job["flow"].fwd.stats)
+        u_T = job.solve.forward()
+        if job.stats is not None:
+            job.stats.update(job.solve.forward_stats())
         return u_T
 
     @staticmethod
@@ -109,54 +122,29 @@ class _Flow(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_u):
-        job, flow = ctx.job, ctx.job["flow"]
+        job, solve = ctx.job, ctx.job.solve
         _, want_theta, want_lr, want_T, *want_params = ctx.needs_input_grad
-        params = [p for p, w in zip(job["params"], want_params) if w]
-        fns = flow.fns
-        try:
-            out = flow.backward(grad_u.contiguous(), estimate=job["estimate"], want_lr=want_lr, params=params,
-                                want_T=want_T)
-            checks = (accuracy_stats(fns, out, flow.u0, flow.u_T, flow.plan, flow.adjoint, job["error_tol"])
-                      if job["estimate"] else {})
-        finally:
-            fns.release()
-        _report(job, out, checks)
-        lam0 = out["lam"]
-        d_theta = (lam0.sum(0) if job["batched"] else lam0.reshape(-1)) if want_theta else None
+        params = [p for p, w in zip(job.params, want_params) if w]
+        out, checks = solve.backward(grad_u.contiguous(), want_lr=want_lr, params=params, want_T=want_T)
+        stats = solve.stats(out, checks)
+        if job.stats is not None:
+            job.stats.update(stats)
+        if not solve.within_tolerance(stats):
+            solve.report(stats, stacklevel=1)
+        d_theta = (out.lam.sum(0) if solve.options.batched else out.lam.reshape(-1)) if want_theta else None
         d_T = None
         if want_T:
-            T = job["T"]
-            d_T = out["T"].sum().reshape(T.shape) if T.numel() == 1 else out["T"]
-            d_T = d_T.to(T.dtype)
-        it = iter(out["params"])
+            d_T = out.d_T.sum().reshape(job.T.shape) if job.T.numel() == 1 else out.d_T
+            d_T = d_T.to(job.T.dtype)
+        it = iter(out.d_params)
         d_params = [next(it) if w else None for w in want_params]
-        d_lr = out["lr"].to(job["lr_dtype"]) if want_lr else None
+        d_lr = out.d_lr.to(job.lr_dtype) if want_lr else None
         return (None, d_theta, d_lr, d_T, *d_params)
 
 
-def _report(job: Dict[str, Any], out: Dict, checks: Dict) -> None:
-    """Statistics into the caller's ``stats``; past the tolerance, warn or (``strict``) raise."""
-    flow, stats = job["flow"], job["stats"]
-    if stats is not None:
-        stats.update(adjoint_steps=out["steps"], hvps=flow.fns.hvp_evals, linearisations=flow.fns.linearisations,
-                     param_vjps=flow.fns.param_vjps, grad_evals=flow.fns.grad_evals, **checks)
-    estimate = checks.get("adjoint_error_estimate")
-    if estimate is None or estimate <= job["error_tol"]:
-        return
-    p = flow.plan
-    msg = "gradient_flow: " + accuracy.advice(checks, tol=job["error_tol"], h=p.h, T=p.T, solver=flow.solver,
-                                              adjoint=flow.adjoint)
-    if job["strict"]:
-        raise AdjointAccuracyError(msg)
-    warnings.warn(msg, AdjointAccuracyWarning, stacklevel=2)
-
-
 def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[float, torch.Tensor], support, *,
-                  h: float = 0.01, solver: str = "dopri5", adjoint: str = "heun", lr=None,
-                  adjoint_params: Sequence[torch.Tensor] = (), memory: str = "store", batched: bool = False,
-                  rtol: float = 1e-6, atol: float = 1e-8, memory_budget: Optional[int] = None,
-                  max_steps: Optional[int] = None, compile=False, error_estimate: Union[bool, str] = True,
-                  error_tol: float = 1e-2, strict: bool = False, stats: Optional[Dict] = None) -> torch.Tensor:
+                  lr=None, adjoint_params: Sequence[torch.Tensor] = (), stats: Optional[Dict] = None,
+                  options: Optional[MetaGradOptions] = None, **option_kwargs) -> torch.Tensor:
     """The parameters after inner training, ``u(T)``, differentiable by the adjoint method.
 
     Inner training is the gradient flow ``du/dt = -lr * grad L(u)`` from ``u(0) = theta`` on the
@@ -178,7 +166,8 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
     steps; the continuous adjoints (``"heun"``, ``"rk4"``) converge at order 2 and 4, with the
     error estimate of :func:`adjoint_meta_grad` (warning past ``error_tol``, ``strict=True``
     raises from ``backward``). ``stats``, a dict, receives the solver statistics. The other
-    arguments are :func:`adjoint_meta_grad`'s.
+    options (keywords, or ``options``, a :class:`~amaml_ext.metagrad.MetaGradOptions`) are
+    :func:`adjoint_meta_grad`'s.
 
     Returns ``u(T)``: ``[d]``, or ``[B, d]`` with ``batched=True``.
 
@@ -190,31 +179,27 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
         >>> F.mse_loss(pred, yq).backward()          # theta.grad: MAML's meta-gradient
     """
     _check_not_transformed(theta, lr, T, adjoint_params)
-    d, batch, error_tol = check_call(model, loss, theta, support, support, solver=solver, adjoint=adjoint,
-                                     memory=memory, batched=batched, compile=compile, strict=strict, refine=False,
-                                     error_estimate=error_estimate, error_tol=error_tol, memory_modes=MEMORY_MODES)
-    check_solver_options(rtol, atol, max_steps, memory_budget)
-    params = _check_extras(T, theta, adjoint_params, adjoint, compile)
+    opts = MetaGradOptions.build(options, caller="gradient_flow", **option_kwargs)
+    if opts.accuracy.refine:
+        raise ValueError("argument 'refine' is not available in gradient_flow (its backward runs once, when "
+                         "autograd asks); lower h instead")
+    _, batch = check_call(model, loss, theta, support, support, opts)
+    params = _check_extras(T, theta, adjoint_params, opts)
     # support tensors that require grad (features from a learned map) are inputs like adjoint_params
     params += tuple(t for t in support if t.requires_grad and t.is_floating_point() and all(t is not p for p in params))
-    compile = False if params else compile          # "auto": the eager graph holds the params
+    if params and opts.compile == "auto":            # the eager graph holds the params
+        opts = opts.replace(compile=False)
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"argument 'stats' must be None or a dict to fill, got {type(stats).__name__}")
     lr_value = _check_lr(lr, theta)
     if isinstance(T, torch.Tensor) and T.requires_grad and T.numel() == 1:
         # a learned horizon lands anywhere: ceil(T / h) equal steps of T / N <= h
-        h = _checks.positive_real("h", h)
         T_value = float(T.detach())
-        h = T_value / max(1, math.ceil(T_value / h - 1e-9))
-    fns = TaskFunctions(model, loss, support, support, batched, compile=compile)
-    flow = FlowSolve(fns, theta, T, h=h, solver=solver, adjoint=adjoint, rtol=rtol, atol=atol, memory=memory,
-                     batched=batched, batch=batch, memory_budget=memory_budget, max_steps=max_steps, lr=lr_value,
-                     caller="gradient_flow", stacklevel=5)
-    flow.fwd.reusable = True          # backward may run more than once (retain_graph, gradcheck)
-    fns.check_model(flow.u0, strict, "gradient_flow")
-    estimate = error_estimate if error_estimate is not False and ode.ADJOINT_SCHEMES[adjoint].error_estimate else False
-    job = dict(flow=flow, params=params, batched=batched, estimate=estimate, error_tol=error_tol, strict=strict,
-               stats=stats, T=T if isinstance(T, torch.Tensor) else None,
+        opts = opts.replace(h=T_value / max(1, math.ceil(T_value / opts.solver.h - 1e-9)))
+    solve = InnerSolve(model, loss, theta, T, support, support, opts, batch, caller="gradient_flow", lr=lr_value,
+                       stacklevel=5)
+    solve.flow.fwd.reusable = True          # backward may run more than once (retain_graph, gradcheck)
+    job = _Job(solve=solve, params=params, stats=stats, T=T if isinstance(T, torch.Tensor) else None,
                lr_dtype=lr.dtype if isinstance(lr, torch.Tensor) else None)
     lr_in = lr if isinstance(lr, torch.Tensor) else None
     T_in = T if isinstance(T, torch.Tensor) else None

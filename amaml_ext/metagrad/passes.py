@@ -4,13 +4,15 @@ from), and the adjoint solve backward over them. The compiled core is reached th
 :mod:`amaml_ext.ode` only."""
 
 import warnings
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from .. import ode
-from . import accuracy
 from ..functional import TaskFunctions
+from . import accuracy
+from .options import MetaGradOptions
 from .plan import Plan, segments
 
 
@@ -26,35 +28,52 @@ def flow_rhs(fns: TaskFunctions, mask: Optional[torch.Tensor], lr: Optional[torc
 
 def adjoint_rhs(fns: TaskFunctions, mask: Optional[torch.Tensor], lr: Optional[torch.Tensor] = None,
                 on_vjp: Optional[Callable] = None):
-    """``vjp(t, u, v) = (df/du)^T v = -H(u) (lr * v)``, one linearisation per grid time (frozen
-    tasks: 0). ``on_vjp(t, u, v)``, if given, is called after each, with the linearisation at
-    ``u`` kept (the exact sums of the discrete adjoint's parameter gradients)."""
-    def vjp(t: float, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        hv = fns.hvp(u, v if lr is None else v * lr, key=t).neg_()
+    """``vjp(row, u, v) = (df/du)^T v = -H(u) (lr * v)``, one linearisation per grid row (frozen
+    tasks: 0). ``on_vjp(row, u, v)``, if given, is called after each, with the linearisation at
+    ``u`` kept (the exact sums of an exact adjoint's parameter gradients)."""
+    def vjp(row: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        hv = fns.hvp(u, v if lr is None else v * lr, row=row).neg_()
         if on_vjp is not None:
-            on_vjp(t, u, v)
+            on_vjp(row, u, v)
         return hv if mask is None else hv.mul_(mask)
     return vjp
 
 
+@dataclass
+class AdjointOut:
+    """What one adjoint solve hands back: ``lam`` (``lam(0)``, ``[rows, d]``), ``steps``, the
+    step-doubling companion ``coarse`` and the invariant ``monitor`` (with the estimate on),
+    ``grad_T`` (the training-loss gradient at u(T), where something needed it), and the gradients
+    of ``gradient_flow``'s other inputs: ``d_lr``, ``d_params`` and ``d_T`` (per task row)."""
+
+    lam: torch.Tensor
+    steps: int
+    coarse: Optional[torch.Tensor] = None
+    monitor: Optional[accuracy.ErrorMonitor] = None
+    grad_T: Optional[torch.Tensor] = None
+    d_lr: Optional[torch.Tensor] = None
+    d_params: List[torch.Tensor] = field(default_factory=list)
+    d_T: Optional[torch.Tensor] = None
+
+
 class Forward:
     """The forward pass: ``run(u0)`` solves the flow phase by phase; ``rows(phase, c, e)`` then
-    hands the backward the grid states ``c..e`` (stored, replayed from a dopri5 log, or
-    recomputed from a fixed-step checkpoint), top segment first."""
+    hands the backward the grid states ``c..e`` (stored, replayed from an adaptive solve's log,
+    or recomputed from a fixed-step checkpoint), top segment first."""
 
-    def __init__(self, fns: TaskFunctions, plan: Plan, solver: str, rtol: float, atol: float,
-                 lr: Optional[torch.Tensor] = None):
-        self.fns, self.plan, self.solver, self.rtol, self.atol, self.lr = fns, plan, solver, rtol, atol, lr
+    def __init__(self, fns: TaskFunctions, plan: Plan, options: MetaGradOptions, lr: Optional[torch.Tensor] = None):
+        self.fns, self.plan, self.lr = fns, plan, lr
+        self.scheme, self.solver = options.forward_scheme, options.solver
         self.reusable = False    # True: rows() keeps the stored states for another backward pass
         self.kept: Dict = {}     # store: (c, e) -> states; fixed-step checkpoint: row -> state
-        self.logs: Dict = {}     # dopri5 checkpoint: (a, b) -> step log
+        self.logs: Dict = {}     # adaptive checkpoint: (a, b) -> step log
         self.stats = {"function_evals": 0, "accepted_steps": 0, "rejected_steps": 0}
         self.peak_rows = 0
 
     def _solve(self, mask, y, c, e):
-        p = self.plan
-        return ode.forward_rows(flow_rhs(self.fns, mask, self.lr), y, p.shape, p.times[c:e + 1], self.solver, self.rtol,
-                                self.atol, p.max_steps)
+        p, o = self.plan, self.solver
+        return ode.forward_rows(flow_rhs(self.fns, mask, self.lr), y, p.shape, p.times[c:e + 1], o.solver, o.rtol,
+                                o.atol, p.max_steps)
 
     def _count(self, st) -> None:
         for k in self.stats:
@@ -62,15 +81,15 @@ class Forward:
 
     def run(self, u0: torch.Tensor) -> torch.Tensor:
         """u(T) (``[rows, d]``)."""
-        p = self.plan
+        p, adaptive = self.plan, self.scheme.adaptive
         y = u0.reshape(p.rows, -1)
-        if p.memory == "checkpoint" and self.solver != "dopri5":
+        if p.memory == "checkpoint" and not adaptive:
             self.kept[0] = y  # row 0 of the first segment; u0 is our own copy
         with torch.no_grad():
             for a, b, mask in p.phases:
-                if p.memory == "checkpoint" and self.solver == "dopri5":
+                if p.memory == "checkpoint" and adaptive:
                     y, st, self.logs[(a, b)] = ode.dopri5_logged(flow_rhs(self.fns, mask, self.lr), y, p.shape,
-                                                                 p.times[a:b + 1], self.rtol, self.atol,
+                                                                 p.times[a:b + 1], self.solver.rtol, self.solver.atol,
                                                                  p.max_steps, p.m)
                     self._count(st)
                     continue
@@ -97,77 +116,88 @@ class Forward:
         a, b, mask = phase
         if self.plan.memory == "store":    # handed over (freed as the adjoint goes) unless reusable
             return self.kept[(c, e)] if self.reusable else self.kept.pop((c, e))
-        if self.solver == "dopri5":
+        if self.scheme.adaptive:
             return ode.dopri5_replay_rows(flow_rhs(self.fns, mask, self.lr), self.logs[(a, b)], self.plan.shape, c - a, e - a)
         return self._solve(mask, self.kept[c], c, e)[0]
 
 
-def explain_forward_failure(e: ValueError, rtol: float, atol: float, h: float,
-                            caller: str = "adjoint_meta_grad") -> ValueError:
+def explain_forward_failure(e: ValueError, options: MetaGradOptions, caller: str = "adjoint_meta_grad") -> ValueError:
     """The forward's ValueError in the meta-gradient's terms (``caller``: the function the user called)."""
     if "non-finite" in str(e):
         return ValueError(f"{caller}: the inner training loss or its gradient became non-finite: {e}")
     if "reached max_steps" in str(e):
-        return ValueError(f"{caller}(solver='dopri5', rtol={rtol:g}, atol={atol:g}, h={h:g}): {e}. "
-                          f"A training loss that is not smooth (ReLU, max-pool) makes dopri5's steps "
-                          f"collapse; solver='rk4' or 'euler' step on the grid instead.")
+        o = options.solver
+        fixed = " or ".join(repr(name) for name, s in ode.FORWARD_SCHEMES.items() if not s.adaptive)
+        return ValueError(f"{caller}(solver={o.solver!r}, rtol={o.rtol:g}, atol={o.atol:g}, h={o.h:g}): {e}. "
+                          f"A training loss that is not smooth (ReLU, max-pool) makes {o.solver}'s steps "
+                          f"collapse; solver={fixed} step on the grid instead.")
     return e
 
 
-def warn_if_dopri5_collapsed(stats, n: int, h: float, rtol: float, atol: float, caller: str = "adjoint_meta_grad",
-                             stacklevel: int = 3) -> None:
-    """Warn when dopri5 needed several times more steps than the grid has intervals: its steps
-    collapsed (a smooth flow at tight tolerances may take a few more steps than a coarse grid;
-    a ReLU net takes ten times as many)."""
-    if stats["accepted_steps"] > 4 * n:
-        warnings.warn(f"{caller}: dopri5 took {stats['accepted_steps']} accepted and "
-                      f"{stats['rejected_steps']} rejected steps for {n} grid intervals of h={h:g} (rtol={rtol:g}, "
-                      f"atol={atol:g}): its steps fell far below h, because the training loss is not smooth (ReLU, "
-                      f"max-pool) or the flow is stiff (Hessian eigenvalues near 2/h or above, where GD "
-                      f"with step h and the grid adjoint are unstable too: rescale the inputs or lower h). "
-                      f"For a non-smooth loss, solver='rk4' or 'euler' on the grid cost less.", RuntimeWarning,
-                      stacklevel=stacklevel)
+def warn_if_steps_collapsed(stats, n: int, options: MetaGradOptions, model, caller: str = "adjoint_meta_grad",
+                            stacklevel: int = 3) -> None:
+    """Warn when an adaptive forward took several times more steps than the grid has intervals
+    *and* its steps collapsed rather than merely resolved a tight tolerance: the model has
+    non-smooth modules (ReLU, max-pool), or a quarter of its steps were rejected (a kink or a stiff
+    flow the error control keeps failing on). A smooth flow at a tight rtol takes more, accepted,
+    steps than a coarse grid has: that is the tolerance asked for, not a collapse."""
+    accepted, rejected = stats["accepted_steps"], stats["rejected_steps"]
+    if accepted <= 4 * n:
+        return
+    kinks = accuracy.nonsmooth_modules(model)
+    if not kinks and rejected <= 0.25 * accepted:
+        return
+    o = options.solver
+    fixed = [name for name, s in ode.FORWARD_SCHEMES.items() if not s.adaptive]
+    why = (f"the training loss is not smooth (the model has {', '.join(kinks[:3])})" if kinks else
+           f"the error control rejected {rejected} steps: the loss has kinks (F.relu, max-pool) or the flow is stiff "
+           f"(Hessian eigenvalues near 2/h or above, where GD with step h and the grid adjoint are unstable too: "
+           f"rescale the inputs or lower h)")
+    warnings.warn(f"{caller}: {o.solver} took {accepted} accepted and {rejected} rejected steps for {n} grid "
+                  f"intervals of h={o.h:g} (rtol={o.rtol:g}, atol={o.atol:g}): its steps fell far below h, because "
+                  f"{why}. For a non-smooth loss, {' or '.join(f'solver={m!r}' for m in fixed)} on the grid cost less.",
+                  RuntimeWarning, stacklevel=stacklevel)
 
 
-def backward(fns: TaskFunctions, fwd: Forward, lam: torch.Tensor, u_T: torch.Tensor, adjoint: str,
-             error_estimate, sens=None, need_grad_T: bool = False) -> Dict:
-    """The adjoint from ``lam = lam(T)`` (``[rows, d]``) down to t = 0 over the forward's states:
-    ``{"lam", "steps", "coarse", "monitor"}`` (the last two with the error estimate on).
-    ``sens`` (a :class:`~amaml_ext.metagrad.flow.Sensitivities`) collects the gradients of the
-    step sizes and of ``adjoint_params`` along the way; ``grad_T``, the training-loss gradient at
-    u(T), comes back when the estimate, ``sens`` or ``need_grad_T`` (dJ/dT) needs it."""
+def backward(fns: TaskFunctions, fwd: Forward, lam: torch.Tensor, u_T: torch.Tensor, scheme: ode.Scheme,
+             error_estimate, sens=None, need_grad_T: bool = False) -> AdjointOut:
+    """The adjoint by ``scheme`` from ``lam = lam(T)`` (``[rows, d]``) down to t = 0 over the
+    forward's states. ``sens`` (a :class:`~amaml_ext.metagrad.flow.Sensitivities`) collects the
+    gradients of the step sizes and of ``adjoint_params`` along the way; ``grad_T``, the
+    training-loss gradient at u(T), comes back when the estimate, ``sens`` or ``need_grad_T``
+    (dJ/dT) needs it."""
     p, lr = fwd.plan, fwd.lr
     coarse = monitor = None
     grad_T = None
     if sens is not None:         # linearises at u(T): its gradient comes with it
-        key = float(p.times[-1])
-        sens.top(lam, u_T, key, p.phases[-1][2])
-        grad_T = fns.grad_at(key).reshape(p.rows, -1)
+        sens.top(lam, u_T, p.n, p.phases[-1][2])
+        grad_T = fns.grad_at(p.n).reshape(p.rows, -1)
     elif error_estimate or need_grad_T:
         grad_T = fns.grad(u_T).reshape(p.rows, -1)
     if error_estimate:
         coarse = lam.clone() if error_estimate == "richardson" else None
-        monitor = accuracy.ErrorMonitor(fns.grad_at if lr is None else lambda t: _scaled(fns.grad_at(t), lr))
+        monitor = accuracy.ErrorMonitor(fns.grad_at if lr is None else lambda row: _scaled(fns.grad_at(row), lr))
         monitor.mask = p.phases[-1][2]
         with torch.no_grad():
             monitor.add(lam, grad_T if lr is None else grad_T * lr)
     nodes = [h for h in (monitor and monitor.node, sens and sens.node) if h]
+    on_vjp = sens.vjp if sens is not None and scheme.exact_for is not None else None
     steps = 0
     with torch.no_grad():
         for phase in reversed(p.phases):
             a, b, mask = phase
             if monitor is not None:
-                monitor.set_mask(mask, lam, float(p.times[b]))
+                monitor.set_mask(mask, lam, b)
             if sens is not None and b < p.n:     # below the top phase: a horizon T_b ends here
-                sens.new_phase(float(p.times[b]), lam, mask)
-            rhs = adjoint_rhs(fns, mask, lr, sens.vjp if sens is not None and adjoint == "discrete" else None)
+                sens.new_phase(b, lam, mask)
+            rhs = adjoint_rhs(fns, mask, lr, on_vjp)
             for c, e in fwd.pieces(a, b):
                 seg = fwd.rows(phase, c, e)
-                lam, st, coarse = ode.adjoint_rows(rhs, seg, p.shape, p.times[c:e + 1], lam, adjoint, coarse, c,
+                lam, st, coarse = ode.adjoint_rows(rhs, seg, p.shape, p.times[c:e + 1], lam, scheme.name, coarse, c,
                                                    _each(nodes))
                 steps += st["steps"]
                 del seg
-    return {"lam": lam, "steps": steps, "coarse": coarse, "monitor": monitor, "grad_T": grad_T}
+    return AdjointOut(lam=lam, steps=steps, coarse=coarse, monitor=monitor, grad_T=grad_T)
 
 
 def _scaled(g: Optional[torch.Tensor], lr: torch.Tensor) -> Optional[torch.Tensor]:
@@ -181,23 +211,22 @@ def _each(hooks):
     if len(hooks) == 1:
         return hooks[0]
 
-    def node(t: float, lam: torch.Tensor) -> None:
+    def node(row: int, lam: torch.Tensor) -> None:
         for hook in hooks:
-            hook(t, lam)
+            hook(row, lam)
     return node
 
 
-def accuracy_stats(fns: TaskFunctions, out: Dict, u0, u_T, plan: Plan, adjoint: str, tol: float) -> Dict:
+def accuracy_stats(fns: TaskFunctions, out: AdjointOut, u0, u_T, plan: Plan, scheme: ode.Scheme, tol: float) -> Dict:
     """The error estimates of a finished adjoint solve, and h * lambda_max when they exceed ``tol``
     (power iterations at u(0), whose linearisation the adjoint made last, and at u(T))."""
-    lam, coarse = out["lam"], out["coarse"]
-    rich = None if coarse is None else accuracy.richardson(lam, coarse, adjoint)
-    stats = accuracy.summary(rich, out["monitor"].relative_drift())
+    rich = None if out.coarse is None else accuracy.richardson(out.lam, out.coarse, scheme.name)
+    stats = accuracy.summary(rich, out.monitor.relative_drift())
     if stats["adjoint_error_estimate"] > tol:
         stats["nonsmooth_modules"] = accuracy.nonsmooth_modules(fns.model)
         lam_max = 0.0
-        for key, u in ((float(plan.times[0]), u0), (plan.T, u_T)):
+        for row, u in ((0, u0), (plan.n, u_T)):
             lam_max = max(lam_max, accuracy.lambda_max(
-                lambda v: fns.hvp(u, v.reshape(u.shape), key=key).reshape(plan.rows, -1), lam))
+                lambda v: fns.hvp(u, v.reshape(u.shape), row=row).reshape(plan.rows, -1), out.lam))
         stats["h_lambda_max"] = plan.h * lam_max
     return stats

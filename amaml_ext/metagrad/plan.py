@@ -9,9 +9,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .. import _checks, ode
-
-MEMORY_MODES = ("store", "checkpoint", "auto")
+from .. import ode
+from .options import MEMORY_MODES, MetaGradOptions  # noqa: F401  (MEMORY_MODES re-exported)
 
 
 @dataclass
@@ -98,20 +97,21 @@ def _check_size(n: int, T: float, h: float, state_bytes: int, memory: str, devic
                          f"more than the {total / 2**30:,.1f} GiB of {device.type} memory: use a larger h{fix}")
 
 
-def make_plan(u0: torch.Tensor, T, h, *, batched: bool, batch: int, memory: str, memory_budget,
-              max_steps: Optional[int]) -> Plan:
-    """The plan for the start state ``u0`` (``[d]`` or ``[B, d]``)."""
-    h = _checks.positive_real("h", h)
-    T_max, per_task_T = horizons(T, h, batched, batch)
+def make_plan(u0: torch.Tensor, T, options: MetaGradOptions, batch: int) -> Plan:
+    """The plan for the start state ``u0`` (``[d]`` or ``[B, d]``): ``T / h -> N`` is made here
+    (and per task, for per-task horizons) and nowhere else."""
+    h, mem = options.solver.h, options.memory
+    T_max, per_task_T = horizons(T, h, options.batched, batch)
     n = ode.grid_size(T_max, h)
     state_bytes = u0.numel() * u0.element_size()
-    _check_size(n, T_max, h, state_bytes, memory, u0.device)
+    _check_size(n, T_max, h, state_bytes, mem.memory, u0.device)
+    memory = mem.memory
     if memory == "auto":
-        budget = default_budget(u0.device) if memory_budget is None else int(memory_budget)
+        budget = default_budget(u0.device) if mem.memory_budget is None else int(mem.memory_budget)
         memory = "store" if (n + 1) * state_bytes <= budget else "checkpoint"
     return Plan(n=n, h=h, T=T_max, times=ode.grid_times(T_max, n), phases=phases(per_task_T, n, h, u0),
-                memory=memory, m=segment_length(n), shape=list(u0.shape), rows=batch if batched else 1,
-                max_steps=max(1000, 10 * n) if max_steps is None else int(max_steps), state_bytes=state_bytes)
+                memory=memory, m=segment_length(n), shape=list(u0.shape), rows=batch if options.batched else 1,
+                max_steps=options.solver.steps_budget(n), state_bytes=state_bytes)
 
 
 def phases(per_task_T: Optional[torch.Tensor], n: int, h: float, like: torch.Tensor):

@@ -6,7 +6,8 @@ from .._checks import positive_real
 
 
 def grid_size(T: float, h: float) -> int:
-    """N = T / h, checked to be a whole number of steps (relative tolerance 1e-9).
+    """N = T / h, checked to be a whole number of steps (relative tolerance 1e-9): the one place
+    where a horizon and a grid step become a number of steps.
 
     Raises ValueError naming ``T`` and ``h`` otherwise, or when ``h > T``.
     """
@@ -17,8 +18,8 @@ def grid_size(T: float, h: float) -> int:
     n = round(T / h)
     if n < 1 or abs(n * h - T) > 1e-9 * T:
         raise ValueError(
-            f"T / h must be a whole number of steps, got T={T}, h={h} (T/h={T / h:.6g}); "
-            f"e.g. h={T / max(1, n):.6g} gives N={max(1, n)}"
+            f"argument 'T' must be a whole multiple of h={h:g}, got T={T:g}: T / h must be a whole number of "
+            f"steps, got T={T}, h={h} (T/h={T / h:.6g}); e.g. h={T / max(1, n):.6g} gives N={max(1, n)}"
         )
     return int(n)
 

@@ -5,6 +5,7 @@ States are ``[rows, d]`` (rows = tasks); ``times`` are the grid times of the row
 ``shape`` is the shape the callbacks see. No argument checks: the callers' own.
 """
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -39,10 +40,34 @@ def dopri5_replay_rows(f, log, shape, lo: int, hi: int) -> torch.Tensor:
                             log["row_step"], log["row_theta"], lo, hi)
 
 
+@dataclass(frozen=True)
+class Midpoint:
+    """The state halfway between grid rows ``row`` and ``row + 1`` (interpolated: the RK4
+    adjoint's odd top interval evaluates there twice)."""
+
+    row: int
+
+
+def _row_namer(times: torch.Tensor, row0: int):
+    """``t -> row`` for the times the drivers call back at: a grid time gives its absolute row (an
+    int), the midpoint of an interval a :class:`Midpoint`. Both are the exact doubles the drivers
+    computed from ``times``, so the lookup is exact."""
+    ts = times.tolist()
+    names = {t: row0 + j for j, t in enumerate(ts)}
+    for j in range(len(ts) - 1):
+        names.setdefault(0.5 * (ts[j] + ts[j + 1]), Midpoint(row0 + j))
+    return names.__getitem__
+
+
 def adjoint_rows(vjp, states: torch.Tensor, shape, times: torch.Tensor, lam: torch.Tensor, method: str,
                  coarse: Optional[torch.Tensor] = None, row0: int = 0, node=None):
     """The adjoint from ``times[-1]`` down to ``times[0]`` over ``states`` (``[len(times), rows,
     d]``): ``(lam at times[0], counts, coarse)``. ``coarse`` carries the step-doubling companion
-    (:func:`~amaml_ext.ode.schemes.richardson`), ``row0`` is the absolute grid row of ``times[0]``,
-    ``node(t, lam)`` is called where lam is final at a node."""
-    return ADJOINT_SCHEMES[method].driver(method, vjp, states, shape, times, lam, coarse, row0, node)
+    (:func:`~amaml_ext.ode.schemes.richardson`), ``row0`` is the absolute grid row of ``times[0]``.
+
+    The callbacks name a state by its absolute grid row (or a :class:`Midpoint`), not by its
+    time: ``vjp(row, y, v)``, and ``node(row, lam)`` where lam is final at a grid node."""
+    name = _row_namer(times, row0)
+    by_row = (lambda t, y, v: vjp(name(t), y, v))
+    on_node = None if node is None else (lambda t, lam_: node(name(t), lam_))
+    return ADJOINT_SCHEMES[method].driver(method, by_row, states, shape, times, lam, coarse, row0, on_node)

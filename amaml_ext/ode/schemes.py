@@ -33,37 +33,57 @@ def _adjoint_solve(method, vjp, states, shape, times, lam, coarse, row0, node):
 
 
 RK4_BOUND = 2.785293563405282
-"""The classical RK4 method is stable on ``y' = -lambda y`` for ``h * lambda`` up to this value
-(the real root of ``z^3 - 4 z^2 + 12 z - 24``, where ``|R(-z)| = 1``)."""
+"""The classical RK4 method is stable on ``y' = -lambda y`` for ``step * lambda`` up to this
+value (the real root of ``z^3 - 4 z^2 + 12 z - 24``, where ``|R(-z)| = 1``)."""
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """One forward or adjoint method.
+    """One forward or adjoint method: everything that depends on the method is read from here.
 
     Attributes:
         name: the ``method`` argument that selects it.
         order: p, the error being O(h^p) (``discrete``: against the continuous adjoint; it is the
             exact gradient of ``euler``'s map).
-        stability_bound: the largest ``h * lambda`` on the negative real axis for which the scheme
-            is stable on ``y' = -lambda y``, with h the grid spacing; None for ``dopri5``, which
-            chooses its own steps.
+        step_bound: the largest ``step * lambda`` on the negative real axis for which one step of
+            the scheme is stable on ``y' = -lambda y``; None for ``dopri5``, which chooses its own
+            steps.
         driver: ``driver(name, ...)`` runs it. Forward:
             ``(name, f, y, shape, times, rtol, atol, max_steps, initial_step) -> (states, counts)``
             (fixed-step schemes ignore the last four). Adjoint:
             ``(name, vjp, states, shape, times, lam, coarse, row0, node) -> (lam, counts, coarse)``.
         summary: what it is, in a line.
+        span: grid intervals one step covers (the RK4 adjoint steps over pairs: 2).
         adaptive: it takes its own steps (rtol/atol, dense output onto the grid).
-        error_estimate: (adjoint) the step-doubling companion can run alongside.
+        coarse_stride: (adjoint) grid intervals per step of the step-doubling companion that can
+            run alongside (:func:`richardson`); 0: none.
+        quadrature_order: (adjoint) the order of the quadrature over the adjoint's nodes that
+            integrates the sensitivities of ``gradient_flow``'s other inputs (trapezoid 2,
+            Simpson 4); None for an exact adjoint, which sums them at its own VJPs.
+        exact_for: (adjoint) the forward method whose steps it reverses exactly (``discrete``:
+            ``euler``), and the only one it may be paired with; None for a continuous adjoint.
     """
 
     name: str
     order: int
-    stability_bound: Optional[float]
+    step_bound: Optional[float]
     driver: Callable
     summary: str
+    span: int = 1
     adaptive: bool = False
-    error_estimate: bool = False
+    coarse_stride: int = 0
+    quadrature_order: Optional[int] = None
+    exact_for: Optional[str] = None
+
+    @property
+    def stability_bound(self) -> Optional[float]:
+        """The bound in ``h * lambda`` with h the grid spacing: the bound of one step over ``span``."""
+        return None if self.step_bound is None else self.step_bound / self.span
+
+    @property
+    def error_estimate(self) -> bool:
+        """(adjoint) whether the step-doubling companion can run alongside."""
+        return self.coarse_stride > 0
 
 
 def _registry(*schemes: Scheme) -> Dict[str, Scheme]:
@@ -80,11 +100,11 @@ FORWARD_SCHEMES = _registry(
 
 ADJOINT_SCHEMES = _registry(
     Scheme("heun", 2, 2.0, _adjoint_solve, "backward Heun (the paper's modified Euler), two VJPs per interval",
-           error_estimate=True),
-    # one RK4 step spans two grid intervals (2h), so its bound in h is half RK4's
-    Scheme("rk4", 4, RK4_BOUND / 2, _adjoint_solve, "backward classical RK4 over pairs of stored intervals, "
-           "two VJPs per interval", error_estimate=True),
-    Scheme("discrete", 1, 2.0, _adjoint_solve, "the exact reverse of euler, one VJP per interval"),
+           coarse_stride=2, quadrature_order=2),
+    Scheme("rk4", 4, RK4_BOUND, _adjoint_solve, "backward classical RK4 over pairs of stored intervals, "
+           "two VJPs per interval", span=2, coarse_stride=4, quadrature_order=4),
+    Scheme("discrete", 1, 2.0, _adjoint_solve, "the exact reverse of euler, one VJP per interval",
+           exact_for="euler"),
 )
 """Adjoint methods by name."""
 
@@ -96,6 +116,23 @@ ADJOINT_METHODS = tuple(ADJOINT_SCHEMES)
 """Adjoint methods: ``heun`` (the paper's backward modified Euler, order 2, two VJPs per
 interval), ``rk4`` (backward classical RK4 over pairs of stored intervals, order 4, also two
 VJPs per interval) and ``discrete`` (the exact reverse of ``euler``: one VJP per interval)."""
+
+
+def check_pairing(solver: str, adjoint: str) -> None:
+    """An exact adjoint (``exact_for``) is the reverse of its forward's steps and of nothing else:
+    with another forward it is neither that method's gradient nor the flow's (``discrete`` after
+    ``rk4`` or ``dopri5``: 7-13% off on the paper's MLP at h = 0.2), and no error estimate covers it."""
+    pair = ADJOINT_SCHEMES[adjoint].exact_for
+    if pair is not None and solver != pair:
+        continuous = [n for n, s in ADJOINT_SCHEMES.items() if s.exact_for is None]
+        raise ValueError(f"argument 'adjoint': {adjoint!r} is the exact gradient of solver={pair!r} (T/h GD steps) "
+                         f"and must be paired with it, got solver={solver!r}; for {solver!r} use a continuous "
+                         f"adjoint ({' or '.join(map(repr, continuous))}), which carries an error estimate")
+
+
+def default_max_steps(n: int) -> int:
+    """An adaptive solve's default step budget (accepted + rejected) for ``n`` grid intervals."""
+    return max(1000, 10 * n)
 
 
 def _by_name(field: str) -> Dict[str, float]:
@@ -116,7 +153,7 @@ STABILITY_BOUNDS = {kind: {name: s.stability_bound for name, s in schemes.items(
                     for kind, schemes in (("forward", FORWARD_SCHEMES), ("adjoint", ADJOINT_SCHEMES))}
 """Stability bound in ``h * lambda`` (h the grid spacing) of each fixed-step scheme, by kind:
 ``STABILITY_BOUNDS["forward"]``: explicit Euler 2, classical RK4 about 2.785;
-``STABILITY_BOUNDS["adjoint"]``: Heun and discrete 2, RK4 about 1.393 (it steps over pairs of
+``STABILITY_BOUNDS["adjoint"]``: Heun and discrete 2, RK4 about 1.393 (its steps span two
 intervals, 2h). dopri5 chooses its own steps and has none."""
 
 

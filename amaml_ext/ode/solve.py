@@ -1,16 +1,15 @@
 """solve_forward / solve_adjoint: the ODE API over the C++ solver drivers, with the checks of
 every argument, and the trajectory and counts they return."""
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from .._checks import positive_real
+from .._checks import integer, positive_real, tolerances
 from .grid import grid_size, grid_times
-from .rows import adjoint_rows
-from .schemes import ADJOINT_METHODS, ADJOINT_SCHEMES, FORWARD_METHODS, FORWARD_SCHEMES, richardson
+from .rows import Midpoint, adjoint_rows
+from .schemes import ADJOINT_METHODS, ADJOINT_SCHEMES, FORWARD_METHODS, FORWARD_SCHEMES, default_max_steps, richardson
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -90,17 +89,11 @@ def _as_2d(y: torch.Tensor, batched: bool) -> torch.Tensor:
 
 def _adaptive_options(rtol, atol, max_steps, initial_step, n: int) -> Tuple[float, float, int, float]:
     """dopri5's checked ``(rtol, atol, max_steps, initial_step)``; ``max_steps`` defaults to
-    ``max(10000, 100 N)``, ``initial_step`` to 0 (Hairer's automatic choice)."""
-    rtol = float(rtol)
-    atol = float(atol)
-    if not (math.isfinite(rtol) and math.isfinite(atol) and rtol >= 0 and atol >= 0 and rtol + atol > 0):
-        raise ValueError(f"arguments 'rtol' and 'atol' must be finite, >= 0 and not both 0, got rtol={rtol}, atol={atol}")
-    if max_steps is None:
-        max_steps = max(10000, 100 * n)
-    if int(max_steps) < 1:
-        raise ValueError(f"argument 'max_steps' must be >= 1, got {max_steps}")
+    :func:`~amaml_ext.ode.schemes.default_max_steps`, ``initial_step`` to 0 (Hairer's automatic choice)."""
+    rtol, atol = tolerances(rtol, atol)
+    max_steps = default_max_steps(n) if max_steps is None else integer("max_steps", max_steps)
     h0 = 0.0 if initial_step is None else positive_real("initial_step", initial_step)
-    return rtol, atol, int(max_steps), h0
+    return rtol, atol, max_steps, h0
 
 
 def solve_forward(f: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Tensor, T: float,
@@ -118,7 +111,7 @@ def solve_forward(f: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Te
             dense output; ``rk4`` and ``euler`` step on the grid itself.
         batched: ``y0`` is ``[B, ...]`` with B independent tasks; dopri5 then shares one step
             size and accepts a step only when every task's error norm is <= 1.
-        max_steps: dopri5 step budget (accepted + rejected), default ``max(10000, 100 N)``.
+        max_steps: dopri5 step budget (accepted + rejected), default ``max(1000, 10 N)``.
         initial_step: dopri5 first step; default Hairer's automatic choice.
 
     Returns:
@@ -141,6 +134,13 @@ def solve_forward(f: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Te
         states, stats = scheme.driver(method, f, y2, shape, times, *options)
     return Trajectory(times=times, states=states.view([n + 1] + shape), stats=SolverStats(**stats),
                       method=method, batched=batched)
+
+
+def _time(times: torch.Tensor, row) -> float:
+    """The time of a grid row or a :class:`~amaml_ext.ode.rows.Midpoint` (the drivers' own double)."""
+    if isinstance(row, Midpoint):
+        return 0.5 * (float(times[row.row]) + float(times[row.row + 1]))
+    return float(times[row])
 
 
 def solve_adjoint(vjp: Callable[[float, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -184,7 +184,8 @@ def solve_adjoint(vjp: Callable[[float, torch.Tensor, torch.Tensor], torch.Tenso
     lam2 = _as_2d(lam_T, trajectory.batched)
     with torch.no_grad():
         coarse = lam2.clone() if error_estimate and ADJOINT_SCHEMES[method].error_estimate else None
-        lam0, stats, coarse = adjoint_rows(vjp, traj3, state_shape, trajectory.times, lam2, method, coarse)
+        lam0, stats, coarse = adjoint_rows(lambda r, y, v: vjp(_time(trajectory.times, r), y, v), traj3, state_shape,
+                                           trajectory.times, lam2, method, coarse)
         if coarse is not None:
             stats["error_estimate"] = float(richardson(lam0, coarse, method).max())
     lam0 = lam0.view(state_shape)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..data.batch import TaskBatch
-from ..functional import TaskFunctions, param_shapes
+from ..functional import TaskFunctions, param_count, param_shapes
 from ..learners.checks import check_tasks, check_theta, diverged
 from .distributed import Distributed
 
@@ -67,7 +67,7 @@ def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatc
         raise ValueError(f"argument 'chunk' must be a positive int, got {chunk!r}")
     if isinstance(record_every, bool) or not isinstance(record_every, int) or record_every < 1:
         raise ValueError(f"argument 'record_every' must be a positive int, got {record_every!r}")
-    check_theta(theta, sum(math.prod(s) for _, s in param_shapes(model)))
+    check_theta(theta, param_count(param_shapes(model)))
     check_tasks(tasks, theta, same_dtype=False, masked=True)     # theta is cast to the data's dtype
     recorded = [s for s in range(steps + 1) if s % record_every == 0 or s == steps]
     group = Distributed.resolve(distributed)

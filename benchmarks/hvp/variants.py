@@ -76,11 +76,11 @@ def make_variants(p: HvpProblem) -> Dict[str, tuple]:
 
     def amaml_hvp_fresh():
         counter[0] += 1
-        return tf.hvp(u, v, key=counter[0])
+        return tf.hvp(u, v, row=counter[0])
 
     def amaml_hvp_shared():
         counter[0] += 1
-        return tf.hvp(u, v, key=counter[0]), tf.hvp(u, v2, key=counter[0])
+        return tf.hvp(u, v, row=counter[0]), tf.hvp(u, v2, row=counter[0])
 
     lin = _linearised(p)
     return {

@@ -29,9 +29,9 @@ def unit_costs(p: MetaGradProblem, device, compile: bool = False) -> Dict[str, f
     v = torch.randn_like(u)
     try:
         t_grad = median_call_time(lambda: fns.grad(u), device)
-        t_new = median_call_time(lambda: fns.hvp(u, v, key=object()), device)
-        fns.hvp(u, v, key="same")
-        t_reuse = median_call_time(lambda: fns.hvp(u, v, key="same"), device)
+        t_new = median_call_time(lambda: fns.hvp(u, v, row=None), device)
+        fns.hvp(u, v, row=0)
+        t_reuse = median_call_time(lambda: fns.hvp(u, v, row=0), device)
     finally:
         fns.release()
     return {"t_grad": t_grad, "t_hvp_new": t_new, "t_hvp_reuse": t_reuse}
