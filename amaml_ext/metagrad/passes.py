@@ -105,7 +105,7 @@ class Forward:
                         y = self.kept[e] = seg[-1].clone()
                     del seg
         if p.memory == "checkpoint":
-            self.peak_rows = (len(self.kept) + sum(len(log["checkpoints"]) for log in self.logs.values())
+            self.peak_rows = (len(self.kept) + sum(len(log.checkpoints) for log in self.logs.values())
                               + p.m + 1)
         return y
 

@@ -6,7 +6,7 @@ States are ``[rows, d]`` (rows = tasks); ``times`` are the grid times of the row
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -21,23 +21,38 @@ def forward_rows(f, y: torch.Tensor, shape, times: torch.Tensor, method: str, rt
     return FORWARD_SCHEMES[method].driver(method, f, y, shape, times, rtol, atol, max_steps, 0.0)
 
 
+@dataclass(frozen=True)
+class Dopri5Log:
+    """What an adaptive solve without a stored trajectory keeps to recompute its grid rows:
+    ``checkpoints`` (step index -> the state at that step's start, at most the cap asked for),
+    the steps' start times and sizes ``step_t``, ``step_h``, and for each grid row the step that
+    wrote it and where inside it, ``row_step``, ``row_theta``."""
+
+    checkpoints: Dict[int, torch.Tensor]
+    step_t: torch.Tensor
+    step_h: torch.Tensor
+    row_step: torch.Tensor
+    row_theta: torch.Tensor
+
+
 def dopri5_logged(f, y: torch.Tensor, shape, times: torch.Tensor, rtol: float, atol: float, max_steps: int,
                   checkpoint_cap: int):
-    """dopri5 without a stored trajectory: ``(final state, counts, log)``; the log (steps, which
-    step wrote each grid row, at most ``checkpoint_cap`` step-start states) lets
+    """dopri5 without a stored trajectory: ``(final state, counts, Dopri5Log)``; the log lets
     :func:`dopri5_replay_rows` recompute any grid rows bit for bit."""
-    _, stats, log = _C.dopri5_forward(f, y, list(shape), times, float(rtol), float(atol), int(max_steps), 0.0,
+    _, stats, raw = _C.dopri5_forward(f, y, list(shape), times, float(rtol), float(atol), int(max_steps), 0.0,
                                       False, int(checkpoint_cap))
-    return log["final"], stats, log
+    log = Dopri5Log(checkpoints=dict(raw["checkpoints"]), step_t=raw["step_t"], step_h=raw["step_h"],
+                    row_step=raw["row_step"], row_theta=raw["row_theta"])
+    return raw["final"], stats, log
 
 
-def dopri5_replay_rows(f, log, shape, lo: int, hi: int) -> torch.Tensor:
+def dopri5_replay_rows(f, log: Dopri5Log, shape, lo: int, hi: int) -> torch.Tensor:
     """Grid rows ``lo..hi`` (of the logged solve) recomputed from the nearest checkpoint."""
-    s_lo = 0 if lo == 0 else int(log["row_step"][lo])
-    start = max(k for k in log["checkpoints"] if k <= s_lo)
-    s_hi = int(log["row_step"][hi])
-    return _C.dopri5_replay(f, log["checkpoints"][start], list(shape), log["step_t"], log["step_h"], start, s_hi,
-                            log["row_step"], log["row_theta"], lo, hi)
+    s_lo = 0 if lo == 0 else int(log.row_step[lo])
+    start = max(k for k in log.checkpoints if k <= s_lo)
+    s_hi = int(log.row_step[hi])
+    return _C.dopri5_replay(f, log.checkpoints[start], list(shape), log.step_t, log.step_h, start, s_hi,
+                            log.row_step, log.row_theta, lo, hi)
 
 
 @dataclass(frozen=True)

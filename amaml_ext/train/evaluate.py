@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .. import _checks
 from ..data.batch import TaskBatch
 from ..functional import TaskFunctions, param_count, param_shapes
 from ..learners.checks import check_tasks, check_theta, diverged
@@ -59,14 +60,10 @@ def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatc
 
     Returns ``{"metric", "step": [...], "mean": [...], "std": [...], "ci95": [...], "final":
     [per-task value]}`` (std over tasks, population; ``ci95 = Z95 std / sqrt(tasks)``, ``Z95 = 1.96``)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"argument 'steps' must be a non-negative int, got {steps!r}")
-    if metric not in METRICS_FNS:
-        raise ValueError(f"argument 'metric' must be one of {sorted(METRICS_FNS)}, got {metric!r}")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"argument 'chunk' must be a positive int, got {chunk!r}")
-    if isinstance(record_every, bool) or not isinstance(record_every, int) or record_every < 1:
-        raise ValueError(f"argument 'record_every' must be a positive int, got {record_every!r}")
+    steps = _checks.integer("steps", steps, lo=0)
+    _checks.choice("metric", metric, sorted(METRICS_FNS))
+    chunk = _checks.integer("chunk", chunk)
+    record_every = _checks.integer("record_every", record_every)
     check_theta(theta, param_count(param_shapes(model)))
     check_tasks(tasks, theta, same_dtype=False, masked=True)     # theta is cast to the data's dtype
     recorded = [s for s in range(steps + 1) if s % record_every == 0 or s == steps]
@@ -144,8 +141,7 @@ def confidence_interval(accuracies, z: float = Z95) -> Tuple[float, float]:
         raise ValueError("argument 'accuracies' must hold at least one value, got an empty sequence")
     if not np.isfinite(a).all():
         raise ValueError(f"argument 'accuracies' must be finite, got {a[~np.isfinite(a)][:3].tolist()} among its values")
-    if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z <= 0:
-        raise ValueError(f"argument 'z' must be a positive finite number, got {z!r}")
+    z = _checks.positive("z", z)
     return float(a.mean()), float(half_width(a.std(), a.size, z))
 
 
