@@ -6,7 +6,7 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from .._checks import integer, positive_real, tolerances
+from .._checks import choice, integer, positive_real, tolerances
 from .grid import grid_size, grid_times
 from .rows import Midpoint, adjoint_rows
 from .schemes import ADJOINT_METHODS, ADJOINT_SCHEMES, FORWARD_METHODS, FORWARD_SCHEMES, default_max_steps, richardson
@@ -122,8 +122,7 @@ def solve_forward(f: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Te
     _check_state("y0", y0, batched)
     n = grid_size(T, h)
     T = float(T.item() if isinstance(T, torch.Tensor) else T)
-    if method not in FORWARD_METHODS:
-        raise ValueError(f"argument 'method' must be one of {FORWARD_METHODS}, got {method!r}")
+    choice("method", method, FORWARD_METHODS)
     times = grid_times(T, n)
     shape = list(y0.shape)
     y2 = _as_2d(y0, batched)
@@ -167,8 +166,7 @@ def solve_adjoint(vjp: Callable[[float, torch.Tensor, torch.Tensor], torch.Tenso
         raise TypeError(f"argument 'vjp' must be callable vjp(t, y, v), got {type(vjp).__name__}")
     if not isinstance(trajectory, Trajectory):
         raise TypeError(f"argument 'trajectory' must be an amaml_ext.ode.Trajectory, got {type(trajectory).__name__}")
-    if method not in ADJOINT_METHODS:
-        raise ValueError(f"argument 'method' must be one of {ADJOINT_METHODS}, got {method!r}")
+    choice("method", method, ADJOINT_METHODS)
     state_shape = tuple(trajectory.states.shape[1:])
     _check_state("lam_T", lam_T, False)
     if tuple(lam_T.shape) != state_shape:
