@@ -15,7 +15,7 @@ endif
 
 SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/solvers/*.h csrc/solvers/*.cpp) setup.py pyproject.toml
 
-.PHONY: setup build test pytest ctest demo bench peers-env bench-peers clean
+.PHONY: setup build test pytest test-quick ctest demo bench peers-env bench-peers clean
 
 setup: $(VENV)/.deps
 build: $(VENV)/.built
@@ -36,6 +36,11 @@ test: pytest ctest
 
 pytest: build
 	$(BIN)/python -m pytest python_tests -q
+
+# The fast subset: every layer's tests but those marked slow (processes started, training runs,
+# torch.compile, convergence studies): about a minute on 2 CPU cores. `make test` runs them all.
+test-quick: build
+	$(BIN)/python -m pytest python_tests -q -m "not slow"
 
 ctest: setup
 	cmake -S . -B build-ctest -DPython_EXECUTABLE=$(abspath $(BIN)/python) -DCMAKE_BUILD_TYPE=Release

@@ -21,6 +21,7 @@ TINY = ["--task", "cosmixture", "--pool-size", "6", "--meta-batch", "2", "--inne
         "--maml-steps", "2", "--checkpoint-every", "2", "--quiet"]
 
 
+@pytest.mark.slow
 def test_command_train_resume_evaluate(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["train", "--method", "amaml", "--solver", "rk4", "--meta-steps", "3", "--seed", "1",
@@ -42,6 +43,7 @@ def test_command_train_resume_evaluate(tmp_path, capsys):
     assert ev["step"] == [0, 1, 2, 3] and ev["test_tasks"] == 6 and ev["method"] == "amaml"
 
 
+@pytest.mark.slow
 def test_command_compare_writes_plot_and_table(tmp_path, capsys):
     out = str(tmp_path / "cmp")
     args = ["compare", "--methods", "amaml,maml1,reptile", "--solver", "euler", "--adjoint", "discrete",
@@ -89,6 +91,7 @@ def test_command_reports_unusable_device_and_directories(tmp_path):
         main(["evaluate", "--run", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_the_command():
     r = subprocess.run([sys.executable, "-m", "amaml_ext", "--help"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "compare" in r.stdout and "train" in r.stdout
@@ -153,6 +156,7 @@ def _train_cmd(out, steps):
             "--out", out]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cut, full = str(tmp_path / "cut"), str(tmp_path / "full")

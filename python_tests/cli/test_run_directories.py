@@ -86,6 +86,7 @@ def _held_by_another_process(path):
         p.wait()
 
 
+@pytest.mark.slow
 def test_a_second_train_into_a_running_one_is_refused_naming_it(tmp_path, capsys):
     out = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "amaml_ext"] + _train(out, 100000)
@@ -108,6 +109,7 @@ def test_a_second_train_into_a_running_one_is_refused_naming_it(tmp_path, capsys
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.json", "metrics.csv", "theta.pt"]
 
 
+@pytest.mark.slow
 def test_compare_evaluate_and_meta_train_refuse_a_directory_in_use(tmp_path, capsys):
     run = str(tmp_path / "run")
     assert main(_train(run)) == 0
@@ -152,7 +154,8 @@ def test_resume_with_fewer_meta_steps_is_refused(tmp_path, capsys):
     (["--method", "amaml-t", "--solver", "euler", "--adjoint", "discrete"], None, "--adjoint"),
     (["--method", "amaml-sgd", "--refine"], None, "--refine"),
     (["--method", "maml", "--inner-lr", "1e6"], None, "--inner-lr"),
-    (["--method", "amaml", "--inner-lr", "1e6"], None, "--inner-lr"),
+    pytest.param(["--method", "amaml", "--inner-lr", "1e6"], None, "--inner-lr",
+                 marks=pytest.mark.slow),                                  # dopri5: many tiny steps first
     (["--method", "amaml", "--inner-lr", "1e6", "--solver", "euler", "--adjoint", "discrete"], None, "--inner-lr"),
     (["--method", "amaml"], "maybe", "AMAML_EXT_COMPILE"),
 ])
@@ -172,6 +175,7 @@ def test_bad_options_are_refused_before_any_file(tmp_path, capsys, monkeypatch, 
     assert _files(cmp) == {}
 
 
+@pytest.mark.slow
 def test_a_bad_environment_value_ends_the_process_with_status_2_and_one_line(tmp_path):
     out = str(tmp_path / "run")
     r = subprocess.run([sys.executable, "-m", "amaml_ext"] + _train(out, 2, "amaml"), cwd=ROOT, capture_output=True,
@@ -254,6 +258,7 @@ def test_stale_temporary_files_are_removed_when_a_run_starts(tmp_path):
 
 # ---- the trial's D9 and evaluate's errors ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_interrupted_compare_says_to_run_the_same_command_again(tmp_path):
     out = str(tmp_path / "cmp")
     cmd = [sys.executable, "-m", "amaml_ext", "compare", "--methods", "fomaml", "--meta-steps", "100000",

@@ -23,6 +23,8 @@ from amaml_ext.data import TaskBatch
 from helpers import EXACT, F64, data, mlp, rel, stack_tasks, unrolled
 
 K = 5   # T = 0.5 with h = 0.1
+# eager and compiled; torch.compile takes seconds per model: the compiled case is marked slow
+COMPILE = [False, pytest.param(True, marks=pytest.mark.slow)]
 
 
 def bn_net(seed=0):
@@ -92,7 +94,7 @@ def _mode_of_submodule(net):
 
 
 @pytest.mark.parametrize("change", [_change_attribute, _replace_submodule, _add_hook, _mode_of_submodule])
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", COMPILE)
 def test_changed_model_is_seen(change, compile):
     if compile and compile_refusal() is not None:
         pytest.skip(compile_refusal())
@@ -137,7 +139,7 @@ def _loss(net, w, data):
 
 # -- 3. threads ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", COMPILE)
 def test_two_threads_on_one_model_get_their_own_results(compile):
     if compile and compile_refusal() is not None:
         pytest.skip(compile_refusal())
@@ -448,6 +450,7 @@ def test_weight_norm_second_order_is_right(api):
     assert rel(r.grad, fd) < 1e-6
 
 
+@pytest.mark.slow
 def test_every_model_of_a_process_is_compiled():
     """Dynamo keeps compiled code per code object and stops compiling one after 8 recompilations:
     with one code object for every model, the ninth model of a process silently ran eagerly."""
@@ -540,7 +543,7 @@ class Act(nn.Module):
         return torch.tanh(x)
 
 
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", COMPILE)
 def test_a_method_patched_on_the_class_is_seen(compile, monkeypatch):
     if compile and compile_refusal() is not None:
         pytest.skip(compile_refusal())
@@ -597,6 +600,7 @@ def test_non_finite_data_is_named_by_adjoint_meta_grad():
                           query=(torch.stack([q[0], q[0]]), torch.stack([q[1], q[1]])), batched=True, **EXACT)
 
 
+@pytest.mark.slow
 def test_a_loss_without_graph_is_named_before_any_compiled_call():
     """torch 2.14's compiled path crashes the process on a loss under inference_mode (every later
     backward fails too): the check refuses it first. In a child process, to keep this one clean."""
@@ -651,6 +655,7 @@ def test_a_first_unbatched_call_does_not_hide_vmap_trouble_from_batched_ones():
     assert rel(r.grad, torch.stack([reference(net, theta, s, q) for s, q in zip(sets, queries)])) < 1e-10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batched", [False, True])
 def test_compiled_callbacks_that_differ_from_autograd_are_dropped(batched):
     if compile_refusal() is not None:
@@ -687,7 +692,7 @@ class Leaky(nn.Module):
         return self.body[2](h) * (2.0 if 1 in self.skip else 1.0)
 
 
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", COMPILE)
 def test_changes_inside_attribute_objects_are_seen(compile):
     if compile and compile_refusal() is not None:
         pytest.skip(compile_refusal())
@@ -767,7 +772,7 @@ class Scaled(nn.Module):
         return self.net(x) * self.scale
 
 
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", COMPILE)
 def test_buffer_changed_between_calls_is_seen(compile):
     m = Scaled()
     s, q = data(0), data(1)

@@ -410,6 +410,7 @@ def test_float32_horizon_and_rounded_quotient_give_whole_steps():
         assert rel(r.grad, G) < TOL
 
 
+@pytest.mark.slow
 def test_many_steps_with_checkpointing_against_the_closed_form():
     # linear least squares: GD is u_{k+1} = M u_k + h b with M = I - h H, so
     # dV(u_K)/du_0 = (M^K)^T grad V(u_K)

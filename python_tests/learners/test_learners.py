@@ -94,6 +94,7 @@ def test_amaml_exact_mode_equals_finite_differences_and_maml(problem):
     torch.testing.assert_close(out.query_loss, maml.query_loss, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_amaml_default_mode_approximates_the_flow(problem):
     """dopri5 + Heun at a small h: the gradient of the flow, which fine GD approaches."""
     net, theta, tasks = problem

@@ -62,6 +62,7 @@ def quiet_call(*args, **kw):
         return adjoint_meta_grad(*args, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adjoint,h", [("heun", 0.05), ("heun", 0.02), ("rk4", 0.05), ("rk4", 0.025)])
 def test_estimate_tracks_true_error_on_smooth_mlp(adjoint, h):
     net, s, q = mlp(), regression(0), regression(1)
@@ -80,6 +81,7 @@ def test_estimate_tracks_true_error_on_smooth_mlp(adjoint, h):
     assert d.stats["adjoint_error_estimate"] == pytest.approx(r.stats["invariant_drift"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_no_false_alarm_cosmixture_defaults():
     net = models.mlp(width=32).double()
     pool = amaml_ext.tasks.CosMixture(50, 50).pool(5, seed=0).all(dtype=F64)
@@ -93,6 +95,7 @@ def test_no_false_alarm_cosmixture_defaults():
     assert r.stats["adjoint_error_estimate"] / 3 <= true <= 3 * r.stats["adjoint_error_estimate"]
 
 
+@pytest.mark.slow
 def test_smooth_conv_quiet_and_close():
     net, s, q = SmallConv(True), images(0), images(1)
     theta = flatten_params(net)
@@ -106,6 +109,7 @@ def test_smooth_conv_quiet_and_close():
         assert r.stats[key] / 3 <= true <= 3 * r.stats[key], (key, r.stats[key], true)
 
 
+@pytest.mark.slow
 def test_relu_maxpool_is_flagged():
     net, s, q = SmallConv(False), images(0), images(1)
     theta = flatten_params(net)
@@ -135,6 +139,7 @@ def test_relu_maxpool_is_flagged():
         adjoint_meta_grad(fnet, F.cross_entropy, flatten_params(fnet), 1.0, support=s, query=q, h=0.01, solver="rk4")
 
 
+@pytest.mark.slow
 def test_stiff_is_flagged_names_numbers_and_strict_raises():
     net, s, q = mlp(), regression(0), regression(1)
     theta = flatten_params(net)
@@ -153,6 +158,7 @@ def test_stiff_is_flagged_names_numbers_and_strict_raises():
         adjoint_meta_grad(net, loss, theta, 0.5, support=s, query=q, h=0.05, strict=True)
 
 
+@pytest.mark.slow
 def test_refine_meets_tolerance_on_stiff_smooth_model():
     net, s, q = mlp(), regression(0), regression(1)
     theta = flatten_params(net)
@@ -186,6 +192,7 @@ def test_estimate_off_changes_nothing_else():
         adjoint_meta_grad(net, F.mse_loss, theta, 1.0, support=s, query=q, error_estimate="yes")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adjoint", ["heun", "rk4"])
 @pytest.mark.parametrize("T", [1.0, 1.05, 1.15])
 def test_checkpoint_and_per_task_horizons_estimate(adjoint, T):
@@ -258,6 +265,7 @@ def test_learner_strict_and_metrics_column(tmp_path):
     assert "adjoint_error_estimate" in header
 
 
+@pytest.mark.slow
 def test_readme_accuracy_example_runs():
     """The README's example of the estimate runs as written (and warns on the ReLU/max-pool net)."""
     import pathlib

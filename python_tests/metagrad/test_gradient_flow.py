@@ -82,6 +82,7 @@ def test_batched_exact_mode_equals_unrolled_and_a_loop_over_tasks():
         assert rel(a, b) < 1e-10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adjoint,order", [("heun", 2), ("rk4", 4)])
 def test_continuous_gradients_converge_at_the_schemes_order(adjoint, order):
     net, loss, phi, theta, lr, sup, qry = make_problem()
@@ -99,6 +100,7 @@ def test_continuous_gradients_converge_at_the_schemes_order(adjoint, order):
         assert errors[2][k] < (1e-2 if order == 2 else 2e-4), name
 
 
+@pytest.mark.slow
 def test_T_gradient_matches_central_differences():
     net, loss, _, theta, lr, sup, qry = make_problem()
     T = torch.tensor(1.2, dtype=F64, requires_grad=True)

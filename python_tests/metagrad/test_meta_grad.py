@@ -67,6 +67,7 @@ def test_euler_discrete_equals_autograd_unrolling_conv4_batchnorm():
 
 # ---- continuous mode: convergence to a fine grid --------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adjoint,order", [("heun", 2), ("rk4", 4)])
 def test_continuous_mode_converges_at_the_adjoint_order(adjoint, order):
     net = mlp(width=8)
@@ -82,6 +83,7 @@ def test_continuous_mode_converges_at_the_adjoint_order(adjoint, order):
     assert abs(slopes[-1] - order) < 0.3, (errs, slopes)
 
 
+@pytest.mark.slow
 def test_dopri5_heun_default_matches_fine_reference():
     net = mlp(width=8)
     theta = flatten_params(net)
@@ -158,6 +160,7 @@ def test_checkpoint_is_bit_identical_to_store(solver, adjoint, K):
         assert ckpt.stats["trajectory_bytes"] < store.stats["trajectory_bytes"] / 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver,adjoint", [("dopri5", "heun"), ("rk4", "rk4")])
 def test_checkpoint_memory_is_order_sqrt_n(solver, adjoint):
     net = mlp(width=8)
@@ -244,6 +247,7 @@ def test_device_mismatch_is_named():
 COMPILE_OK = compile_refusal() is None
 
 
+@pytest.mark.slow
 def test_compiled_callbacks_equal_autograd_unrolling_and_eager():
     """compile=True (forward-over-reverse HVPs) gives MAML's exact gradient, batched too, and
     agrees with the eager callbacks in the continuous mode."""
@@ -342,6 +346,7 @@ def test_compile_auto_compiles_dense_models_on_the_cpu_only(monkeypatch):
     assert resolve_compile("auto", mlp_net, cpu) is False
 
 
+@pytest.mark.slow
 def test_compile_auto_is_the_learners_default_and_gives_the_eager_gradient(monkeypatch):
     from amaml_ext import learners as L
     monkeypatch.setenv("AMAML_EXT_COMPILE", "auto")

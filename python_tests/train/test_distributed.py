@@ -23,6 +23,9 @@ from amaml_ext.train import meta_test, meta_train
 from amaml_ext.train.distributed import Distributed
 
 from helpers import ROOT
+
+pytestmark = pytest.mark.slow      # it starts processes: make test-quick leaves this file out
+
 STEPS, HALF, BATCH = 3, 2, 5
 JOB_DEADLINE = 120.0
 
