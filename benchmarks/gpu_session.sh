@@ -27,7 +27,7 @@ $PY -m pytest python_tests -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" |
 
 echo "== compute-sanitizer"
 for tool in memcheck racecheck; do
-  compute-sanitizer --tool $tool --error-exitcode 99 $PY -m pytest python_tests/test_ops.py -q -p no:cacheprovider \
+  compute-sanitizer --tool $tool --error-exitcode 99 $PY -m pytest python_tests/ops/test_ops.py -q -p no:cacheprovider \
     -k "cuda" > "$OUT/sanitizer_$tool.log" 2>&1
   echo "$tool exit=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|passed|failed' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
 done
