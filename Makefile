@@ -13,7 +13,10 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/solvers/*.h csrc/solvers/*.cpp) setup.py pyproject.toml
+# The compiled core's files: the entries of csrc/sources.txt (the list setup.py and CMakeLists.txt
+# read) but the C++ tests, globs expanded.
+SOURCES := $(wildcard $(shell sed -n -e '/^test[[:space:]]/d' -e 's/^[a-z][a-z]*[[:space:]][[:space:]]*\([^[:space:]]*\).*/\1/p' csrc/sources.txt)) \
+	csrc/sources.txt setup.py pyproject.toml
 
 .PHONY: setup build test pytest test-quick ctest demo bench peers-env bench-peers clean
 

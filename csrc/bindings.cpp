@@ -1,6 +1,6 @@
 // The Python module amaml_ext._C: the solver drivers (csrc/solvers/), the tableaus they use, and
 // what the extension was built with. The fused ops are registered separately, as
-// torch.ops.amaml_ext.* (ops.cpp, cuda/kernels_cuda.cu).
+// torch.ops.amaml_ext.* (ops/<op>.cpp, ops/<op>_cuda.cu).
 #include <torch/extension.h>
 #include <torch/version.h>
 

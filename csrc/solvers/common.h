@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "format.h"
-#include "op_calls.h"
+#include "ops/calls.h"
 #include "solvers/tableaus.h"
 
 namespace amaml {
@@ -90,14 +90,6 @@ inline std::vector<double> grid_times(const at::Tensor& times) {
   std::vector<double> out(static_cast<size_t>(tv.size(0)));
   for (int64_t j = 0; j < tv.size(0); ++j) out[static_cast<size_t>(j)] = tv[j];
   return out;
-}
-
-// The names of a name -> scheme table (an array of structs with a `name`).
-template <class Scheme, size_t N>
-std::vector<std::string> scheme_names(const Scheme (&table)[N]) {
-  std::vector<std::string> names;
-  for (const auto& s : table) names.emplace_back(s.name);
-  return names;
 }
 
 // The entry of `table` named `method`; `caller` names the Python function in the error.

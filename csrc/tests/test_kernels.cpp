@@ -1,4 +1,4 @@
-// Unit tests of amaml_ext's CPU kernels (csrc/ops.cpp + csrc/cpu/kernels_cpu.cpp) and of the
+// Unit tests of amaml_ext's CPU kernels (csrc/ops/<op>.cpp) and of the
 // tableaus (csrc/solvers/tableaus.h). The kernels are called
 // through the dispatcher exactly as the solver drivers call them, and compared with naive
 // scalar double-precision loops written here.
@@ -30,13 +30,13 @@
 #include <vector>
 
 #include "solvers/tableaus.h"
-#include "op_calls.h"
+#include "ops/calls.h"
 
 namespace {
 
 namespace tab = amaml::dopri5;
 
-// ---- the ops, through the dispatcher (csrc/op_calls.h) -----------------------------------------
+// ---- the ops, through the dispatcher (csrc/ops/calls.h) ---------------------------------------
 
 using amaml::dispatch::dopri5_dense;
 using amaml::dispatch::dopri5_finish;
