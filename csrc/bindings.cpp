@@ -73,8 +73,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adjoint_solve", &s::adjoint_solve, py::arg("vjp"), py::arg("trajectory"),
         py::arg("shape"), py::arg("times"), py::arg("lam_T"), py::arg("method"),
         py::arg("coarse") = py::none(), py::arg("row0") = 0, py::arg("node") = py::none());
-  m.def("fixed_schemes", &s::fixed_schemes, "names in the step table of fixed_forward");
-  m.def("adjoint_schemes", &s::adjoint_schemes, "names in the step table of adjoint_solve");
+  m.def("fixed_schemes", &s::fixed_schemes,
+        "the step table of fixed_forward: name -> {'span': grid intervals per step (1)}");
+  m.def("adjoint_schemes", &s::adjoint_schemes,
+        "the step table of adjoint_solve: name -> {'span': grid intervals per step, "
+        "'coarse_stride': grid intervals per step of the step-doubling companion (0: none)}");
   m.def("tableaus", &amaml::tableaus, "every Butcher tableau of the solvers (csrc/solvers/tableaus.h)");
   m.def("build_info", &amaml::build_info);
 }

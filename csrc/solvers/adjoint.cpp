@@ -249,7 +249,12 @@ void check_lambda_finite(const at::Tensor& lam, double t, int64_t row, const cha
 
 }  // namespace
 
-std::vector<std::string> adjoint_schemes() { return scheme_names(kAdjointSchemes); }
+py::dict adjoint_schemes() {
+  py::dict out;
+  for (const auto& s : kAdjointSchemes)
+    out[s.name] = py::dict(py::arg("span") = s.span, py::arg("coarse_stride") = s.coarse_stride);
+  return out;
+}
 
 py::tuple adjoint_solve(py::function vjp, const at::Tensor& traj, std::vector<int64_t> shape,
                         const at::Tensor& times, const at::Tensor& lam_T, const std::string& method,

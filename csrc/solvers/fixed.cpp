@@ -67,7 +67,11 @@ void check_trajectory_finite(const at::Tensor& traj, const at::Tensor& times, co
 
 }  // namespace
 
-std::vector<std::string> fixed_schemes() { return scheme_names(kFixedSchemes); }
+py::dict fixed_schemes() {
+  py::dict out;
+  for (const auto& s : kFixedSchemes) out[s.name] = py::dict(py::arg("span") = 1);
+  return out;
+}
 
 py::tuple fixed_forward(py::function f, const at::Tensor& y0, std::vector<int64_t> shape,
                         const at::Tensor& times, const std::string& method) {

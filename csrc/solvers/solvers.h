@@ -45,10 +45,10 @@ py::tuple adjoint_solve(py::function vjp, const at::Tensor& traj, std::vector<in
                         std::optional<at::Tensor> coarse, int64_t row0,
                         std::optional<py::function> node);
 
-// The names in the step tables of fixed.cpp and adjoint.cpp (amaml_ext.ode.schemes checks
-// its registry against them).
-std::vector<std::string> fixed_schemes();
-std::vector<std::string> adjoint_schemes();
+// The step tables of fixed.cpp and adjoint.cpp, name -> their columns (amaml_ext.ode.schemes
+// holds its registry to them): fixed {"span": 1}, adjoint {"span", "coarse_stride"}.
+py::dict fixed_schemes();
+py::dict adjoint_schemes();
 
 }  // namespace solvers
 }  // namespace amaml
