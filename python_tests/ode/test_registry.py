@@ -86,3 +86,18 @@ def test_row_solves_call_back_with_rows(method, n):
         assert mids and {m.row for m in mids} == {row0 + n - 1}
     else:
         assert not mids
+
+
+def test_the_cxx_tables_match_the_registry():
+    """The C++ drivers look schemes up in their own step tables (csrc/solvers/fixed.cpp,
+    adjoint.cpp): the same names, each step's span and the companion's stride as the registry."""
+    from amaml_ext.ops.core import C
+    adjoint = C.adjoint_schemes()
+    assert sorted(adjoint) == sorted(ode.ADJOINT_SCHEMES)
+    for name, row in adjoint.items():
+        s = ode.ADJOINT_SCHEMES[name]
+        assert (row["span"], row["coarse_stride"]) == (s.span, s.coarse_stride), name
+    fixed = C.fixed_schemes()
+    assert sorted(fixed) == sorted(n for n, s in ode.FORWARD_SCHEMES.items() if not s.adaptive)
+    for name, row in fixed.items():
+        assert row["span"] == ode.FORWARD_SCHEMES[name].span, name
