@@ -30,8 +30,10 @@ $(VENV)/.deps: requirements-dev.txt
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	touch $@
 
+# pip -v shows what setup.py prints while it builds (what, for which GPUs, how long, a line per
+# compiled file); quiet=true keeps setuptools' own log out of it.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/python -m pip install -v --config-settings quiet=true --no-build-isolation --no-deps -e .
 	$(BIN)/python -c "import amaml_ext, json; print(json.dumps(amaml_ext.build_info()))"
 	touch $@
 

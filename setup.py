@@ -8,13 +8,19 @@ a default list of architectures instead of failing. Recommended:
     pip install torch && pip install --no-build-isolation --no-deps .
 
 so that the extension is compiled against the torch you run with. The files compiled are those of
-csrc/sources.txt (CMakeLists.txt and the Makefile read the same list).
+csrc/sources.txt (CMakeLists.txt and the Makefile read the same list). The build prints what it
+builds, about how long that takes, and a line per compiled file to stderr (pip shows them with
+``-v``).
 """
 
 import glob
+import inspect
 import os
+import re
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from setuptools import setup
@@ -77,8 +83,7 @@ def cuda_arch_list() -> str:
             caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
             archs = ";".join(f"{major}.{minor}" for major, minor in caps)
         else:
-            archs = DEFAULT_CUDA_ARCHS
-            print(f"amaml_ext: no GPU visible and TORCH_CUDA_ARCH_LIST unset; building for {archs}")
+            archs = DEFAULT_CUDA_ARCHS  # no GPU to ask (Build says so)
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     return archs
 
@@ -128,12 +133,17 @@ def read_sources(*parts: str) -> list:
     return found
 
 
+# What the build makes, for the lines it prints (see Build).
+PLAN = {}
+
+
 def extension():
     with_cuda = want_cuda()
     archs = cuda_arch_list() if with_cuda else ""
     include_dirs = [str(ROOT / "csrc"), str(write_build_config(with_cuda, archs))]
     sources = read_sources("ops", "ext")
     cuda_sources = read_sources("cuda") if with_cuda else []
+    PLAN.update(cuda=with_cuda, archs=archs, cpp=len(sources), cu=len(cuda_sources))
     # at::parallel_for is a header template: without -fopenmp it runs single-threaded. At run
     # time libgomp.so.1 resolves to the copy torch has already loaded.
     cxx = ["-O3", "-fopenmp"]
@@ -153,7 +163,87 @@ def extension():
     )
 
 
+# ---- what the build says (stderr, a few lines; pip shows them with -v) ----------------------
+
+# Seconds to compile one file on one core of a 2-core build machine (the ninja logs of full builds
+# there, December 2026): a .cpp, and a .cu per CUDA architecture.
+SECONDS_PER_CPP = 55
+SECONDS_PER_CU_ARCH = 17
+
+
+def _say(message: str) -> None:
+    print(f"amaml_ext: {message}", file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def _minutes(seconds: float, jobs: int) -> str:
+    return f"~{max(1, round(seconds / jobs / 60))} min"
+
+
+def _announce() -> None:
+    """What is built, for which GPUs, and about how long it takes."""
+    jobs = int(os.environ["MAX_JOBS"]) if os.environ.get("MAX_JOBS", "").isdigit() else os.cpu_count() or 1
+    archs = PLAN["archs"].split(";") if PLAN["cuda"] else []
+    cpp, cu = PLAN["cpp"] * SECONDS_PER_CPP, PLAN["cu"] * len(archs) * SECONDS_PER_CU_ARCH
+    if PLAN["cuda"]:
+        _say(f"building amaml_ext._C: CPU kernels + CUDA kernels for archs {PLAN['archs']} "
+             f"(CUDA {torch.version.cuda}, toolkit {cpp_extension.CUDA_HOME})")
+        if not torch.cuda.is_available():
+            _say(f"no GPU is visible on this machine: the CUDA kernels are compiled for {PLAN['archs']} "
+                 "(TORCH_CUDA_ARCH_LIST) all the same; AMAML_EXT_CUDA=0 builds the CPU kernels only "
+                 f"({_minutes(cu, jobs)} less)")
+    else:
+        why = ("AMAML_EXT_CUDA=0" if _flag("AMAML_EXT_CUDA") in ("0", "off", "false", "no") else
+               "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (nvcc) found")
+        _say(f"building amaml_ext._C: CPU kernels only ({why})")
+    _say(f"{PLAN['cpp'] + PLAN['cu']} files, {jobs} at a time (MAX_JOBS): {_minutes(cpp + cu, jobs)} from "
+         "scratch at the speed of a 2-core build machine (longer on a slower one); unchanged files "
+         "are not compiled again")
+
+
+def _run_ninja_with_progress(build_directory: str, verbose: bool, error_prefix: str) -> None:
+    """torch's ninja step, printing one line per compiled file ([done/total], elapsed time,
+    file) instead of every compiler command; the compilers' own messages pass through."""
+    command = ["ninja", "-v"]
+    if os.environ.get("MAX_JOBS", "").isdigit():
+        command += ["-j", os.environ["MAX_JOBS"]]
+    start = time.monotonic()
+    proc = subprocess.Popen(command, cwd=build_directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for raw in proc.stdout:
+        line = raw.decode(errors="replace").rstrip()
+        status = re.match(r"\[(\d+)/(\d+)\] (.*)", line)
+        if status:
+            sources = re.findall(r"(\S+\.(?:cpp|cu|cc|c))(?:\s|$)", status.group(3))
+            name = os.path.relpath(sources[-1], ROOT) if sources else status.group(3)[:60]
+            _say(f"[{status.group(1)}/{status.group(2)}] {_clock(time.monotonic() - start)} {name}")
+        else:
+            print(line, file=sys.stderr, flush=True)
+    if proc.wait() != 0:
+        raise RuntimeError(f"{error_prefix}: ninja exited with status {proc.returncode} (the compiler's "
+                           "messages are above)")
+
+
+# torch runs ninja with -v and prints every (long) compiler command line; the replacement above
+# prints one line per file. Only for the signature it was written against (and not on Windows,
+# where torch's own sets up the compiler's environment); any other torch keeps its own.
+_TORCH_NINJA = getattr(cpp_extension, "_run_ninja_build", None)
+if os.name == "posix" and _TORCH_NINJA is not None and \
+        list(inspect.signature(_TORCH_NINJA).parameters) == ["build_directory", "verbose", "error_prefix"]:
+    cpp_extension._run_ninja_build = _run_ninja_with_progress
+
+
+class Build(cpp_extension.BuildExtension):
+    def build_extensions(self):
+        _announce()
+        start = time.monotonic()
+        super().build_extensions()
+        _say(f"done in {_clock(time.monotonic() - start)}")
+
+
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": Build.with_options(use_ninja=True)},
 )
