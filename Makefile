@@ -43,7 +43,7 @@ pytest: build
 	$(BIN)/python -m pytest python_tests -q
 
 # The fast subset: every layer's tests but those marked slow (processes started, training runs,
-# torch.compile, convergence studies): about a minute on 2 CPU cores. `make test` runs them all.
+# torch.compile, convergence studies): under 2 minutes on 2 CPU cores. `make test` runs them all.
 test-quick: build
 	$(BIN)/python -m pytest python_tests -q -m "not slow"
 

@@ -99,6 +99,7 @@ def test_python_dash_m_runs_the_command():
 
 # ---- the command on real-data task families (fixtures in the original formats) ----------------
 
+@pytest.mark.slow
 def test_command_compare_on_a_movielens_fixture(tmp_path):
     d = tmp_path / "data" / "ml-100k"
     d.mkdir(parents=True)
@@ -130,6 +131,7 @@ def test_command_compare_on_a_movielens_fixture(tmp_path):
               "--meta-steps", "1", "--out", str(tmp_path / "x"), "--quiet"])
 
 
+@pytest.mark.slow
 def test_command_compare_on_an_omniglot_fixture(tmp_path, monkeypatch):
     from helpers import make_omniglot
     from amaml_ext.data import images

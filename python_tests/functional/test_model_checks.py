@@ -268,7 +268,7 @@ def test_hook_reading_the_users_parameters_is_refused():
     assert rel(r.grad, reference(net2, theta, s, q)) < 1e-10
 
 
-@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+@pytest.mark.parametrize("wrap", [pytest.param("compile", marks=pytest.mark.slow), "data_parallel"])
 def test_wrapped_modules_are_unwrapped(wrap):
     net = small()
     wrapped = torch.compile(net) if wrap == "compile" else nn.DataParallel(net)

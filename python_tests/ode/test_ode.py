@@ -55,6 +55,7 @@ def test_appendix_a_gradient_matches_closed_form(T, method):
     assert abs(lam0.item() - closed) / abs(closed) < (3e-4 if method == "heun" else 1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("T", [0.5, 1.0, 2.0])
 def test_higher_order_adjoint_beats_heun_at_every_n(T):
     for n in list(range(20, 121)) + [127, 160, 255, 320, 501, 640, 1000, 2001]:
