@@ -97,6 +97,7 @@ def _below(part: str) -> set:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("part", sorted(set(ALLOWED) - {"_C", "cli"}))
 def test_importing_a_layer_loads_no_higher_one(part):
     """At run time, not only in the source: importing a layer (a fresh interpreter) loads no module

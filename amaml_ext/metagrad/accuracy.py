@@ -13,7 +13,7 @@ exact gradient of GD steps and needs none.
   and a dot product per node: the gradient at each stored state is a by-product of the HVP's
   linearisation there. It flags non-smooth flows and unstable steps. On smooth flows it is an
   estimate, not a bound: within a factor of 3 of the true error in the suite's cases
-  (python_tests/test_accuracy.py), but 2-9.5x *under* it on the paper's MLP (2-32-32-1, T = 1-4,
+  (python_tests/metagrad/test_accuracy.py), but 2-9.5x *under* it on the paper's MLP (2-32-32-1, T = 1-4,
   h = 0.05-0.1) in the second reliability trial (RK4 adjoint up to 9.5x, Heun up to 8x), where it
   errs only along ``g``. Where the gradient must be trusted to its tolerance, ask for
   ``"richardson"`` too (conservative in those cases: 18x over) or use the exact mode.

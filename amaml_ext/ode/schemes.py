@@ -2,7 +2,7 @@
 forward and adjoint method, its order, its stability bound, and the C++ driver that runs it.
 
 The drivers look the fixed-step and adjoint schemes up by name in their own step tables
-(``csrc/solvers/fixed.cpp``, ``csrc/solvers/adjoint.cpp``); ``python_tests/test_ode.py`` checks
+(``csrc/solvers/fixed.cpp``, ``csrc/solvers/adjoint.cpp``); ``python_tests/ode/test_registry.py`` checks
 that those tables and this registry hold the same names. Everything else that depends on a
 scheme (the methods accepted by :func:`~amaml_ext.ode.solve_forward`,
 :func:`~amaml_ext.adjoint_meta_grad` and the command line, the orders and bounds of

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT
 
 _CODE = """
@@ -20,6 +22,7 @@ print("quiet")
 """
 
 
+@pytest.mark.slow
 def test_compiled_callbacks_do_not_surface_torchs_jit_script_deprecation():
     """torch registers its forward-mode decompositions with torch.jit.script, which warns it is
     deprecated (a FutureWarning in every compiled run); the compiled callbacks load them with
