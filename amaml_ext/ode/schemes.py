@@ -3,7 +3,7 @@ forward and adjoint method, its order, its stability bound, and the C++ driver t
 
 The drivers look the fixed-step and adjoint schemes up by name in their own step tables
 (``csrc/solvers/fixed.cpp``, ``csrc/solvers/adjoint.cpp``); ``python_tests/ode/test_registry.py`` checks
-that those tables and this registry hold the same names. Everything else that depends on a
+that those tables and this registry agree (names, spans, companion strides). Everything else that depends on a
 scheme (the methods accepted by :func:`~amaml_ext.ode.solve_forward`,
 :func:`~amaml_ext.adjoint_meta_grad` and the command line, the orders and bounds of
 :mod:`amaml_ext.metagrad.accuracy`) reads this registry.
