@@ -4,10 +4,26 @@ where the kind is wrong) naming the argument, what it expects and what it got.""
 import math
 import numbers
 import os
+import sys
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a ``warnings.warn`` made by the caller of this function point
+    at the user's line: the first frame outside amaml_ext (and outside torch, whose autograd
+    machinery sits between ``gradient_flow`` and its Function), however deep the library's own
+    call chain is. Fixed stacklevels broke each time a frame was added."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE, _TORCH)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def is_int(v) -> bool:
@@ -56,10 +72,14 @@ def positive_real(name: str, v) -> float:
 def tolerances(rtol, atol) -> Tuple[float, float]:
     """An adaptive solver's ``rtol`` and ``atol``: each a finite number in (0, 1). The one rule,
     for :func:`amaml_ext.ode.solve_forward` and the meta-gradient alike."""
+    out = []
     for name, v in (("rtol", rtol), ("atol", atol)):
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not 0 < v < 1:
             raise ValueError(f"argument '{name}' must be a number in (0, 1) (dopri5's tolerance), got {v!r}")
-    return float(rtol), float(atol)
+        out.append(float(v))
+    return out[0], out[1]
 
 
 def path(name: str, v) -> str:

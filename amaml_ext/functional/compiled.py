@@ -27,14 +27,21 @@ def _own_code(fn, name: str):
 _COMPILED_COUNT = itertools.count()
 
 
+_JVP_DECOMPOSITIONS = threading.Lock()
+
+
 def _load_jvp_decompositions() -> None:
     """torch registers its forward-mode decompositions when forward-mode AD is first used (the
     compiled HVP's ``jvp``), scripting each with ``torch.jit.script``, which warns that it is
     deprecated: a FutureWarning about torch's own code in every run that compiles. Load them
-    once here with that one warning silenced (anything else still warns)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-        import torch._decomp.decompositions_for_jvp  # noqa: F401
+    once per process here with that one warning silenced (anything else still warns)."""
+    import sys
+    with _JVP_DECOMPOSITIONS:
+        if "torch._decomp.decompositions_for_jvp" in sys.modules:
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+            import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 
 class CompiledCallbacks:

@@ -11,6 +11,7 @@ from typing import Callable, List
 import torch
 from torch import nn
 
+from .._checks import user_stacklevel
 from .model_state import cast_constants
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -175,21 +176,21 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return not bool(torch.isfinite(b).all()) or float((a - b).norm()) <= tol * float(b.norm())
 
 
-def one_task_at_a_time(fns, reason: str, stacklevel: int) -> None:
+def one_task_at_a_time(fns, reason: str) -> None:
     """Evaluate ``fns``'s tasks one at a time from now on, saying why (a RuntimeWarning)."""
     fns.per_task = reason
     warnings.warn(f"amaml_ext: the model's tasks are evaluated one at a time (slower): {reason}", RuntimeWarning,
-                  stacklevel=stacklevel + 1)
+                  stacklevel=user_stacklevel())
 
 
 def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:200]
 
 
-def _refuse_or_warn(msg: str, strict: bool, stacklevel: int) -> None:
+def _refuse_or_warn(msg: str, strict: bool) -> None:
     if strict:
         raise ValueError(msg)
-    warnings.warn(msg, NondeterministicModelWarning, stacklevel=stacklevel + 1)
+    warnings.warn(msg, NondeterministicModelWarning, stacklevel=user_stacklevel())
 
 
 def _compiled_agrees(fns, u: torch.Tensor, task, copies, g_plain: torch.Tensor, caller: str) -> bool:
@@ -211,7 +212,7 @@ def _compiled_agrees(fns, u: torch.Tensor, task, copies, g_plain: torch.Tensor, 
         return True
     fns._compiled = None
     warnings.warn(f"amaml_ext: {caller}: the compiled callbacks compute another gradient or HVP than plain autograd "
-                  "(a tensor hook inside the forward?); using the eager ones", RuntimeWarning, stacklevel=5)
+                  "(a tensor hook inside the forward?); using the eager ones", RuntimeWarning, stacklevel=user_stacklevel())
     return False
 
 
@@ -225,11 +226,11 @@ def _vmap_agrees(fns, leaf: torch.Tensor, x, y, copies, g_plain: torch.Tensor) -
             (g,) = torch.autograd.grad(torch.func.vmap(lambda *a: fns._task_loss(*a, copies))(w, x[None], y[None]).sum(), w)
     except Exception as e:  # noqa: BLE001  (vmap cannot run it, e.g. a transformer's fused eval path)
         one_task_at_a_time(fns, f"torch.func.vmap cannot differentiate its forward ({type(e).__name__}: "
-                                f"{first_line(e)})", 5)
+                                f"{first_line(e)})")
         return
     if not _close(g[0], g_plain):
         one_task_at_a_time(fns, "torch.func.vmap computes another gradient than plain autograd (a tensor hook inside "
-                                "the forward?)", 5)
+                                "the forward?)")
 
 
 def _mutated_buffers(fns, names: List[str], strict: bool, caller: str, changes: bool = True) -> None:
@@ -246,7 +247,7 @@ def _mutated_buffers(fns, names: List[str], strict: bool, caller: str, changes: 
            "spectral_norm's power iteration in training mode, ...): the function being trained changes at every "
            "evaluation, so the flow and its adjoint are not those of one function. Every call works on copies of "
            "them (the model's own are never changed); put such modules in eval mode.")
-    _refuse_or_warn(msg, strict, 6)
+    _refuse_or_warn(msg, strict)
 
 
 def check_same_loss(a: torch.Tensor, b: torch.Tensor, batched: bool, strict: bool, caller: str) -> bool:
@@ -266,5 +267,5 @@ def check_same_loss(a: torch.Tensor, b: torch.Tensor, batched: bool, strict: boo
            "(F.dropout(x, p, self.training), torch.rand, noise layers) makes the gradient flow and its "
            "adjoint undefined, and the meta-gradient meaningless. Make the forward deterministic "
            "(model.eval(), a fixed mask, or noise drawn outside the model).")
-    _refuse_or_warn(msg, strict, 5)
+    _refuse_or_warn(msg, strict)
     return False

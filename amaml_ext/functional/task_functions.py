@@ -21,6 +21,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .._checks import user_stacklevel
 from .compile_policy import compile_refusal, resolve_compile
 from .compiled import COMPILED_CALL_LOCK, compiled_callbacks
 from .model_checks import (LossFn, LossValueError, NondeterministicModelWarning,  # noqa: F401 (re-exported)
@@ -136,7 +137,7 @@ class TaskFunctions:
                           "training loss, and so the gradient flow, the adjoint and every meta-gradient, change "
                           "at random with each evaluation (two identical calls can differ by 100%). Put the model "
                           "in eval mode (model.eval()) or fix the mask (a deterministic module).",
-                          NondeterministicModelWarning, stacklevel=3)
+                          NondeterministicModelWarning, stacklevel=user_stacklevel())
         self.grad_evals = 0
         self.hvp_evals = 0
         self.linearisations = 0
@@ -148,7 +149,7 @@ class TaskFunctions:
         if compile and hooked:
             refusal = f"the model has backward hooks ({', '.join(hooked[:3])}), which torch.func skips"
         if refusal is not None:
-            warnings.warn(f"amaml_ext: {refusal}; using the eager callbacks", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"amaml_ext: {refusal}; using the eager callbacks", RuntimeWarning, stacklevel=user_stacklevel())
             compile = False
         self._compiled = compiled_callbacks(model, loss, batched, self.fingerprint) if compile else None
 
@@ -171,7 +172,7 @@ class TaskFunctions:
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back to eager)
             c.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             warnings.warn(f"amaml_ext: torch.compile of the model callbacks failed ({c.failed[:300]}); "
-                          "using the eager callbacks", RuntimeWarning, stacklevel=3)
+                          "using the eager callbacks", RuntimeWarning, stacklevel=user_stacklevel())
             return None
 
     @property
@@ -232,7 +233,7 @@ class TaskFunctions:
             except Exception as e:  # noqa: BLE001  (vmap cannot run this forward: try task by task)
                 out = torch.stack([fn(u[b], *(t[b] for t in data)) for b in range(u.shape[0])])
                 one_task_at_a_time(self, f"torch.func.vmap cannot run its forward ({type(e).__name__}: "
-                                         f"{first_line(e)})", 3)
+                                         f"{first_line(e)})")
                 return out
         return torch.stack([fn(u[b], *(t[b] for t in data)) for b in range(u.shape[0])])
 

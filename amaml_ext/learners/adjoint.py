@@ -34,11 +34,34 @@ class AMAML(MetaLearner):
         T = _checks.positive("T", T)
         options.setdefault("compile", "auto")
         # every option checked now, not at the first meta_grad
-        self.options = MetaGradOptions.build(caller=type(self).__name__, h=h, solver=solver, adjoint=adjoint, **options)
-        h = self.options.solver.h
-        super().__init__(model, loss, inner_lr=h, steps=ode.grid_size(T, h))
-        self.T, self.h = T, h
-        self._batched = {False: self.options, True: self.options.replace(batched=True)}
+        opts = MetaGradOptions.build(caller=type(self).__name__, h=h, solver=solver, adjoint=adjoint, **options)
+        super().__init__(model, loss, inner_lr=opts.solver.h, steps=ode.grid_size(T, opts.solver.h))
+        self.T = T
+        self.options = opts
+
+    @property
+    def options(self) -> MetaGradOptions:
+        """The learner's :class:`~amaml_ext.metagrad.MetaGradOptions`, checked when set. To change
+        some: ``learner.options = learner.options.replace(rtol=1e-3)`` (the grid ``h`` stays: it
+        is the learner's step size)."""
+        return self._options
+
+    @options.setter
+    def options(self, value) -> None:
+        value = MetaGradOptions.build(caller="options", **value) if isinstance(value, dict) else value
+        if not isinstance(value, MetaGradOptions):
+            raise TypeError(f"argument 'options' must be a MetaGradOptions or a dict of options, got "
+                            f"{type(value).__name__}")
+        if hasattr(self, "_options") and value.solver.h != self.h:
+            raise ValueError(f"argument 'options': h is the learner's grid and step size ({self.h:g}), got "
+                             f"{value.solver.h:g}; make a new learner for another h")
+        self._options = value
+        self._batched = {False: value.replace(batched=False), True: value.replace(batched=True)}
+
+    @property
+    def h(self) -> float:
+        """The grid spacing (the GD step of ``adapt``): fixed when the learner is made."""
+        return self.inner_lr
 
     @property
     def solver(self) -> str:

@@ -60,6 +60,7 @@ class AdjointLearner(nn.Module):
         self.module = model
         self.loss = loss
         self.T = _checks.positive("T", T)
+        self.adjoint_params = tuple(options.pop("adjoint_params", ()))     # gradient_flow's, not an option
         self.options = MetaGradOptions.build(caller="AdjointLearner", h=h, **options)   # checked now, once
         self.h = self.options.solver.h
         if learn_T and self.options.adjoint_scheme.exact_for is not None:
@@ -93,5 +94,5 @@ class AdjointLearner(nn.Module):
         horizon = self.log_T.exp() if self.log_T is not None and T is None else (self.T if T is None else T)
         lr = None if self.log_lr is None else self.log_lr.exp()
         u = gradient_flow(self.module, self.loss, self.theta(), horizon, (x, y), lr=lr, stats=stats,
-                          options=self.options)
+                          adjoint_params=self.adjoint_params, options=self.options.replace(h=self.h))
         return AdaptedModel(self.module, u, stats)

@@ -70,7 +70,7 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
             recomputing segments (the same gradient); ``"auto"`` stores when the trajectory fits
             ``memory_budget`` bytes (default: half the free GPU memory, or a quarter of the RAM).
         memory_budget: bytes for ``memory="auto"``.
-        max_steps: dopri5 step limit, accepted + rejected (default ``max(1000, 10 N)``).
+        max_steps: dopri5 step limit, accepted + rejected (default ``max(1000, 10 N)``, :func:`amaml_ext.ode.default_max_steps`).
         compile: gradients and HVPs from ``torch.compile``-d ``torch.func`` functions: 2.4-3.5x
             per meta-gradient for small models after a one-off compilation (docs/benchmarks.md);
             falls back to eager with a warning. ``stats["compiled"]`` says which ran. ``"auto"``
@@ -109,7 +109,7 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
         if h_new is None:
             break
         opts = opts.replace(h=h_new)
-    solve.report(result.stats, stacklevel=2)
+    solve.report(result.stats)
     return result
 
 

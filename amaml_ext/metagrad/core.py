@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from .._checks import user_stacklevel
 from ..functional import TaskFunctions
 from . import accuracy
 from .accuracy import AdjointAccuracyError, AdjointAccuracyWarning
@@ -29,10 +30,10 @@ class InnerSolve:
     statistics (:class:`~amaml_ext.metagrad.passes.AdjointOut`, dict)."""
 
     def __init__(self, model, loss, theta: torch.Tensor, T, support, query, options: MetaGradOptions, batch: int, *,
-                 caller: str, lr: Optional[torch.Tensor] = None, stacklevel: int = 4):
+                 caller: str, lr: Optional[torch.Tensor] = None):
         self.options, self.caller = options, caller
         self.fns = TaskFunctions(model, loss, support, query, options.batched, compile=options.compile)
-        self.flow = FlowSolve(self.fns, theta, T, options, batch, lr=lr, caller=caller, stacklevel=stacklevel)
+        self.flow = FlowSolve(self.fns, theta, T, options, batch, lr=lr, caller=caller)
         self.fns.check_model(self.flow.u0, options.accuracy.strict, caller)
 
     @classmethod
@@ -101,7 +102,7 @@ class InnerSolve:
                                      adjoint=o.solver.adjoint, h_lambda=stats["h_lambda_max"], bound=bound)
         return h_new if h_new < p.h * (1 - 1e-9) else None
 
-    def report(self, stats: Dict[str, Any], stacklevel: int) -> None:
+    def report(self, stats: Dict[str, Any]) -> None:
         """An estimate past the tolerance: :class:`AdjointAccuracyError` with ``strict``, else
         :class:`AdjointAccuracyWarning`, naming the numbers and what to do."""
         o, p = self.options, self.plan
@@ -109,4 +110,4 @@ class InnerSolve:
                                                   solver=o.solver.solver, adjoint=o.solver.adjoint)
         if o.accuracy.strict:
             raise AdjointAccuracyError(msg)
-        warnings.warn(msg, AdjointAccuracyWarning, stacklevel=stacklevel + 1)
+        warnings.warn(msg, AdjointAccuracyWarning, stacklevel=user_stacklevel())

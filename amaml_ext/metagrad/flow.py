@@ -162,14 +162,14 @@ class FlowSolve:
     ``lam(T)`` with the requested gradients. States are ``[d]``, or ``[B, d]`` when batched."""
 
     def __init__(self, fns: TaskFunctions, theta: torch.Tensor, T, options: MetaGradOptions, batch: int, *,
-                 lr: Optional[torch.Tensor] = None, caller: str = "adjoint_meta_grad", stacklevel: int = 4):
+                 lr: Optional[torch.Tensor] = None, caller: str = "adjoint_meta_grad"):
         d = theta.numel()
         self.fns, self.options = fns, options
         self.u0 = theta.detach().expand(batch, d).contiguous() if options.batched else theta.detach().clone()
         self.plan = make_plan(self.u0, T, options, batch)
         self.lr = lr
         self.fwd = Forward(fns, self.plan, options, lr=lr)
-        self.caller, self.stacklevel = caller, stacklevel
+        self.caller = caller
         self.u_T: Optional[torch.Tensor] = None
 
     def forward(self) -> torch.Tensor:
@@ -179,7 +179,7 @@ class FlowSolve:
         except ValueError as e:
             raise explain_forward_failure(e, self.options, self.caller) from None
         if self.options.forward_scheme.adaptive:
-            warn_if_steps_collapsed(self.fwd.stats, p.n, self.options, self.fns.model, self.caller, self.stacklevel)
+            warn_if_steps_collapsed(self.fwd.stats, p.n, self.options, self.fns.model, self.caller)
         self.u_T = y.reshape(p.shape).clone()
         return self.u_T
 

@@ -130,7 +130,7 @@ class _Flow(torch.autograd.Function):
         if job.stats is not None:
             job.stats.update(stats)
         if not solve.within_tolerance(stats):
-            solve.report(stats, stacklevel=1)
+            solve.report(stats)
         d_theta = (out.lam.sum(0) if solve.options.batched else out.lam.reshape(-1)) if want_theta else None
         d_T = None
         if want_T:
@@ -187,7 +187,7 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
     params = _check_extras(T, theta, adjoint_params, opts)
     # support tensors that require grad (features from a learned map) are inputs like adjoint_params
     params += tuple(t for t in support if t.requires_grad and t.is_floating_point() and all(t is not p for p in params))
-    if params and opts.compile == "auto":            # the eager graph holds the params
+    if params:          # their gradients come through the eager linearisation, which compiled HVPs do not keep
         opts = opts.replace(compile=False)
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"argument 'stats' must be None or a dict to fill, got {type(stats).__name__}")
@@ -196,8 +196,7 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
         # a learned horizon lands anywhere: ceil(T / h) equal steps of T / N <= h
         T_value = float(T.detach())
         opts = opts.replace(h=T_value / max(1, math.ceil(T_value / opts.solver.h - 1e-9)))
-    solve = InnerSolve(model, loss, theta, T, support, support, opts, batch, caller="gradient_flow", lr=lr_value,
-                       stacklevel=5)
+    solve = InnerSolve(model, loss, theta, T, support, support, opts, batch, caller="gradient_flow", lr=lr_value)
     solve.flow.fwd.reusable = True          # backward may run more than once (retain_graph, gradcheck)
     job = _Job(solve=solve, params=params, stats=stats, T=T if isinstance(T, torch.Tensor) else None,
                lr_dtype=lr.dtype if isinstance(lr, torch.Tensor) else None)

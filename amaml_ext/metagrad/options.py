@@ -170,6 +170,10 @@ class MetaGradOptions:
     def get(self, name: str, default: Any = None) -> Any:
         return self[name] if name in self.names() else default
 
+    def keys(self):
+        """The flat option names: with ``__getitem__``, ``f(**options)`` passes them as keywords."""
+        return self.names()
+
     @property
     def forward_scheme(self) -> ode.Scheme:
         return ode.FORWARD_SCHEMES[self.solver.solver]

@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .. import ode
+from .._checks import user_stacklevel
 from ..functional import TaskFunctions
 from . import accuracy
 from .options import MetaGradOptions
@@ -134,8 +135,7 @@ def explain_forward_failure(e: ValueError, options: MetaGradOptions, caller: str
     return e
 
 
-def warn_if_steps_collapsed(stats, n: int, options: MetaGradOptions, model, caller: str = "adjoint_meta_grad",
-                            stacklevel: int = 3) -> None:
+def warn_if_steps_collapsed(stats, n: int, options: MetaGradOptions, model, caller: str = "adjoint_meta_grad") -> None:
     """Warn when an adaptive forward took several times more steps than the grid has intervals
     *and* its steps collapsed rather than merely resolved a tight tolerance: the model has
     non-smooth modules (ReLU, max-pool), or a quarter of its steps were rejected (a kink or a stiff
@@ -156,7 +156,7 @@ def warn_if_steps_collapsed(stats, n: int, options: MetaGradOptions, model, call
     warnings.warn(f"{caller}: {o.solver} took {accepted} accepted and {rejected} rejected steps for {n} grid "
                   f"intervals of h={o.h:g} (rtol={o.rtol:g}, atol={o.atol:g}): its steps fell far below h, because "
                   f"{why}. For a non-smooth loss, {' or '.join(f'solver={m!r}' for m in fixed)} on the grid cost less.",
-                  RuntimeWarning, stacklevel=stacklevel)
+                  RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def backward(fns: TaskFunctions, fwd: Forward, lam: torch.Tensor, u_T: torch.Tensor, scheme: ode.Scheme,

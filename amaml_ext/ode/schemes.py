@@ -131,7 +131,12 @@ def check_pairing(solver: str, adjoint: str) -> None:
 
 
 def default_max_steps(n: int) -> int:
-    """An adaptive solve's default step budget (accepted + rejected) for ``n`` grid intervals."""
+    """An adaptive solve's default step budget (accepted + rejected) for ``n`` grid intervals, for
+    the ODE API and the meta-gradient alike: ten steps per interval, at least 1000. dopri5
+    collapsing on a non-smooth loss (ReLU, max-pool) then stops in seconds with an error naming
+    ``max_steps`` and the fix, instead of running for hours; a stiff problem that needs more
+    passes ``max_steps`` (``ode.solve_forward`` allowed 100 per interval before the two defaults
+    were made one)."""
     return max(1000, 10 * n)
 
 

@@ -111,7 +111,7 @@ def solve_forward(f: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Te
             dense output; ``rk4`` and ``euler`` step on the grid itself.
         batched: ``y0`` is ``[B, ...]`` with B independent tasks; dopri5 then shares one step
             size and accepts a step only when every task's error norm is <= 1.
-        max_steps: dopri5 step budget (accepted + rejected), default ``max(1000, 10 N)``.
+        max_steps: dopri5 step budget (accepted + rejected), default ``max(1000, 10 N)`` (:func:`~amaml_ext.ode.default_max_steps`).
         initial_step: dopri5 first step; default Hairer's automatic choice.
 
     Returns:

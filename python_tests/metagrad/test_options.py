@@ -116,3 +116,75 @@ def test_smooth_flow_at_a_tight_tolerance_does_not_warn_of_a_collapse():
                               atol=1e-12, error_estimate=False)
     assert r.stats["accepted_steps"] > 4 * r.stats["grid_steps"]          # the old rule's trigger
     assert not [w for w in caught if "fell far below" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_warnings_point_at_the_users_line():
+    """However deep the library's call chain (the options object and the core solve added
+    frames), a warning names the line of the user's call: filters by module and "once" act on it."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Dropout(0.5), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    net.train()
+    theta = flatten_params(net).double()
+    s = regression_task(0)
+    net.double()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adjoint_meta_grad(net, F.mse_loss, theta, 0.2, support=s, query=s, h=0.1, solver="euler", adjoint="discrete")
+        t = theta.clone().requires_grad_()
+        gradient_flow(net, F.mse_loss, t, 0.2, s, h=0.1, solver="euler", adjoint="discrete").sum().backward()
+        # a continuous adjoint past a tolerance no solve can meet: the accuracy warning
+        net.eval()
+        adjoint_meta_grad(net, F.mse_loss, theta, 0.2, support=s, query=s, h=0.1, error_tol=1e-300)
+    assert len(caught) >= 3, [str(w.message) for w in caught]
+    assert {w.filename for w in caught} == {__file__}, [(w.filename, w.lineno, str(w.message)[:60]) for w in caught]
+
+
+def test_compiled_gradient_flow_with_learned_features_falls_back_to_eager():
+    """Support tensors that require grad get their gradient through the eager linearisation:
+    compile=True is set aside for them (it crashed the backward once)."""
+    net = mlp(width=6, depth=1)
+    theta, (x, y) = flatten_params(net), regression_task(0)
+    grads = []
+    for compile in (False, True):
+        th, xs = theta.clone().requires_grad_(), x.clone().requires_grad_()
+        u = gradient_flow(net, F.mse_loss, th, 0.4, (xs, y), h=0.1, solver="rk4", adjoint="rk4", compile=compile)
+        grads.append(torch.autograd.grad((u ** 2).sum(), [th, xs]))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_adjoint_learner_passes_adjoint_params_on():
+    """AdjointLearner's keywords are gradient_flow's: adjoint_params (a tensor of the loss's
+    closure) gets its gradient, as through gradient_flow itself."""
+    net = mlp(width=4, depth=1)
+    x, y = regression_task(0)
+    grads = []
+    for via_learner in (True, False):
+        w = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+        loss = lambda p, t: w * F.mse_loss(p, t)                                   # noqa: E731
+        kw = dict(solver="euler", adjoint="discrete", adjoint_params=[w])
+        if via_learner:
+            u = AdjointLearner(net, loss, T=0.5, h=0.05, **kw).adapt(x, y).params
+        else:
+            u = gradient_flow(net, loss, flatten_params(net), 0.5, (x, y), h=0.05, **kw)
+        (g,) = torch.autograd.grad((u ** 2).sum(), [w])
+        grads.append(g)
+    assert torch.equal(grads[0], grads[1]) and float(grads[0]) != 0.0
+
+
+def test_learner_options_can_be_replaced_and_unpacked():
+    net = mlp(width=4, depth=1)
+    learner = learners.AMAML(net, F.mse_loss, T=0.2, h=0.05, solver="euler", adjoint="discrete")
+    learner.options = learner.options.replace(memory="checkpoint")
+    assert learner.meta_grad(flatten_params(net), _tasks(2)).stats["memory"] == "checkpoint"
+    with pytest.raises(ValueError, match="argument 'options': h is the learner's grid"):
+        learner.options = learner.options.replace(h=0.1)
+    with pytest.raises(AttributeError):
+        learner.h = 0.1                                   # fixed when made: it was silently ignored
+    again = learners.AMAML(net, F.mse_loss, T=0.2, **learner.options)
+    assert again.options == learner.options
+
+
+def _tasks(n):
+    from amaml_ext import tasks
+    return tasks.CosMixture(10, 10).pool(n, seed=0).batch(list(range(n)), dtype=torch.float64)
