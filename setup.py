@@ -165,10 +165,11 @@ def extension():
 
 # ---- what the build says (stderr, a few lines; pip shows them with -v) ----------------------
 
-# Seconds to compile one file on one core of a 2-core build machine (the ninja logs of full builds
-# there, December 2026): a .cpp, and a .cu per CUDA architecture.
-SECONDS_PER_CPP = 55
-SECONDS_PER_CU_ARCH = 17
+# Seconds to compile one file on one core of an idle 2-core build machine (the ninja log of a full
+# build there, December 2026: 3m14s for 9 .cpp and 4 .cu for 2 archs; 5m38s with the machine
+# busy): a .cpp, and a .cu per CUDA architecture.
+SECONDS_PER_CPP = 30
+SECONDS_PER_CU_ARCH = 10
 
 
 def _say(message: str) -> None:
@@ -200,7 +201,7 @@ def _announce() -> None:
                "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (nvcc) found")
         _say(f"building amaml_ext._C: CPU kernels only ({why})")
     _say(f"{PLAN['cpp'] + PLAN['cu']} files, {jobs} at a time (MAX_JOBS): {_minutes(cpp + cu, jobs)} from "
-         "scratch at the speed of a 2-core build machine (longer on a slower one); unchanged files "
+         "scratch on an idle 2-core build machine (longer on a slower or busy one); unchanged files "
          "are not compiled again")
 
 
