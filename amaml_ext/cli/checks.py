@@ -43,7 +43,7 @@ def ending(e: BaseException) -> SystemExit:
 _OPTIONS = {"inner_lr": "--inner-lr", "h": "--inner-lr", "T": "--inner-steps x --inner-lr", "steps": "--inner-steps",
             "lam": "--imaml-lambda", "cg_steps": "--cg-steps", "solver": "--solver", "adjoint": "--adjoint",
             "memory": "--memory", "rtol": "--rtol", "atol": "--atol", "error_tol": "--error-tol",
-            "strict": "--strict", "refine": "--refine", "compile": "--compile"}
+            "strict": "--strict", "refine": "--refine", "compile": "--compile", "memory_budget": "--memory-budget"}
 """The command's option for each keyword of a learner or of ``adjoint_meta_grad``."""
 
 
@@ -152,7 +152,8 @@ def unstable_step(learner, cfg: Dict, batch, theta: torch.Tensor) -> Optional[st
             f"{bound / lam:.3g}")
 
 
-_FLOW_OPTIONS = ("solver", "adjoint", "memory", "rtol", "atol", "compile", "error_tol", "strict", "refine")
+_FLOW_OPTIONS = ("solver", "adjoint", "memory", "memory_budget", "rtol", "atol", "compile", "error_tol", "strict",
+                 "refine")
 _IMAGE_OPTIONS = ("channels", "activation", "pool")
 
 

@@ -39,6 +39,17 @@ _nonneg_int = _number(int, 0, "a non-negative integer")
 _positive_float = _number(float, 0.0, "a positive finite number")
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _bytes(text: str) -> int:
+    """An argparse type: a number of bytes, with an optional K, M, G or T (binary) suffix."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
+    v = _number(float, 0.0, "a positive number of bytes (e.g. 8G, 512M)")(t[:len(t) - len(unit)] or text)
+    return int(v * _UNITS[unit])
+
+
 def _tolerance(text: str) -> float:
     """An argparse type: dopri5's rtol / atol, a number in (0, 1)."""
     v = _number(float, 0.0, "a number in (0, 1) (dopri5's tolerance)")(text)
@@ -89,7 +100,13 @@ def _add_problem_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inner-lr", type=_positive_float, default=0.01, help="inner GD step (A-MAML's grid h)")
     g.add_argument("--solver", choices=FORWARD_METHODS, default="dopri5", help="A-MAML forward solver")
     g.add_argument("--adjoint", choices=ADJOINT_METHODS, default="heun", help="A-MAML adjoint scheme")
-    g.add_argument("--memory", choices=MEMORY_MODES, default="store", help="A-MAML trajectory memory mode")
+    g.add_argument("--memory", choices=MEMORY_MODES, default="auto",
+                   help="A-MAML memory plan: auto (the fastest that fits --memory-budget), linearise (keep the "
+                        "states and as many linearisations as fit), store (the states), checkpoint (about 2 sqrt(N) "
+                        "states)")
+    g.add_argument("--memory-budget", type=_bytes, default=None,
+                   help="A-MAML: bytes the plan may use (e.g. 8G; default: half the free GPU memory, a quarter "
+                        "of the RAM)")
     g.add_argument("--rtol", type=_tolerance, default=1e-6, help="A-MAML dopri5 rtol")
     g.add_argument("--atol", type=_tolerance, default=1e-8, help="A-MAML dopri5 atol")
     g.add_argument("--compile", nargs="?", const="on", default="auto", choices=COMPILE_MODES,

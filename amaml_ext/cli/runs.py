@@ -75,7 +75,8 @@ def accuracy_options(args, method: str) -> Optional[Dict]:
     """The options of ``method``'s learner that are not run settings (A-MAML's accuracy and
     compile options; None for the others)."""
     return ({"error_tol": args.error_tol, "strict": args.strict, "refine": args.refine,
-             "compile": COMPILE_MODES[args.compile]} if L.METHODS[method].flow else None)
+             "compile": COMPILE_MODES[args.compile], "memory_budget": getattr(args, "memory_budget", None)}
+            if L.METHODS[method].flow else None)
 
 
 @contextmanager

@@ -143,6 +143,7 @@ class TaskFunctions:
         self.linearisations = 0
         self.param_vjps = 0
         self.last: Optional[Linearisation] = None
+        self.kept: Dict[int, Linearisation] = {}     # made by the forward for the adjoint, by row
         like = next(iter(support))
         compile = resolve_compile(compile, model, like.device)
         refusal = compile_refusal() if compile else None
@@ -270,16 +271,45 @@ class TaskFunctions:
 
     def linearise(self, u: torch.Tensor, row: Optional[int] = None) -> "Linearisation":
         """The training-loss gradient at ``u`` with its graph, kept for the next calls with the
-        same ``row`` (a new row, or None, builds it anew)."""
+        same ``row`` (a new row, or None, builds it anew; one the forward kept is taken over)."""
         last = self.last
         if row is None or last is None or last.row != row or last.g is None:
-            self.linearisations += 1
-            with torch.enable_grad(), second_order():
-                leaf = u.detach().requires_grad_(True)
-                total = differentiable(self.losses(leaf, self.support).sum(), "training")
-                (g,) = torch.autograd.grad(total, leaf, create_graph=True)
-            self.last = last = Linearisation(row, leaf, g, g.detach())
+            kept = self.kept.pop(row, None) if row is not None else None
+            self.last = last = kept if kept is not None else self._linearised(u.detach(), row)
         return last
+
+    def _linearised(self, leaf: torch.Tensor, row: Optional[int]) -> "Linearisation":
+        self.linearisations += 1
+        with torch.enable_grad(), second_order():
+            leaf = leaf.requires_grad_(True)
+            total = differentiable(self.losses(leaf, self.support).sum(), "training")
+            (g,) = torch.autograd.grad(total, leaf, create_graph=True)
+        return Linearisation(row, leaf, g, g.detach())
+
+    def keep_linearisation(self, u: torch.Tensor, row: int, measure: bool = False) -> Tuple[torch.Tensor, int]:
+        """The training-loss gradient at ``u`` (grid row ``row``, a forward's state), its
+        linearisation kept for the adjoint's HVPs there (:meth:`linearise` takes it over), and
+        with ``measure`` the bytes its graph holds (the tensors it saved that are not the model's
+        constants or the data), else 0. ``u`` is copied: the solver reuses its workspace."""
+        self.grad_evals += 1
+        sizes: Dict[int, int] = {}
+        if measure:
+            known = {t.untyped_storage().data_ptr() for t in (*self.support, *self.constants(u.dtype).values())}
+
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in known:
+                    sizes[ptr] = t.untyped_storage().nbytes()
+                return t
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                lin = self._linearised(u.detach().clone(), row)
+        else:
+            lin = self._linearised(u.detach().clone(), row)
+        self.kept[row] = lin
+        return lin.grad, sum(sizes.values())
+
+    def drop_kept(self, row: int) -> None:
+        self.kept.pop(row, None)
 
     def param_vjp(self, w: torch.Tensor, params: Sequence[torch.Tensor], row: int) -> Tuple[torch.Tensor, ...]:
         """``d (grad L(u) . w) / d params`` at the state linearised last, at grid row ``row``: the
@@ -293,8 +323,9 @@ class TaskFunctions:
         return tuple(torch.zeros_like(p) if d is None else d for p, d in zip(params, grads))
 
     def release(self) -> None:
-        """Drop the kept linearisation (its graph holds activations)."""
+        """Drop the kept linearisations (their graphs hold activations)."""
         self.last = None
+        self.kept.clear()
 
     def grad_at(self, row: Optional[int]) -> Optional[torch.Tensor]:
         """The training-loss gradient at the state of the last HVP, if it was made at grid row

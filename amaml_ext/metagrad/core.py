@@ -65,9 +65,13 @@ class InnerSolve:
     def forward_stats(self) -> Dict[str, Any]:
         """The statistics known once the forward has run."""
         p, fwd, o = self.plan, self.flow.fwd, self.options
-        return {**fwd.stats, "grid_steps": p.n, "trajectory_bytes": fwd.peak_rows * p.state_bytes,
-                "memory": p.memory, "solver": o.solver.solver, "adjoint": o.solver.adjoint, "h": p.h,
-                "compiled": self.fns.compiled}
+        states = fwd.peak_rows * p.state_bytes
+        lin = fwd.lin_bytes
+        return {**fwd.stats, "grid_steps": p.n, "trajectory_bytes": states,
+                "memory": "linearise" if fwd.kept_count else p.memory, "memory_budget": p.budget,
+                "kept_linearisations": fwd.kept_count, "linearisation_bytes": lin,
+                "planned_peak_bytes": states + (fwd.kept_count + 1) * lin if lin else None,
+                "solver": o.solver.solver, "adjoint": o.solver.adjoint, "h": p.h, "compiled": self.fns.compiled}
 
     def stats(self, out: AdjointOut, checks: Dict[str, Any], extra_grad_evals: int = 0) -> Dict[str, Any]:
         """Every statistic of the solve (``MetaGradResult.stats``; ``gradient_flow``'s ``stats``)."""

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Union
 
 from .. import _checks, ode
 
-MEMORY_MODES = ("store", "checkpoint", "auto")
+MEMORY_MODES = ("auto", "linearise", "store", "checkpoint")
 ERROR_ESTIMATES = (True, False, "drift", "richardson")
 
 
@@ -58,11 +58,17 @@ class SolverOptions:
 
 @dataclass(frozen=True)
 class MemoryOptions:
-    """What the forward keeps: ``"store"`` every grid state, ``"checkpoint"`` about ``2 sqrt(N)``
-    (recomputing segments), ``"auto"`` stores when the trajectory fits ``memory_budget`` bytes
-    (None: half the free GPU memory, or a quarter of the RAM)."""
+    """What the forward keeps, from the most memory to the least: ``"linearise"`` every grid state
+    and the linearisations (gradients with their graphs) of as many steps as fit in
+    ``memory_budget`` (their size measured on the first step; the adjoint then recomputes only
+    the rest: a forward whose evaluations are all at grid states, ``euler``, eager callbacks;
+    else it is ``"store"``), ``"store"`` every grid state, ``"checkpoint"`` about ``2 sqrt(N)``
+    (recomputing segments). ``"auto"`` (the default) takes the fastest that fits the budget:
+    ``"linearise"`` where the states fit, else ``"checkpoint"``. ``memory_budget`` in bytes (None:
+    :func:`~amaml_ext.metagrad.plan.default_budget`, half the free GPU memory or a quarter of the
+    RAM). The gradient is the same whatever the plan, to float rounding."""
 
-    memory: str = "store"
+    memory: str = "auto"
     memory_budget: Optional[float] = None
 
     def __post_init__(self):

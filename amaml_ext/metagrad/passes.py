@@ -27,6 +27,23 @@ def flow_rhs(fns: TaskFunctions, mask: Optional[torch.Tensor], lr: Optional[torc
     return f
 
 
+def keeping_rhs(fwd: "Forward", mask: Optional[torch.Tensor], times: torch.Tensor, row0: int):
+    """:func:`flow_rhs` for a forward that keeps linearisations for the adjoint: the gradient at
+    each grid row comes from :meth:`Forward.kept_grad` while the budget allows, else plainly."""
+    row_of = {t: row0 + j for j, t in enumerate(times.tolist())}
+    plain = flow_rhs(fwd.fns, mask, fwd.lr)
+
+    def f(t: float, u: torch.Tensor) -> torch.Tensor:
+        g = fwd.kept_grad(u, row_of.get(t))
+        if g is None:
+            return plain(t, u)
+        g = g.neg()
+        if fwd.lr is not None:
+            g = g.mul_(fwd.lr)
+        return g if mask is None else g.mul_(mask)
+    return f
+
+
 def adjoint_rhs(fns: TaskFunctions, mask: Optional[torch.Tensor], lr: Optional[torch.Tensor] = None,
                 on_vjp: Optional[Callable] = None):
     """``vjp(row, u, v) = (df/du)^T v = -H(u) (lr * v)``, one linearisation per grid row (frozen
@@ -70,11 +87,40 @@ class Forward:
         self.logs: Dict = {}     # adaptive checkpoint: (a, b) -> step log
         self.stats = {"function_evals": 0, "accepted_steps": 0, "rejected_steps": 0}
         self.peak_rows = 0
+        # memory="linearise"/"auto": the linearisations of the first rows, as many as fit
+        self.keeping = plan.keep and plan.memory == "store" and not fns.compiled
+        self.kept_count, self.keep_max, self.lin_bytes = 0, 0, None
+
+    def kept_grad(self, u: torch.Tensor, row: Optional[int]) -> Optional[torch.Tensor]:
+        """The gradient at grid row ``row`` with its linearisation kept for the adjoint, while the
+        budget allows (the first one measured: the states and one more linearisation, which the
+        adjoint builds as it goes, stay within ``plan.budget``); None: compute it plainly."""
+        if not self.keeping or row is None:
+            return None
+        fns, p = self.fns, self.plan
+        if self.lin_bytes is None:
+            g, nbytes = fns.keep_linearisation(u, row, measure=True)
+            self.lin_bytes = max(1, nbytes)
+            room = p.budget - (p.n + 1) * p.state_bytes
+            self.keep_max = max(0, room // self.lin_bytes - 1)
+            if self.keep_max == 0:
+                fns.drop_kept(row)
+                self.keeping = False
+            else:
+                self.kept_count = 1
+            return g
+        if self.kept_count >= self.keep_max:
+            self.keeping = False
+            return None
+        g, _ = fns.keep_linearisation(u, row)
+        self.kept_count += 1
+        return g
 
     def _solve(self, mask, y, c, e):
         p, o = self.plan, self.solver
-        return ode.forward_rows(flow_rhs(self.fns, mask, self.lr), y, p.shape, p.times[c:e + 1], o.solver, o.rtol,
-                                o.atol, p.max_steps)
+        times = p.times[c:e + 1]
+        f = keeping_rhs(self, mask, times, c) if self.keeping else flow_rhs(self.fns, mask, self.lr)
+        return ode.forward_rows(f, y, p.shape, times, o.solver, o.rtol, o.atol, p.max_steps)
 
     def _count(self, st) -> None:
         for k in self.stats:

@@ -31,6 +31,8 @@ class Plan:
     rows: int
     max_steps: int
     state_bytes: int
+    budget: int = 0
+    keep: bool = False
 
 
 def horizons(T, h: float, batched: bool, batch: int) -> Tuple[float, Optional[torch.Tensor]]:
@@ -69,6 +71,8 @@ def horizons(T, h: float, batched: bool, batch: int) -> Tuple[float, Optional[to
 
 
 def default_budget(device: torch.device) -> int:
+    """The default ``memory_budget``: half the free memory of a CUDA device, a quarter of the RAM
+    on the CPU."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(0.5 * free)
@@ -104,14 +108,19 @@ def make_plan(u0: torch.Tensor, T, options: MetaGradOptions, batch: int) -> Plan
     T_max, per_task_T = horizons(T, h, options.batched, batch)
     n = ode.grid_size(T_max, h)
     state_bytes = u0.numel() * u0.element_size()
-    _check_size(n, T_max, h, state_bytes, mem.memory, u0.device)
+    _check_size(n, T_max, h, state_bytes, "store" if mem.memory == "linearise" else mem.memory, u0.device)
     memory = mem.memory
+    budget = default_budget(u0.device) if mem.memory_budget is None else int(mem.memory_budget)
     if memory == "auto":
-        budget = default_budget(u0.device) if mem.memory_budget is None else int(mem.memory_budget)
         memory = "store" if (n + 1) * state_bytes <= budget else "checkpoint"
+    # linearisations kept where the forward's evaluations are the adjoint's states (the Forward
+    # decides how many fit, once it has measured one)
+    keep = (mem.memory in ("auto", "linearise") and memory != "checkpoint"
+            and options.forward_scheme.grid_stages)
     return Plan(n=n, h=h, T=T_max, times=ode.grid_times(T_max, n), phases=phases(per_task_T, n, h, u0),
-                memory=memory, m=segment_length(n), shape=list(u0.shape), rows=batch if options.batched else 1,
-                max_steps=options.solver.steps_budget(n), state_bytes=state_bytes)
+                memory="store" if memory == "linearise" else memory, m=segment_length(n), shape=list(u0.shape),
+                rows=batch if options.batched else 1, max_steps=options.solver.steps_budget(n),
+                state_bytes=state_bytes, budget=budget, keep=keep)
 
 
 def phases(per_task_T: Optional[torch.Tensor], n: int, h: float, like: torch.Tensor):

@@ -62,6 +62,9 @@ class Scheme:
             Simpson 4); None for an exact adjoint, which sums them at its own VJPs.
         exact_for: (adjoint) the forward method whose steps it reverses exactly (``discrete``:
             ``euler``), and the only one it may be paired with; None for a continuous adjoint.
+        grid_stages: (forward) every evaluation of ``f`` is at a grid state, once per row
+            (``euler``): the forward's linearisations there are the adjoint's, and can be kept
+            for it (``memory="linearise"``).
     """
 
     name: str
@@ -74,6 +77,7 @@ class Scheme:
     coarse_stride: int = 0
     quadrature_order: Optional[int] = None
     exact_for: Optional[str] = None
+    grid_stages: bool = False
 
     @property
     def stability_bound(self) -> Optional[float]:
@@ -94,7 +98,8 @@ FORWARD_SCHEMES = _registry(
     Scheme("dopri5", 5, None, _dopri5_forward, "adaptive Dormand-Prince 5(4), dense output onto the grid",
            adaptive=True),
     Scheme("rk4", 4, RK4_BOUND, _fixed_forward, "classical RK4 on the grid"),
-    Scheme("euler", 1, 2.0, _fixed_forward, "explicit Euler on the grid (for a gradient flow: gradient descent)"),
+    Scheme("euler", 1, 2.0, _fixed_forward, "explicit Euler on the grid (for a gradient flow: gradient descent)",
+           grid_stages=True),
 )
 """Forward methods by name."""
 

@@ -1,0 +1,126 @@
+"""The memory plan (issue 25): ``memory="linearise"`` keeps the forward's linearisations for the
+adjoint, as many as fit in ``memory_budget``; ``"auto"`` (the default) takes the fastest plan that
+fits. Every level gives the gradient of unrolled autograd; the statistics report the plan."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from amaml_ext import adjoint_meta_grad, flatten_params, gradient_flow, unflatten_params
+from helpers import F64, mlp, regression_task, rel, small_conv4, unrolled
+
+LEVELS = ("linearise", "store", "checkpoint", "auto")
+
+
+@pytest.mark.parametrize("memory", LEVELS)
+@pytest.mark.parametrize("adjoint", ["discrete", "heun"])
+def test_every_level_gives_the_unrolled_gradient(memory, adjoint):
+    """Exact mode is MAML's gradient whatever the plan; with the Heun adjoint the levels agree
+    with each other to rounding (it is the same adjoint over the same states)."""
+    net = mlp(width=8)
+    theta, s, q = flatten_params(net), regression_task(0), regression_task(1)
+    K, h = 12, 0.1
+    r = adjoint_meta_grad(net, F.mse_loss, theta, K * h, support=s, query=q, h=h, solver="euler", adjoint=adjoint,
+                          memory=memory)
+    if adjoint == "discrete":
+        assert rel(r.grad, unrolled(net, F.mse_loss, theta, s, q, K, h)) < 1e-10
+    else:
+        ref = adjoint_meta_grad(net, F.mse_loss, theta, K * h, support=s, query=q, h=h, solver="euler",
+                                adjoint=adjoint, memory="store")
+        assert rel(r.grad, ref.grad) < 1e-12
+    kept = r.stats["kept_linearisations"]
+    assert r.stats["memory"] == ("linearise" if kept else memory if memory != "auto" else "store")
+    if memory in ("linearise", "auto"):
+        assert kept == K and r.stats["memory"] == "linearise"
+        # the adjoint builds only what was not kept: row K (Heun's top node), nothing in exact mode
+        assert r.stats["linearisations"] == K + (adjoint == "heun")
+        assert r.stats["planned_peak_bytes"] == r.stats["trajectory_bytes"] + (K + 1) * r.stats["linearisation_bytes"]
+    else:
+        assert kept == 0 and r.stats["linearisation_bytes"] is None
+
+
+def test_a_budget_that_fits_some_linearisations_keeps_that_many():
+    """Past the states, the budget buys linearisations at their measured size; the rest are
+    recomputed by the adjoint; the gradient is the same."""
+    net = mlp(width=8)
+    theta, s, q = flatten_params(net), regression_task(0), regression_task(1)
+    K, h = 20, 0.05
+    kw = dict(support=s, query=q, h=h, solver="euler", adjoint="discrete")
+    full = adjoint_meta_grad(net, F.mse_loss, theta, K * h, memory="linearise", **kw)
+    lin, states = full.stats["linearisation_bytes"], full.stats["trajectory_bytes"]
+    assert lin > 0
+    budget = states + 8 * lin + lin // 2             # room for 8: 7 kept, one built by the adjoint
+    part = adjoint_meta_grad(net, F.mse_loss, theta, K * h, memory="linearise", memory_budget=budget, **kw)
+    assert part.stats["kept_linearisations"] == 7 and part.stats["memory"] == "linearise"
+    assert part.stats["planned_peak_bytes"] <= budget
+    assert part.stats["linearisations"] == K          # 7 kept + 13 made by the adjoint: none twice
+    assert rel(part.grad, full.grad) < 1e-12
+    none = adjoint_meta_grad(net, F.mse_loss, theta, K * h, memory="linearise", memory_budget=states, **kw)
+    assert none.stats["kept_linearisations"] == 0 and none.stats["memory"] == "store"
+    tiny = adjoint_meta_grad(net, F.mse_loss, theta, K * h, memory="auto", memory_budget=1000, **kw)
+    assert tiny.stats["memory"] == "checkpoint"
+    assert rel(tiny.grad, full.grad) < 1e-12
+
+
+def test_linearise_with_batchnorm_batched_tasks_and_per_task_horizons():
+    """A conv net with BatchNorm in training mode, three tasks with their own horizons: the kept
+    linearisations serve every row of every phase."""
+    torch.manual_seed(0)
+    net = small_conv4(channels=3, ways=2).double().train()
+    theta = flatten_params(net)
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(3, 4, 1, 16, 16, generator=g, dtype=F64)
+    ys = torch.tensor([[0, 1, 0, 1]] * 3)
+    T = torch.tensor([0.3, 0.5, 0.5], dtype=F64)
+    kw = dict(support=(xs, ys), query=(xs, ys), h=0.1, solver="euler", adjoint="discrete", batched=True)
+    a = adjoint_meta_grad(net, F.cross_entropy, theta, T, memory="linearise", **kw)
+    b = adjoint_meta_grad(net, F.cross_entropy, theta, T, memory="store", **kw)
+    assert a.stats["kept_linearisations"] == 5 and b.stats["kept_linearisations"] == 0
+    assert rel(a.grad, b.grad) < 1e-12
+    for i, steps in enumerate((3, 5, 5)):
+        ref = unrolled(net, F.cross_entropy, theta, (xs[i], ys[i]), (xs[i], ys[i]), steps, 0.1)
+        assert rel(a.grad[i], ref) < 1e-10
+
+
+def test_gradient_flow_keeps_linearisations_for_lr_and_params():
+    """gradient_flow's other inputs (a step size, a tensor of the loss's closure) take their
+    gradients from the kept linearisations too."""
+    net = mlp(width=6, depth=1)
+    theta, (x, y) = flatten_params(net), regression_task(0)
+    out = []
+    for memory in ("linearise", "store"):
+        th = theta.clone().requires_grad_()
+        lr = torch.tensor(0.8, dtype=F64, requires_grad=True)
+        w = torch.tensor(1.3, dtype=F64, requires_grad=True)
+        stats = {}
+        u = gradient_flow(net, lambda p, t: w * F.mse_loss(p, t), th, 0.6, (x, y), h=0.1, solver="euler",
+                          adjoint="discrete", lr=lr, adjoint_params=[w], memory=memory, stats=stats)
+        pred = torch.func.functional_call(net, unflatten_params(net, u), (x,))
+        out.append(torch.autograd.grad(F.mse_loss(pred, y), [th, lr, w]) + (stats["kept_linearisations"],))
+    assert out[0][3] == 6 and out[1][3] == 0
+    for a, b in zip(out[0][:3], out[1][:3]):
+        assert rel(a, b) < 1e-12
+
+
+def test_where_nothing_can_be_kept_auto_stores():
+    """dopri5 and RK4 evaluate between the grid states, and compiled callbacks keep no graph:
+    "auto" is "store" there, with the same gradient."""
+    net = mlp(width=6, depth=1)
+    theta, s, q = flatten_params(net), regression_task(0), regression_task(1)
+    for kw in (dict(solver="rk4", adjoint="rk4"), dict(solver="dopri5", adjoint="heun")):
+        a = adjoint_meta_grad(net, F.mse_loss, theta, 0.4, support=s, query=q, h=0.1, **kw)
+        b = adjoint_meta_grad(net, F.mse_loss, theta, 0.4, support=s, query=q, h=0.1, memory="store", **kw)
+        assert a.stats["memory"] == "store" and a.stats["kept_linearisations"] == 0
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_the_learners_and_the_command_default_to_auto():
+    from amaml_ext import learners
+    from amaml_ext.cli import build_parser
+    net = mlp(width=4, depth=1)
+    assert learners.AMAML(net, F.mse_loss, T=0.2, h=0.05).options["memory"] == "auto"
+    args = build_parser().parse_args(["train", "--task", "cosmixture", "--method", "amaml", "--out", "x"])
+    assert args.memory == "auto" and args.memory_budget is None
+    args = build_parser().parse_args(["train", "--task", "cosmixture", "--method", "amaml", "--out", "x",
+                                      "--memory-budget", "1.5G"])
+    assert args.memory_budget == 3 << 29
