@@ -130,6 +130,7 @@ METHODS: Dict[str, Callable] = {
     "ours_store": _ours("dopri5", "heun", "store", tolerances=True),
     "ours_exact": _ours("euler", "discrete", "store"),
     "ours_checkpoint": _ours("euler", "discrete", "checkpoint"),
+    "ours_exact_linearise": _ours("euler", "discrete", "linearise"),
     "ours_dopri5_ckpt": _ours("dopri5", "heun", "checkpoint", tolerances=True),
     "ours_store_compiled": _ours("dopri5", "heun", "store", tolerances=True, compile=True),
     "ours_exact_compiled": _ours("euler", "discrete", "store", compile=True),

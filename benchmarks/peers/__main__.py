@@ -29,7 +29,7 @@ from ..meta_grad.problem import build_problem
 from . import report
 from .methods import CONTINUOUS, peer_versions
 
-GRID_METHODS = ["ours_store", "ours_exact", "ours_checkpoint", "learner_amaml", "learner_amaml_exact",
+GRID_METHODS = ["ours_store", "ours_exact", "ours_exact_linearise", "ours_checkpoint", "learner_amaml", "learner_amaml_exact",
                 "maml_unrolled", "authors_rk4", "authors_heun",
                 "higher_sgd", "torchopt_sgd", "torchopt_metasgd", "l2l_maml"]
 CONV_NOT_SMOOTH = ("n/a: Conv4 (ReLU, max-pool) has no smooth gradient flow; the continuous adjoint does not "
