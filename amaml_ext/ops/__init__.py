@@ -86,3 +86,47 @@ def heun_update(lam: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor], h
 @torch.library.register_fake("amaml_ext::heun_update")
 def _heun_update_fake(lam, a, b, h, out):
     return None
+
+
+def batch_norm_double_backward(x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
+                               invstd: torch.Tensor, grad_out: torch.Tensor,
+                               ggx: Optional[torch.Tensor] = None, ggw: Optional[torch.Tensor] = None,
+                               ggb: Optional[torch.Tensor] = None
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode BatchNorm's double backward, fused: the gradients ``(grad_x, grad_weight,
+    grad_grad_out)`` of ``<ggx, gx> + <ggw, gw> + <ggb, gb>``, where ``gx, gw, gb`` is
+    ``aten.native_batch_norm_backward(grad_out, x, weight, None, None, mean, invstd, True, eps)``
+    (what aten's ``batchnorm_double_backward`` returns). ``x`` is ``[N, C, *]``; ``weight``,
+    ``mean``, ``invstd`` (the forward's saved statistics), ``ggw``, ``ggb`` are ``[C]``; a None
+    gradient counts as zero, a None weight as ones. ``grad_weight`` does not depend on the weight
+    (a caller with no weight drops it). Unlike the other ops it returns new tensors: it is called
+    from autograd backward passes and under ``torch.func.vmap`` (its batching rule is below)."""
+    return _ops.batch_norm_double_backward(x, weight, mean, invstd, grad_out, ggx, ggw, ggb)
+
+
+@torch.library.register_fake("amaml_ext::batch_norm_double_backward")
+def _batch_norm_double_backward_fake(x, weight, mean, invstd, grad_out, ggx, ggw, ggb):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[1]),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_vmap("amaml_ext::batch_norm_double_backward")
+def _batch_norm_double_backward_vmap(info, in_dims, x, weight, mean, invstd, grad_out, ggx, ggw, ggb):
+    """B problems [N, C, *] as one [N, B*C, *]: the statistics are per (problem, channel)."""
+    b = info.batch_size
+
+    def front(t, d):
+        return None if t is None else t.movedim(d, 0) if d is not None else t.expand(b, *t.shape)
+
+    n, c, rest = x.shape[0 if in_dims[0] is None else 1], mean.shape[-1], None
+    elems = []
+    for t, d in ((x, in_dims[0]), (grad_out, in_dims[4]), (ggx, in_dims[5])):
+        t = front(t, d)
+        rest = t.shape[3:] if t is not None else rest
+        elems.append(None if t is None else t.movedim(0, 1).reshape(n, b * c, *t.shape[3:]))
+    chans = [None if t is None else front(t, d).reshape(b * c)
+             for t, d in ((weight, in_dims[1]), (mean, in_dims[2]), (invstd, in_dims[3]),
+                          (ggw, in_dims[6]), (ggb, in_dims[7]))]
+    gx, gw, ggy = _ops.batch_norm_double_backward(elems[0], chans[0], chans[1], chans[2], elems[1],
+                                                  elems[2], chans[3], chans[4])
+    return (gx.reshape(n, b, c, *rest), gw.reshape(b, c), ggy.reshape(n, b, c, *rest)), (1, 0, 1)

@@ -63,3 +63,32 @@ def heun_update(lam: torch.Tensor, a: torch.Tensor, b, h: float) -> torch.Tensor
     if b is None:
         return lam + h * a
     return lam + (h / 2) * (a + b)
+
+
+def batch_norm_double_backward(x: torch.Tensor, weight, mean: torch.Tensor, invstd: torch.Tensor,
+                               grad_out: torch.Tensor, ggx=None, ggw=None, ggb=None
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode BatchNorm's double backward: (grad_x, grad_weight, grad_grad_out), with
+    P(v) = v - mean(v) - xh mean(v xh) the first backward's projection (per channel)."""
+    dims = [0] + list(range(2, x.dim()))
+    m = x.numel() // x.shape[1]
+
+    def ch(t):
+        return t.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+    def mean_c(t):
+        return t.mean(dims, keepdim=True)
+
+    s = ch(invstd)
+    ws = s if weight is None else ch(weight) * s
+    xh = (x - ch(mean)) * s
+    g = grad_out
+    q = torch.zeros_like(x) if ggx is None else ggx
+    a, qx = mean_c(g * xh), mean_c(q * xh)
+    k = (q * g).sum(dims, keepdim=True) - m * mean_c(g) * mean_c(q) - m * a * qx
+    pg, pq = g - mean_c(g) - xh * a, q - mean_c(q) - xh * qx
+    gw_in = 0.0 if ggw is None else ch(ggw)
+    gb_in = 0.0 if ggb is None else ch(ggb)
+    grad_x = -(ws * s * k / m) * xh - ws * s * qx * pg - ws * s * a * pq + gw_in * s * pg
+    grad_grad_out = ws * pq + gw_in * xh + gb_in
+    return grad_x, (s * k).reshape(-1), grad_grad_out
