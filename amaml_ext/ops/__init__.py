@@ -118,12 +118,10 @@ def _batch_norm_double_backward_vmap(info, in_dims, x, weight, mean, invstd, gra
     def front(t, d):
         return None if t is None else t.movedim(d, 0) if d is not None else t.expand(b, *t.shape)
 
-    n, c, rest = x.shape[0 if in_dims[0] is None else 1], mean.shape[-1], None
-    elems = []
-    for t, d in ((x, in_dims[0]), (grad_out, in_dims[4]), (ggx, in_dims[5])):
-        t = front(t, d)
-        rest = t.shape[3:] if t is not None else rest
-        elems.append(None if t is None else t.movedim(0, 1).reshape(n, b * c, *t.shape[3:]))
+    xs = front(x, in_dims[0])
+    n, c, rest = xs.shape[1], xs.shape[2], xs.shape[3:]
+    elems = [None if t is None else t.movedim(0, 1).reshape(n, b * c, *rest)
+             for t in (xs, front(grad_out, in_dims[4]), front(ggx, in_dims[5]))]
     chans = [None if t is None else front(t, d).reshape(b * c)
              for t, d in ((weight, in_dims[1]), (mean, in_dims[2]), (invstd, in_dims[3]),
                           (ggw, in_dims[6]), (ggb, in_dims[7]))]

@@ -875,6 +875,79 @@ void test_convergence() {
   }
 }
 
+// batch_norm_double_backward against aten's batchnorm_double_backward formula (FunctionsManual),
+// written out term for term in double loops: 2D and 4D, with and without weight and ggx.
+void test_batch_norm_double_backward() {
+  using Opt = std::optional<at::Tensor>;
+  using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const Opt&, const at::Tensor&,
+                                                             const at::Tensor&, const at::Tensor&, const Opt&,
+                                                             const Opt&, const Opt&);
+  static const auto op = amaml::dispatch::find_op<Sig>("batch_norm_double_backward");
+  const std::vector<std::vector<int64_t>> shapes = {{7, 3}, {4, 5, 3, 6}, {2, 33, 5, 7}};
+  for (at::ScalarType dt : kDtypes) {
+    for (const auto& shape : shapes) {
+      for (int variant = 0; variant < 3; ++variant) {  // 0: all given, 1: no weight, 2: no ggx
+        const std::string cs = std::string("batch_norm_double_backward ") + dtype_str(dt) + " " +
+                               shape_str(shape) + (variant == 1 ? " no weight" : variant == 2 ? " no ggx" : "");
+        const int64_t N = shape[0], C = shape[1];
+        const at::Tensor x = at::randn(shape, g_gen, opts(dt)) * 1.7 + 0.3;
+        const at::Tensor gy = at::randn(shape, g_gen, opts(dt)), ggx = at::randn(shape, g_gen, opts(dt));
+        const at::Tensor w = at::rand({C}, g_gen, opts(dt)) + 0.5, ggw = at::randn({C}, g_gen, opts(dt));
+        const at::Tensor ggb = at::randn({C}, g_gen, opts(dt));
+        const auto stats = at::native_batch_norm(x, w, {}, {}, {}, true, 0.0, 1e-5);
+        const at::Tensor mean = std::get<1>(stats), invstd = std::get<2>(stats);
+        const Opt wo = variant == 1 ? Opt() : Opt(w), qo = variant == 2 ? Opt() : Opt(ggx);
+        const auto out = op.call(x, wo, mean, invstd, gy, qo, ggw, ggb);
+        const auto X = to_vec(x), G = to_vec(gy), Q = to_vec(ggx), W = to_vec(w), GW = to_vec(ggw);
+        const auto GB = to_vec(ggb), MU = to_vec(mean), S = to_vec(invstd);
+        const int64_t L = x.numel() / (N * C);
+        const double M = static_cast<double>(N * L);
+        std::vector<double> gi(X.size()), gg(C), ggo(X.size()), mag(X.size()), magc(C);
+        for (int64_t c = 0; c < C; ++c) {
+          const double mu = MU[c], s = S[c], s3 = s * s * s, wc = variant == 1 ? 1.0 : W[c];
+          const double q_on = variant == 2 ? 0.0 : 1.0;
+          double g_sum = 0, gxm = 0, q_sum = 0, qxm = 0, gq = 0, scale = 0;
+          for (int64_t n = 0; n < N; ++n)
+            for (int64_t k = 0; k < L; ++k) {
+              const size_t i = static_cast<size_t>((n * C + c) * L + k);
+              g_sum += G[i];
+              gxm += G[i] * (X[i] - mu);
+              q_sum += q_on * Q[i];
+              qxm += q_on * Q[i] * (X[i] - mu);
+              gq += q_on * G[i] * Q[i];
+              scale = std::max(scale, std::fabs(G[i]) + std::fabs(Q[i]) + std::fabs(X[i] - mu) * s);
+            }
+          const double all_sub = q_sum * g_sum / M - gq + 3.0 * s * s * gxm * qxm / M;
+          double ggc = 0;
+          for (int64_t n = 0; n < N; ++n)
+            for (int64_t k = 0; k < L; ++k) {
+              const size_t i = static_cast<size_t>((n * C + c) * L + k);
+              const double xm = X[i] - mu, q = q_on * Q[i];
+              const double first = G[i] * s - s * g_sum / M - xm * s3 * gxm / M;  // gamma = 1
+              gi[i] = wc * (xm * s3 * all_sub / M + qxm * s3 / M * (g_sum / M - G[i]) +
+                            gxm * s3 / M * (q_sum / M - q)) + GW[c] * first;
+              ggo[i] = wc * (q * s - s * q_sum / M - xm * s3 * qxm / M) + GW[c] * xm * s + GB[c];
+              ggc += q * first;
+              mag[i] = 10.0 * (1.0 + wc + std::fabs(GW[c]) + std::fabs(GB[c])) * s * s * scale * scale;
+            }
+          gg[c] = ggc;
+          magc[c] = 10.0 * M * s * scale * scale;
+        }
+        check_close(cs + " grad_x", std::get<0>(out), gi, mag, tol_for(dt));
+        check_close(cs + " grad_weight", std::get<1>(out), gg, magc, tol_for(dt));
+        check_close(cs + " grad_grad_out", std::get<2>(out), ggo, mag, tol_for(dt));
+      }
+    }
+  }
+  const at::Tensor x = at::randn({4, 3}, g_gen, opts(at::kDouble)), m = at::zeros({3}, opts(at::kDouble));
+  expect_error("batch_norm_double_backward weight shape", "'weight'",
+               [&] { op.call(x, at::ones({4}, opts(at::kDouble)), m, m, x, {}, {}, {}); });
+  expect_error("batch_norm_double_backward ggx dtype", "'ggx'",
+               [&] { op.call(x, {}, m, m, x, x.to(at::kFloat), {}, {}); });
+  expect_error("batch_norm_double_backward invstd shape", "'invstd'",
+               [&] { op.call(x, {}, m, at::zeros({2}, opts(at::kDouble)), x, {}, {}, {}); });
+}
+
 struct Test {
   const char* name;
   void (*fn)();
@@ -885,6 +958,7 @@ const Test kTests[] = {
     {"dopri5_finish", test_dopri5_finish}, {"dopri5_dense", test_dopri5_dense},
     {"heun_update", test_heun_update},   {"bad_input", test_bad_input},
     {"convergence", test_convergence},   {"threads", test_threads},
+    {"batch_norm_double_backward", test_batch_norm_double_backward},
 };
 
 bool run_test(const Test& t) {

@@ -235,3 +235,21 @@ def test_vmap_over_tasks(dtype):
     for b in range(B):
         for e, o in zip(expect[b], hv):
             torch.testing.assert_close(o[b], e, **t)
+
+
+@pytest.mark.parametrize("in_dims", [(0, 0, 0, 0, 0, 0, 0, 0), (2, None, 1, 0, None, 3, 0, None),
+                                     (None, 0, None, None, 1, None, None, 0)])
+def test_the_batching_rule_matches_a_loop(in_dims):
+    """vmap of the op itself, batch dims anywhere or absent (None: shared by the problems)."""
+    B, shape = 3, (4, 3, 5, 2)
+    probs = [problem(shape, torch.float64, "cpu", seed=s) for s in range(B)]
+    if in_dims[0] is None:   # one x (and its statistics) for all problems
+        probs = [(probs[0][0], p[1], probs[0][2], probs[0][3], *p[4:]) for p in probs]
+    args = []
+    for j, d in enumerate(in_dims):
+        args.append(probs[0][j] if d is None else torch.stack([p[j] for p in probs], d))
+    got = torch.func.vmap(torch.ops.amaml_ext.batch_norm_double_backward, in_dims=in_dims)(*args)
+    for b in range(B):
+        one = [a if d is None else a.select(d, b) for a, d in zip(args, in_dims)]
+        for e, o in zip(torch.ops.amaml_ext.batch_norm_double_backward(*one), got):
+            torch.testing.assert_close(o[b], e, rtol=1e-13, atol=1e-13)
