@@ -5,8 +5,9 @@
 (statistics of the batch; running statistics are the module's business, see
 :class:`FusedBatchNorm`) as an autograd Function: its forward is aten's ``native_batch_norm``, its
 backward the Function :class:`BatchNormBackward` (forward: aten's ``native_batch_norm_backward``;
-backward: the fused op). First and second derivatives are aten's; a third derivative is not
-provided (the fused op has no autograd formula). Both Functions carry ``generate_vmap_rule``,
+backward: the fused op, as the Function :class:`BatchNormDoubleBackward`). First and second
+derivatives are aten's; a third derivative (which aten's batch norm refuses) is the VJP of the
+plain-torch mirror (:mod:`amaml_ext.ops.reference`), the statistics recomputed from ``x``. Both Functions carry ``generate_vmap_rule``,
 and the fused op has a batching rule (:mod:`amaml_ext.ops`), so they run under
 ``torch.func.vmap`` over problems (tasks) and under ``torch.func`` transforms.
 
@@ -24,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import batch_norm_double_backward
+from . import batch_norm_double_backward, reference
 
-__all__ = ["BatchNormTrain", "BatchNormBackward", "batch_norm_train", "FusedBatchNorm",
+__all__ = ["BatchNormTrain", "BatchNormBackward", "BatchNormDoubleBackward", "batch_norm_train", "FusedBatchNorm",
            "use_fused_batch_norm"]
 
 
@@ -45,16 +46,57 @@ class BatchNormBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_out, x, weight, mean, invstd, _ = inputs
+        grad_out, x, weight, mean, invstd, eps = inputs
         ctx.save_for_backward(grad_out, x, weight, mean, invstd)
+        ctx.eps = eps
 
     @staticmethod
     def backward(ctx, ggx, ggw, ggb):
         grad_out, x, weight, mean, invstd = ctx.saved_tensors
         if ggx is None and ggw is None and ggb is None:
             return None, None, None, None, None, None
-        gi, gg, ggo = batch_norm_double_backward(x, weight, mean, invstd, grad_out, ggx, ggw, ggb)
+        gi, gg, ggo = BatchNormDoubleBackward.apply(x, weight, mean, invstd, grad_out, ggx, ggw, ggb,
+                                                    ctx.eps)
         return ggo, gi, (gg if weight is not None else None), None, None, None
+
+
+class BatchNormDoubleBackward(torch.autograd.Function):
+    """The fused op as a Function: ``(grad_x, grad_weight, grad_grad_out)``. Its own backward (a
+    third derivative, asked for only where the double backward is differentiated) is the VJP of
+    the plain-torch mirror with the statistics recomputed from ``x``, evaluated only then; under
+    ``torch.func.grad``, which keeps the graph of every backward, the values stay the fused op's."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, mean, invstd, grad_out, ggx, ggw, ggb, eps):
+        return batch_norm_double_backward(x, weight, mean, invstd, grad_out, ggx, ggw, ggb)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, _, grad_out, ggx, ggw, ggb, eps = inputs
+        ctx.save_for_backward(x, weight, grad_out, ggx, ggw, ggb)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        saved = ctx.saved_tensors
+        given = [j for j, t in enumerate(saved) if t is not None]
+
+        def mirror(*ts):
+            args = list(saved)
+            for j, t in zip(given, ts):
+                args[j] = t
+            x, weight, grad_out, ggx, ggw, ggb = args
+            var, mean = torch.var_mean(x, [0] + list(range(2, x.dim())), correction=0)
+            return reference.batch_norm_double_backward(x, weight, mean, torch.rsqrt(var + ctx.eps),
+                                                        grad_out, ggx, ggw, ggb)
+
+        outs, vjp = torch.func.vjp(mirror, *(saved[j] for j in given))
+        cts = tuple(torch.zeros_like(o) if c is None else c for o, c in zip(outs, cotangents))
+        grads = dict(zip(given, vjp(cts)))
+        x, w, gy, q, gw, gb = (grads.get(j) for j in range(6))
+        return x, w, None, None, gy, q, gw, gb, None
 
 
 class BatchNormTrain(torch.autograd.Function):

@@ -253,3 +253,25 @@ def test_the_batching_rule_matches_a_loop(in_dims):
         one = [a if d is None else a.select(d, b) for a, d in zip(args, in_dims)]
         for e, o in zip(torch.ops.amaml_ext.batch_norm_double_backward(*one), got):
             torch.testing.assert_close(o[b], e, rtol=1e-13, atol=1e-13)
+
+
+def composite_batch_norm(x, w):
+    var, mean = torch.var_mean(x, [0, 2, 3], correction=0, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + EPS) * w.reshape(1, -1, 1, 1)
+
+
+def test_third_derivative_matches_a_composite_batch_norm():
+    """A graph of the double backward (create_graph in the second backward) goes through the
+    plain-torch mirror with the statistics of x: third derivatives equal those of batch norm
+    written in torch ops (aten's F.batch_norm refuses third derivatives)."""
+    x0 = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    w0 = torch.rand(3, dtype=torch.float64) + 0.5
+    out = []
+    for f in (composite_batch_norm, lambda x, w: bn.batch_norm_train(x, w, None, EPS)):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        g = torch.autograd.grad((f(x, w) ** 3).sum(), (x, w), create_graph=True)
+        h = torch.autograd.grad(sum((t ** 2).sum() for t in g), (x, w), create_graph=True)
+        out.append(torch.autograd.grad(sum((t * t.detach()).sum() for t in h), (x, w)))
+    for e, o in zip(*out):
+        assert e.abs().max() > 1e-3
+        torch.testing.assert_close(o, e, rtol=1e-10, atol=1e-10)
