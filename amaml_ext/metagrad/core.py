@@ -70,6 +70,8 @@ class InnerSolve:
         return {**fwd.stats, "grid_steps": p.n, "trajectory_bytes": states,
                 "memory": "linearise" if fwd.kept_count else p.memory, "memory_budget": p.budget,
                 "kept_linearisations": fwd.kept_count, "linearisation_bytes": lin,
+                "checkpoint_slots": p.slots or None,
+                "recomputed_segments": fwd.revolve.advances if fwd.revolve is not None else None,
                 "planned_peak_bytes": states + (fwd.kept_count + 1) * lin if lin else None,
                 "solver": o.solver.solver, "adjoint": o.solver.adjoint, "h": p.h, "compiled": self.fns.compiled}
 

@@ -15,6 +15,7 @@ from ..functional import TaskFunctions
 from . import accuracy
 from .options import MetaGradOptions
 from .plan import Plan, segments
+from .revolve import RevolveCheckpoints
 
 
 def flow_rhs(fns: TaskFunctions, mask: Optional[torch.Tensor], lr: Optional[torch.Tensor] = None):
@@ -90,6 +91,7 @@ class Forward:
         # memory="linearise"/"auto": the linearisations of the first rows, as many as fit
         self.keeping = plan.keep and plan.memory == "store" and not fns.compiled
         self.kept_count, self.keep_max, self.lin_bytes = 0, 0, None
+        self.revolve: Optional[RevolveCheckpoints] = None     # checkpoints by the binomial schedule
 
     def kept_grad(self, u: torch.Tensor, row: Optional[int]) -> Optional[torch.Tensor]:
         """The gradient at grid row ``row`` with its linearisation kept for the adjoint, while the
@@ -130,6 +132,8 @@ class Forward:
         """u(T) (``[rows, d]``)."""
         p, adaptive = self.plan, self.scheme.adaptive
         y = u0.reshape(p.rows, -1)
+        if p.memory == "checkpoint" and not adaptive and p.slots:
+            return self._run_revolve(y)
         if p.memory == "checkpoint" and not adaptive:
             self.kept[0] = y  # row 0 of the first segment; u0 is our own copy
         with torch.no_grad():
@@ -156,6 +160,26 @@ class Forward:
                               + p.m + 1)
         return y
 
+    def _run_revolve(self, y: torch.Tensor) -> torch.Tensor:
+        """The checkpointed forward with ``plan.slots`` snapshots placed by the binomial schedule:
+        the backward gets each segment's bottom state from :class:`~.revolve.RevolveCheckpoints`
+        (restored and re-advanced as the schedule says; bit for bit the forward's)."""
+        p = self.plan
+        segs = [s for a, b, _ in reversed(p.phases) for s in segments(a, b, p.m)]
+        self.revolve = RevolveCheckpoints(segs, p.slots, self._advance)
+        with torch.no_grad():
+            y = self.revolve.run(y)
+        self.peak_rows = min(p.slots, len(segs)) + 1 + p.m + 1
+        return y
+
+    def _advance(self, y: torch.Tensor, c: int, e: int) -> torch.Tensor:
+        """The state at row ``e`` solved from row ``c``'s (the forward's sweep counts its steps)."""
+        mask = next(m for a, b, m in self.plan.phases if a <= c < b)
+        seg, st = self._solve(mask, y, c, e)
+        if self.revolve.sweeping:
+            self._count(st)
+        return seg[-1].clone()
+
     def pieces(self, a: int, b: int):
         return [(a, b)] if self.plan.memory == "store" else segments(a, b, self.plan.m)
 
@@ -165,7 +189,8 @@ class Forward:
             return self.kept[(c, e)] if self.reusable else self.kept.pop((c, e))
         if self.scheme.adaptive:
             return ode.dopri5_replay_rows(flow_rhs(self.fns, mask, self.lr), self.logs[(a, b)], self.plan.shape, c - a, e - a)
-        return self._solve(mask, self.kept[c], c, e)[0]
+        start = self.revolve.state(c) if self.revolve is not None else self.kept[c]
+        return self._solve(mask, start, c, e)[0]
 
 
 def explain_forward_failure(e: ValueError, options: MetaGradOptions, caller: str = "adjoint_meta_grad") -> ValueError:

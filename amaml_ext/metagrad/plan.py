@@ -11,6 +11,7 @@ import torch
 
 from .. import ode
 from .options import MEMORY_MODES, MetaGradOptions  # noqa: F401  (MEMORY_MODES re-exported)
+from .revolve import plan_for
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Plan:
     state_bytes: int
     budget: int = 0
     keep: bool = False
+    slots: int = 0
 
 
 def horizons(T, h: float, batched: bool, batch: int) -> Tuple[float, Optional[torch.Tensor]]:
@@ -117,10 +119,33 @@ def make_plan(u0: torch.Tensor, T, options: MetaGradOptions, batch: int) -> Plan
     # decides how many fit, once it has measured one)
     keep = (mem.memory in ("auto", "linearise") and memory != "checkpoint"
             and options.forward_scheme.grid_stages)
-    return Plan(n=n, h=h, T=T_max, times=ode.grid_times(T_max, n), phases=phases(per_task_T, n, h, u0),
-                memory="store" if memory == "linearise" else memory, m=segment_length(n), shape=list(u0.shape),
+    spans = phases(per_task_T, n, h, u0)
+    m, slots = segment_length(n), 0
+    if memory == "checkpoint" and not options.forward_scheme.adaptive:
+        m, slots = checkpoint_layout(spans, n, budget, state_bytes)
+    return Plan(n=n, h=h, T=T_max, times=ode.grid_times(T_max, n), phases=spans,
+                memory="store" if memory == "linearise" else memory, m=m, shape=list(u0.shape),
                 rows=batch if options.batched else 1, max_steps=options.solver.steps_budget(n),
-                state_bytes=state_bytes, budget=budget, keep=keep)
+                state_bytes=state_bytes, budget=budget, keep=keep, slots=slots)
+
+
+def checkpoint_layout(spans, n: int, budget: int, state_bytes: int) -> Tuple[int, int]:
+    """``(m, slots)`` of a fixed-step checkpointed forward: segments of about sqrt(N) intervals,
+    every bottom state kept (``slots = 0``), where that fits ``budget``; else the segment length
+    and the number of snapshots of the binomial schedule (:mod:`.revolve`) that recompute the
+    fewest grid steps within it. A budget below any layout keeps the sqrt(N) one."""
+    def count(mm: int) -> Tuple[int, int]:
+        segs = [s for a, b, _ in spans for s in segments(a, b, mm)]
+        return len(segs), max(e - c for c, e in segs)
+    m = segment_length(n)
+    n_seg, longest = count(m)
+    if (n_seg + longest + 2) * state_bytes <= budget:
+        return m, 0
+    try:
+        rp = plan_for(n, budget // state_bytes - 1, count=count)
+    except ValueError:
+        return m, 0
+    return rp.m, rp.slots
 
 
 def phases(per_task_T: Optional[torch.Tensor], n: int, h: float, like: torch.Tensor):

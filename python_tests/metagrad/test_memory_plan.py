@@ -124,3 +124,31 @@ def test_the_learners_and_the_command_default_to_auto():
     args = build_parser().parse_args(["train", "--task", "cosmixture", "--method", "amaml", "--out", "x",
                                       "--memory-budget", "1.5G"])
     assert args.memory_budget == 3 << 29
+
+
+@pytest.mark.parametrize("kw", [dict(solver="euler", adjoint="discrete"), dict(solver="rk4", adjoint="rk4"),
+                                dict(solver="euler", adjoint="heun")])
+def test_a_budget_below_sqrt_checkpointing_takes_the_binomial_schedule(kw):
+    """With a budget too small for a state every sqrt(N) rows, the checkpointed forward keeps
+    binomially placed snapshots (Revolve) and re-advances segments: the gradient is store's, bit
+    for bit, and the states held stay within the budget."""
+    from amaml_ext.metagrad.plan import checkpoint_layout, segments
+    from amaml_ext.metagrad.revolve import optimal_recomputations
+    net = mlp(width=6, depth=1)
+    theta, s, q = flatten_params(net), regression_task(0), regression_task(1)
+    K, h = 400, 0.005
+    state = theta.numel() * theta.element_size()
+    store = adjoint_meta_grad(net, F.mse_loss, theta, K * h, support=s, query=q, h=h, memory="store", **kw)
+    sqrt = adjoint_meta_grad(net, F.mse_loss, theta, K * h, support=s, query=q, h=h, memory="checkpoint", **kw)
+    assert sqrt.stats["checkpoint_slots"] is None                   # the budget holds sqrt checkpointing
+    budget = 30 * state
+    tight = adjoint_meta_grad(net, F.mse_loss, theta, K * h, support=s, query=q, h=h, memory="checkpoint",
+                              memory_budget=budget, **kw)
+    slots = tight.stats["checkpoint_slots"]
+    assert slots is not None and 1 <= slots < 30
+    assert tight.stats["trajectory_bytes"] <= budget
+    assert torch.equal(tight.grad, store.grad) and torch.equal(sqrt.grad, store.grad)
+    m, again = checkpoint_layout([(0, K, None)], K, budget, state)
+    n = len(segments(0, K, m))
+    assert again == slots and tight.stats["recomputed_segments"] == optimal_recomputations(n, slots)
+    assert tight.stats["accepted_steps"] == store.stats["accepted_steps"] == K      # the forward counted once
