@@ -22,7 +22,7 @@ ALLOWED = {
     "ode": ("ops", "_checks"),
     "data": ("_checks", "_io"),
     "tasks": ("data",),
-    "functional": ("_checks",),
+    "functional": ("_checks", "ops"),
     "metagrad": ("ode", "functional", "_checks"),
     "learners": ("metagrad", "functional", "ode", "data", "_checks"),
     "train": ("learners", "metagrad", "functional", "ode", "data", "models", "_checks", "_io"),

@@ -54,7 +54,7 @@ class CompiledCallbacks:
     def __init__(self, model: nn.Module, loss: LossFn, batched: bool, keep):
         _load_jvp_decompositions()
         shapes = list(param_shapes(model))
-        module = functional_module(model)
+        module = functional_module(model, fused_batch_norm=False)   # their HVP is forward-mode
         self.keep = keep        # the objects the cache key names by identity (model_state.fingerprint)
 
         # the constants (buffers, frozen parameters) are arguments: read from the model per call
