@@ -197,13 +197,19 @@ def prewarm_k(method: str, K: int) -> Optional[int]:
     """The K of a call made once before the memory baseline (its time is ``first_call_s``), or
     None: a peer's first call in a process sets the library up (higher's first
     ``torch.optim.SGD`` imports ``torch._dynamo``: 0.7 s and 117 MiB here), a K = 1 call does it;
-    a learner may compile at its defaults, per shape and step count: a call at K (like
-    ``ours_*_compiled``'s compilation, kept out of the time and the memory)."""
+    a learner may compile at its defaults, per shape and step count, and a budget method measures
+    a linearisation: a call at K (like ``ours_*_compiled``'s compilation, kept out of the time and
+    the memory)."""
     if method in PEER_METHODS:
         return 1
-    if method in LEARNER_METHODS:
+    if method in LEARNER_METHODS or method in BUDGET_PROBES:
         return K
     return None
+
+
+BUDGET_PROBES = {"ours_exact_b25", "ours_exact_b50"}
+"""Methods whose first call measures a linearisation (a full "linearise" run) to set their
+budget: made before the memory baseline, like a compilation."""
 
 CONTINUOUS = {"ours_store", "ours_dopri5_ckpt", "ours_store_compiled", "learner_amaml", "odeint_adjoint"}
 """Methods that solve the gradient flow by dopri5 (and its continuous adjoint): not run on a
