@@ -75,9 +75,8 @@ def check_methods(args, fresh: Dict[str, bool]) -> None:
     for method, starts in fresh.items():
         cfg = run_config(args, method)
         if callable(getattr(L.METHODS[method].cls, "horizon", None)) and _exact(cfg.get("adjoint")):
-            continuous = " or ".join(n for n, s in ode.ADJOINT_SCHEMES.items() if s.exact_for is None)
             raise CommandError(f"amaml-ext: argument --adjoint: --method {method} learns the horizon T, which needs "
-                               f"a continuous adjoint ({continuous}), got {cfg['adjoint']!r} (exact mode: K = T / h "
+                               f"a continuous adjoint ({ode.continuous_adjoints()}), got {cfg['adjoint']!r} (exact mode: K = T / h "
                                f"GD steps, whose number has no derivative)")
         try:
             make_run_learner(cfg, model, prob.loss, accuracy_options(args, method))

@@ -14,6 +14,7 @@ with autograd. HVPs use double backward; the linearisation of the last state is 
 is, loss and input shapes); a failed compilation warns and falls back to eager.
 """
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
@@ -293,17 +294,16 @@ class TaskFunctions:
         constants or the data), else 0. ``u`` is copied: the solver reuses its workspace."""
         self.grad_evals += 1
         sizes: Dict[int, int] = {}
-        if measure:
-            known = {t.untyped_storage().data_ptr() for t in (*self.support, *self.constants(u.dtype).values())}
+        known = {t.untyped_storage().data_ptr() for t in (*self.support, *self.constants(u.dtype).values())} \
+            if measure else set()
 
-            def pack(t: torch.Tensor) -> torch.Tensor:
-                ptr = t.untyped_storage().data_ptr()
-                if ptr not in known:
-                    sizes[ptr] = t.untyped_storage().nbytes()
-                return t
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                lin = self._linearised(u.detach().clone(), row)
-        else:
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in known:
+                sizes[ptr] = t.untyped_storage().nbytes()
+            return t
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if measure else contextlib.nullcontext()
+        with hooks:
             lin = self._linearised(u.detach().clone(), row)
         self.kept[row] = lin
         return lin.grad, sum(sizes.values())

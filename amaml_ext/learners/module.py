@@ -20,7 +20,6 @@ from torch import nn
 from .. import _checks, ode
 from ..functional import LossFn, flatten_params, param_count, param_shapes, unflatten_params
 from ..metagrad import gradient_flow
-from ..metagrad.gradient_flow import continuous_adjoints
 from ..metagrad.options import MetaGradOptions
 
 
@@ -64,7 +63,7 @@ class AdjointLearner(nn.Module):
         self.options = MetaGradOptions.build(caller="AdjointLearner", h=h, **options)   # checked now, once
         self.h = self.options.solver.h
         if learn_T and self.options.adjoint_scheme.exact_for is not None:
-            raise ValueError(f"argument 'learn_T' needs a continuous adjoint ({continuous_adjoints()}): exact mode "
+            raise ValueError(f"argument 'learn_T' needs a continuous adjoint ({ode.continuous_adjoints()}): exact mode "
                              f"(adjoint={self.options.solver.adjoint!r}) differentiates T / h GD steps, whose number "
                              "has no derivative")
         if not learn_T:

@@ -84,7 +84,6 @@ class InnerSolve:
             "hvps": fns.hvp_evals,
             "linearisations": fns.linearisations,
             "param_vjps": fns.param_vjps,
-            "compiled": fns.compiled,
             "adjoint_steps": out.steps,
             "error_tol": o.accuracy.error_tol if o.estimate else None,
             "adjoint_error_estimate": None, "richardson_estimate": None, "invariant_drift": None,

@@ -16,11 +16,6 @@ from .core import InnerSolve
 from .options import MetaGradOptions
 
 
-def continuous_adjoints() -> str:
-    """The continuous adjoint methods, in words (``'heun' or 'rk4'``)."""
-    return " or ".join(repr(n) for n, s in ode.ADJOINT_SCHEMES.items() if s.exact_for is None)
-
-
 def _check_lr(lr, theta: torch.Tensor) -> Optional[torch.Tensor]:
     """``lr`` as a detached tensor (0-dim or ``[d]``) on theta's device and dtype, or None."""
     if lr is None:
@@ -64,7 +59,7 @@ def _check_extras(T, theta: torch.Tensor, adjoint_params, options: MetaGradOptio
         if options.adjoint_scheme.exact_for is not None:
             raise ValueError(f"argument 'T' requires grad, but adjoint={options.solver.adjoint!r} (exact mode) "
                              "differentiates K = T / h GD steps, whose number has no derivative; use a continuous "
-                             f"adjoint ({continuous_adjoints()}) to learn T")
+                             f"adjoint ({ode.continuous_adjoints()}) to learn T")
         if not T.is_floating_point():
             raise TypeError(f"argument 'T' must be a floating-point tensor to require grad, got {T.dtype}")
     return params

@@ -18,10 +18,12 @@ from .plan import Plan, segments
 from .revolve import RevolveCheckpoints
 
 
-def flow_rhs(fns: TaskFunctions, mask: Optional[torch.Tensor], lr: Optional[torch.Tensor] = None):
-    """``f(t, u) = -lr * grad L(u)`` (``lr`` None: 1; frozen tasks: 0)."""
+def flow_rhs(fns: TaskFunctions, mask: Optional[torch.Tensor], lr: Optional[torch.Tensor] = None,
+             grad: Optional[Callable] = None):
+    """``f(t, u) = -lr * grad L(u)`` (``lr`` None: 1; frozen tasks: 0). ``grad(t, u)``, if given,
+    supplies the gradient (a tensor of its own, changed in place here)."""
     def f(t: float, u: torch.Tensor) -> torch.Tensor:
-        g = fns.grad(u).neg_()
+        g = (fns.grad(u) if grad is None else grad(t, u)).neg_()
         if lr is not None:
             g = g.mul_(lr)
         return g if mask is None else g.mul_(mask)
@@ -32,17 +34,11 @@ def keeping_rhs(fwd: "Forward", mask: Optional[torch.Tensor], times: torch.Tenso
     """:func:`flow_rhs` for a forward that keeps linearisations for the adjoint: the gradient at
     each grid row comes from :meth:`Forward.kept_grad` while the budget allows, else plainly."""
     row_of = {t: row0 + j for j, t in enumerate(times.tolist())}
-    plain = flow_rhs(fwd.fns, mask, fwd.lr)
 
-    def f(t: float, u: torch.Tensor) -> torch.Tensor:
+    def grad(t: float, u: torch.Tensor) -> torch.Tensor:
         g = fwd.kept_grad(u, row_of.get(t))
-        if g is None:
-            return plain(t, u)
-        g = g.neg()
-        if fwd.lr is not None:
-            g = g.mul_(fwd.lr)
-        return g if mask is None else g.mul_(mask)
-    return f
+        return fwd.fns.grad(u) if g is None else g.clone()     # the kept one is the adjoint's too
+    return flow_rhs(fwd.fns, mask, fwd.lr, grad)
 
 
 def adjoint_rhs(fns: TaskFunctions, mask: Optional[torch.Tensor], lr: Optional[torch.Tensor] = None,
@@ -199,7 +195,7 @@ def explain_forward_failure(e: ValueError, options: MetaGradOptions, caller: str
         return ValueError(f"{caller}: the inner training loss or its gradient became non-finite: {e}")
     if "reached max_steps" in str(e):
         o = options.solver
-        fixed = " or ".join(repr(name) for name, s in ode.FORWARD_SCHEMES.items() if not s.adaptive)
+        fixed = " or ".join(map(repr, ode.grid_forwards()))
         return ValueError(f"{caller}(solver={o.solver!r}, rtol={o.rtol:g}, atol={o.atol:g}, h={o.h:g}): {e}. "
                           f"A training loss that is not smooth (ReLU, max-pool) makes {o.solver}'s steps "
                           f"collapse; solver={fixed} step on the grid instead.")
@@ -219,7 +215,7 @@ def warn_if_steps_collapsed(stats, n: int, options: MetaGradOptions, model, call
     if not kinks and rejected <= 0.25 * accepted:
         return
     o = options.solver
-    fixed = [name for name, s in ode.FORWARD_SCHEMES.items() if not s.adaptive]
+    fixed = ode.grid_forwards()
     why = (f"the training loss is not smooth (the model has {', '.join(kinks[:3])})" if kinks else
            f"the error control rejected {rejected} steps: the loss has kinks (F.relu, max-pool) or the flow is stiff "
            f"(Hessian eigenvalues near 2/h or above, where GD with step h and the grid adjoint are unstable too: "

@@ -30,10 +30,10 @@ drivers), :mod:`~amaml_ext.ode.solve` (``solve_forward``, ``solve_adjoint``, ``T
 from .grid import grid_size, grid_times
 from .rows import Dopri5Log, Midpoint, adjoint_rows, dopri5_logged, dopri5_replay_rows, forward_rows
 from .schemes import (ADJOINT_METHODS, ADJOINT_SCHEMES, FORWARD_METHODS, FORWARD_SCHEMES, ORDERS, STABILITY_BOUNDS,
-                      Scheme, check_pairing, default_max_steps, richardson)
+                      Scheme, check_pairing, continuous_adjoints, default_max_steps, grid_forwards, richardson)
 from .solve import AdjointStats, SolverStats, Trajectory, solve_adjoint, solve_forward
 
 __all__ = ["ADJOINT_METHODS", "ADJOINT_SCHEMES", "AdjointStats", "FORWARD_METHODS", "Dopri5Log", "FORWARD_SCHEMES", "Midpoint", "ORDERS",
-           "STABILITY_BOUNDS", "Scheme", "SolverStats", "Trajectory", "adjoint_rows", "check_pairing", "default_max_steps", "dopri5_logged",
+           "STABILITY_BOUNDS", "Scheme", "SolverStats", "Trajectory", "adjoint_rows", "check_pairing", "continuous_adjoints", "default_max_steps", "grid_forwards", "dopri5_logged",
            "dopri5_replay_rows", "forward_rows", "grid_size", "grid_times", "richardson", "solve_adjoint",
            "solve_forward"]

@@ -11,7 +11,7 @@ scheme (the methods accepted by :func:`~amaml_ext.ode.solve_forward`,
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -129,10 +129,19 @@ def check_pairing(solver: str, adjoint: str) -> None:
     ``rk4`` or ``dopri5``: 7-13% off on the paper's MLP at h = 0.2), and no error estimate covers it."""
     pair = ADJOINT_SCHEMES[adjoint].exact_for
     if pair is not None and solver != pair:
-        continuous = [n for n, s in ADJOINT_SCHEMES.items() if s.exact_for is None]
         raise ValueError(f"argument 'adjoint': {adjoint!r} is the exact gradient of solver={pair!r} (T/h GD steps) "
                          f"and must be paired with it, got solver={solver!r}; for {solver!r} use a continuous "
-                         f"adjoint ({' or '.join(map(repr, continuous))}), which carries an error estimate")
+                         f"adjoint ({continuous_adjoints()}), which carries an error estimate")
+
+
+def continuous_adjoints() -> str:
+    """The continuous adjoint methods, in words (``'heun' or 'rk4'``), for messages."""
+    return " or ".join(repr(n) for n, s in ADJOINT_SCHEMES.items() if s.exact_for is None)
+
+
+def grid_forwards() -> List[str]:
+    """The forward methods that step on the grid (not adaptive)."""
+    return [n for n, s in FORWARD_SCHEMES.items() if not s.adaptive]
 
 
 def default_max_steps(n: int) -> int:

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 
 from .. import _checks
+from .._checks import check_theta
 from ..data.batch import TaskBatch
 from ..functional import TaskFunctions, param_count, param_shapes
-from ..learners.checks import check_tasks, check_theta, diverged
+from ..learners.checks import check_tasks, diverged
 from .distributed import Distributed
 
 #: the normal quantile of a two-sided 95% interval (``mean ± Z95 * std / sqrt(n)``)
