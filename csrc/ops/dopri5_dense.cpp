@@ -24,30 +24,7 @@ using Kernel = decltype(&dopri5_dense_cuda);
 
 // ---- CPU kernel ----------------------------------------------------------------------------
 
-// The polynomial pieces of one element; `dense` holds k1, k3..k7 with the d weights.
-template <typename T>
-struct DenseCoeffs {
-  T y0, ydiff, bspl, r4, r5, y1;
-};
-
-template <typename T>
-inline DenseCoeffs<T> dense_coeffs(const T* y0, const T* y1, const StageRefs<T>& dense, const T* k1,
-                                   const T* k7, T h, int64_t i) {
-  DenseCoeffs<T> out;
-  out.y0 = y0[i];
-  out.y1 = y1[i];
-  out.ydiff = out.y1 - out.y0;
-  out.bspl = h * k1[i] - out.ydiff;
-  out.r4 = out.ydiff - h * k7[i] - out.bspl;
-  out.r5 = h * weighted_stage_sum<T, dopri5::kErrStages>(dense, i);
-  return out;
-}
-
-// y0 + theta (ydiff + (1-theta) (bspl + theta (r4 + (1-theta) r5))), one_m = 1 - theta.
-template <typename T>
-inline T dense_poly(T y0, T ydiff, T bspl, T r4, T r5, T theta, T one_m) {
-  return y0 + theta * (ydiff + one_m * (bspl + theta * (r4 + one_m * r5)));
-}
+// dense_coeffs / dense_poly: kernel_math.h (shared with the CUDA kernel).
 
 void dopri5_dense_cpu(const at::Tensor& y0, const at::Tensor& y1, const std::vector<at::Tensor>& k,
                       double h, c10::ArrayRef<double> thetas, at::Tensor& rows) {

@@ -10,32 +10,12 @@ namespace {
 
 constexpr int kMaxThetas = 32;  // rows written per launch
 
-// The polynomial pieces of one element, as dense_coeffs / dense_poly of dopri5_dense.cpp.
-template <typename T>
-struct DenseCoeffs {
-  T y0, ydiff, bspl, r4, r5, y1;
-};
-
-template <typename T>
-__device__ __forceinline__ DenseCoeffs<T> dense_coeffs(const T* y0, const T* y1,
-                                                       const StageRefs<T>& dense, const T* k1,
-                                                       const T* k7, T h, int64_t i) {
-  DenseCoeffs<T> out;
-  out.y0 = y0[i];
-  out.y1 = y1[i];
-  out.ydiff = out.y1 - out.y0;
-  out.bspl = h * k1[i] - out.ydiff;
-  out.r4 = out.ydiff - h * k7[i] - out.bspl;
-  out.r5 = h * weighted_stage_sum<T, dopri5::kErrStages>(dense, i);
-  return out;
-}
-
+// dense_coeffs / dense_poly: kernel_math.h (shared with the CPU kernel).
 template <typename T>
 __device__ __forceinline__ T dense_eval(const DenseCoeffs<T>& p, T theta) {
   // theta == 1 is the step's end point: return y1 itself, not a rounded reconstruction.
   if (theta == T(1)) return p.y1;
-  const T one_m = T(1) - theta;
-  return p.y0 + theta * (p.ydiff + one_m * (p.bspl + theta * (p.r4 + one_m * p.r5)));
+  return dense_poly<T>(p.y0, p.ydiff, p.bspl, p.r4, p.r5, theta, T(1) - theta);
 }
 
 template <typename T>

@@ -26,26 +26,7 @@ using Kernel = decltype(&dopri5_finish_cuda);
 
 // ---- CPU kernel ----------------------------------------------------------------------------
 
-// One element: writes y1 (5th order) and err (embedded estimate) and returns the squared scaled
-// error (err / (atol + rtol * max|y0|,|y1|))^2 that enters the RMS norm. `sol` holds k1, k3..k6
-// with the b weights, `est` k1, k3..k7 with the e weights (k2 has weight 0 in both). y1 is the
-// sum of stage_combine: the 7th stage point bit for bit.
-template <typename T>
-inline T finish_element(const T* y0, const StageRefs<T>& sol, const StageRefs<T>& est, T h, T rtol,
-                        T atol, T* y1, T* err, int64_t i) {
-  const T y0i = y0[i];
-  const T y1i = y0i + h * weighted_stage_sum<T, dopri5::kSolStages>(sol, i);
-  const T erri = h * weighted_stage_sum<T, dopri5::kErrStages>(est, i);
-  y1[i] = y1i;
-  err[i] = erri;
-  // Plain comparisons rather than fabs/fmax: these vectorise (maxps/andps) without -ffast-math;
-  // the states here are finite or the step is rejected anyway.
-  const T a0 = y0i < T(0) ? -y0i : y0i;
-  const T a1 = y1i < T(0) ? -y1i : y1i;
-  const T scale = atol + rtol * (a0 > a1 ? a0 : a1);
-  const T r = erri / scale;
-  return r * r;
-}
+// finish_element: kernel_math.h (shared with the CUDA kernel).
 
 // Sum over [begin, end) of the squared scaled errors, writing y1 and err on the way.
 // The element loop is vectorised in blocks whose squared errors go to a small buffer; the

@@ -9,23 +9,6 @@
 namespace amaml {
 namespace {
 
-// One element, as finish_element of dopri5_finish.cpp (the scalar path below).
-template <typename T>
-__device__ __forceinline__ T finish_element(const T* y0, const StageRefs<T>& sol,
-                                            const StageRefs<T>& est, T h, T rtol, T atol, T* y1,
-                                            T* err, int64_t i) {
-  const T y0i = y0[i];
-  const T y1i = y0i + h * weighted_stage_sum<T, dopri5::kSolStages>(sol, i);
-  const T erri = h * weighted_stage_sum<T, dopri5::kErrStages>(est, i);
-  y1[i] = y1i;
-  err[i] = erri;
-  const T a0 = y0i < T(0) ? -y0i : y0i;
-  const T a1 = y1i < T(0) ? -y1i : y1i;
-  const T scale = atol + rtol * (a0 > a1 ? a0 : a1);
-  const T r = erri / scale;
-  return r * r;
-}
-
 template <typename T>
 __device__ __forceinline__ double block_sum(double x) {
   __shared__ double buf[kThreads];

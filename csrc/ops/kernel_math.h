@@ -42,6 +42,53 @@ AMAML_HD T weighted_stage_sum(const StageRefs<T>& st, int64_t i) {
   return acc;
 }
 
+// ---- per-element formulas of the DOPRI5 ops, one definition for the CPU and CUDA kernels ----
+
+// dopri5_finish: y1 and the error of one element, returning its squared scaled error
+// (err / (atol + rtol * max|y0|,|y1|))^2. `sol` holds k1, k3..k6 with the b weights, `est` k1,
+// k3..k7 with the e weights (k2 has weight 0 in both). y1 is the sum of stage_combine: the 7th
+// stage point bit for bit. Plain comparisons rather than fabs/fmax: they vectorise without
+// -ffast-math; the states are finite or the step is rejected anyway.
+template <typename T>
+AMAML_HD T finish_element(const T* y0, const StageRefs<T>& sol, const StageRefs<T>& est, T h, T rtol,
+                          T atol, T* y1, T* err, int64_t i) {
+  const T y0i = y0[i];
+  const T y1i = y0i + h * weighted_stage_sum<T, dopri5::kSolStages>(sol, i);
+  const T erri = h * weighted_stage_sum<T, dopri5::kErrStages>(est, i);
+  y1[i] = y1i;
+  err[i] = erri;
+  const T a0 = y0i < T(0) ? -y0i : y0i;
+  const T a1 = y1i < T(0) ? -y1i : y1i;
+  const T scale = atol + rtol * (a0 > a1 ? a0 : a1);
+  const T r = erri / scale;
+  return r * r;
+}
+
+// dopri5_dense: the polynomial pieces of one element; `dense` holds k1, k3..k7 with the d weights.
+template <typename T>
+struct DenseCoeffs {
+  T y0, ydiff, bspl, r4, r5, y1;
+};
+
+template <typename T>
+AMAML_HD DenseCoeffs<T> dense_coeffs(const T* y0, const T* y1, const StageRefs<T>& dense, const T* k1,
+                                     const T* k7, T h, int64_t i) {
+  DenseCoeffs<T> out;
+  out.y0 = y0[i];
+  out.y1 = y1[i];
+  out.ydiff = out.y1 - out.y0;
+  out.bspl = h * k1[i] - out.ydiff;
+  out.r4 = out.ydiff - h * k7[i] - out.bspl;
+  out.r5 = h * weighted_stage_sum<T, dopri5::kErrStages>(dense, i);
+  return out;
+}
+
+// y0 + theta (ydiff + (1-theta) (bspl + theta (r4 + (1-theta) r5))), one_m = 1 - theta.
+template <typename T>
+AMAML_HD T dense_poly(T y0, T ydiff, T bspl, T r4, T r5, T theta, T one_m) {
+  return y0 + theta * (ydiff + one_m * (bspl + theta * (r4 + one_m * r5)));
+}
+
 namespace detail {
 
 // The refs of the (contiguous, checked) stages k with the given coefficients.
