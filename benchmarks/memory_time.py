@@ -26,32 +26,34 @@ def _name(setting: Dict) -> str:
     return f"{st['model']}, {st['task']}, {setting['tasks']} task(s)" if isinstance(st, dict) else str(st)
 
 
-def _ok(points: List[Dict], method: str, K: int):
+def _ok(points: List[Dict], method: str, K: int, clock: str = "wall"):
+    key = "cpu_time_s" if clock == "cpu" else "time_s"
     for p in points:
-        if p["method"] == method and p["K"] == K and p.get("status") == "ok" and p.get("peak_bytes"):
-            return p["time_s"], p["peak_bytes"] / 2 ** 20
+        if p["method"] == method and p["K"] == K and p.get("status") == "ok" and p.get("peak_bytes") and p.get(key):
+            return p[key], p["peak_bytes"] / 2 ** 20
     return None
 
 
-def plot(data: Dict, out: str) -> List[str]:
-    """One panel per setting; returns the lines of a markdown table of the plotted points."""
+def plot(data: Dict, out: str, clock: str = "wall") -> List[str]:
+    """One panel per setting; returns the lines of a markdown table of the plotted points.
+    ``clock``: "wall" (time_s) or "cpu" (the child's CPU time, cpu_time_s)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     settings = data["settings"]
     fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.5), squeeze=False)
-    rows = ["| setting | K | method | time (s) | peak (MiB) |", "|---|---|---|---|---|"]
+    rows = [f"| setting | K | method | {clock} time (s) | peak (MiB) |", "|---|---|---|---|---|"]
     for ax, s in zip(axes[0], settings):
         ks = sorted({p["K"] for p in s["points"]})
         colours = plt.cm.viridis([i / max(1, len(ks) - 1) for i in range(len(ks))])
         for K, colour in zip(ks, colours):
-            curve = [(m, _ok(s["points"], m, K)) for m in OURS]
+            curve = [(m, _ok(s["points"], m, K, clock)) for m in OURS]
             curve = [(m, v) for m, v in curve if v is not None]
             if curve:
                 ax.plot([v[1] for _, v in curve], [v[0] for _, v in curve], "-o", color=colour, label=f"ours, K = {K}")
             for m, marker in PEERS.items():
-                v = _ok(s["points"], m, K)
+                v = _ok(s["points"], m, K, clock)
                 if v is not None:
                     ax.plot(v[1], v[0], marker, color=colour, markerfacecolor="none", markersize=8)
                     curve.append((m, v))
@@ -59,7 +61,7 @@ def plot(data: Dict, out: str) -> List[str]:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("peak memory (MiB)")
-        ax.set_ylabel("time per meta-step (s)")
+        ax.set_ylabel(f"{clock} time per meta-step (s)")
         ax.set_title(_name(s), fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
     handles = [plt.Line2D([], [], marker=mk, linestyle="", color="k", markerfacecolor="none", label=m)
@@ -74,10 +76,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.memory_time", description=__doc__.split("\n\n")[0])
     ap.add_argument("results", help="JSON written by python -m benchmarks.peers")
     ap.add_argument("--out", required=True, help="PNG path")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall time, or the child's CPU time (runs from 2026-12-07 evening on)")
     args = ap.parse_args(argv)
     with open(args.results) as f:
         data = json.load(f)
-    print("\n".join(plot(data, args.out)))
+    print("\n".join(plot(data, args.out, args.clock)))
     print(f"wrote {args.out}")
     return 0
 

@@ -52,6 +52,18 @@ def _ours_budget(share: float):
     return run
 
 
+def _ours_revolve(slots: int):
+    """Exact mode, checkpointed within a budget of about ``slots`` states: below the sqrt(K)
+    layout's need, so the binomial (Revolve) schedule runs (the stats' ``checkpoint_slots``)."""
+    def run(p: MetaGradProblem, K: int):
+        state = p.u0.numel() * p.u0.element_size()
+        r = adjoint_meta_grad(p.model, p.loss, p.theta, p.T(K), support=p.support, query=p.query, h=p.h,
+                              solver="euler", adjoint="discrete", memory="checkpoint",
+                              memory_budget=(slots + 1) * state, batched=p.batched)
+        return r.grad, dict(r.stats)
+    return run
+
+
 def maml_unrolled(p: MetaGradProblem, K: int):
     """Autograd through K GD steps (``create_graph=True``)."""
     th = p.u0.requires_grad_(True)
@@ -153,8 +165,10 @@ METHODS: Dict[str, Callable] = {
     "ours_exact": _ours("euler", "discrete", "store"),
     "ours_checkpoint": _ours("euler", "discrete", "checkpoint"),
     "ours_exact_linearise": _ours("euler", "discrete", "linearise"),
+    "ours_exact_auto": _ours("euler", "discrete", "auto"),
     "ours_exact_b25": _ours_budget(0.25),
     "ours_exact_b50": _ours_budget(0.5),
+    "ours_revolve": _ours_revolve(32),
     "ours_dopri5_ckpt": _ours("dopri5", "heun", "checkpoint", tolerances=True),
     "ours_store_compiled": _ours("dopri5", "heun", "store", tolerances=True, compile=True),
     "ours_exact_compiled": _ours("euler", "discrete", "store", compile=True),
@@ -170,7 +184,7 @@ METHODS.update(PEER_METHODS)
 METHODS.update(LEARNER_METHODS)
 OURS = {m for m in METHODS if m.startswith("ours_")}
 COMPILED = {m for m in OURS if m.endswith("_compiled")}
-CHECKPOINT_PAIRS = (("ours_checkpoint", "ours_exact"), ("ours_dopri5_ckpt", "ours_store"))
+CHECKPOINT_PAIRS = (("ours_checkpoint", "ours_exact"), ("ours_revolve", "ours_exact"), ("ours_dopri5_ckpt", "ours_store"))
 """(checkpoint mode, its store mode): the two must give bit-identical gradients."""
 
 

@@ -58,23 +58,27 @@ def _warm_library(p: MetaGradProblem) -> None:
 def _timed_runs(fn, p: MetaGradProblem, K: int, args) -> Dict:
     """One warm-up meta-gradient, then up to ``--repeats`` timed ones that fit in ``--timeout``."""
     start = time.perf_counter()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     grad, stats = fn(p, K)
     sync(args.device)
-    warm = time.perf_counter() - t0
+    warm, warm_cpu = time.perf_counter() - t0, time.process_time() - c0
     if not bool(torch.isfinite(grad).all()):
         raise FloatingPointError("non-finite meta-gradient")
     del grad
     left = args.timeout - (time.perf_counter() - start)
     n = min(args.repeats, int(left / warm) if warm > 0 else args.repeats)
-    times = []
+    times, cpu = [], []
     for _ in range(max(n, 0)):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         grad, stats = fn(p, K)
         sync(args.device)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         del grad
+    # cpu_time_s: this process's CPU time (all its threads); with one torch thread on a loaded
+    # machine it is the steadier of the two clocks
     return dict(time_s=statistics.median(times) if times else warm, warmup_s=warm, times_s=times,
+                cpu_time_s=statistics.median(cpu) if cpu else warm_cpu, cpu_times_s=cpu,
                 warmup_only=not times, stats=jsonable(stats))
 
 

@@ -152,3 +152,46 @@ def test_a_budget_below_sqrt_checkpointing_takes_the_binomial_schedule(kw):
     n = len(segments(0, K, m))
     assert again == slots and tight.stats["recomputed_segments"] == optimal_recomputations(n, slots)
     assert tight.stats["accepted_steps"] == store.stats["accepted_steps"] == K      # the forward counted once
+
+
+_GROWTH = """
+import sys, torch
+from amaml_ext import adjoint_meta_grad
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(),
+                          torch.nn.Linear(32, 1))
+x, y = torch.randn(100, 2), torch.randn(100, 1)
+theta = torch.cat([p.detach().flatten() for p in net.parameters()])
+def hwm():
+    return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024
+def run(K):
+    return adjoint_meta_grad(net, torch.nn.MSELoss(), theta, 0.01 * K, support=(x, y), query=(x, y), h=0.01,
+                             solver="euler", adjoint="discrete", memory=sys.argv[1])
+run(10)
+base = hwm()
+r = run(int(sys.argv[2]))
+print(hwm() - base, r.stats["linearisation_bytes"] or 0, r.stats["trajectory_bytes"])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads VmHWM from /proc (Linux)")
+def test_the_measured_linearisation_size_predicts_the_resident_growth(tmp_path):
+    """``linearisation_bytes`` is what the planner spends the budget with: on an MLP, whose graph
+    is many small tensors, it must not under-count what a kept linearisation really costs (the
+    peak resident memory per extra kept step, from two K in fresh processes) by more than 10%,
+    nor over-count it by more than 30%."""
+    import subprocess
+    import sys
+    script = tmp_path / "growth.py"
+    script.write_text(_GROWTH)
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+
+    def grow(memory, K):
+        out = subprocess.run([sys.executable, str(script), memory, str(K)], capture_output=True, text=True,
+                             env=env, check=True).stdout.split()
+        return [int(v) for v in out]
+    (g1, lin, s1), (g2, _, s2) = grow("linearise", 1000), grow("linearise", 3000)
+    (h1, _, _), (h2, _, _) = grow("store", 1000), grow("store", 3000)
+    per_step = ((g2 - g1) - (h2 - h1)) / 2000   # the kept linearisations' share, states taken out
+    assert 0.9 * per_step <= lin <= 1.3 * per_step, (lin, per_step)
