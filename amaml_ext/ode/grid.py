@@ -9,7 +9,24 @@ def grid_size(T: float, h: float) -> int:
     """N = T / h, checked to be a whole number of steps (relative tolerance 1e-9): the one place
     where a horizon and a grid step become a number of steps.
 
-    Raises ValueError naming ``T`` and ``h`` otherwise, or when ``h > T``.
+    Args:
+        T: the horizon, a positive float (or a 0-dim tensor).
+        h: the grid spacing, positive and at most ``T``.
+
+    Returns:
+        int: the number of grid intervals N.
+
+    Raises:
+        ValueError: naming ``T`` and ``h``, when ``T / h`` is not whole, ``h > T``, or either is
+            not a positive finite number.
+
+    Example:
+        >>> grid_size(1.0, 0.25)
+        4
+        >>> grid_size(1.0, 0.3)
+        Traceback (most recent call last):
+        ...
+        ValueError: argument 'T' must be a whole multiple of h=0.3, ...
     """
     T = positive_real("T", T)
     h = positive_real("h", h)
@@ -25,7 +42,19 @@ def grid_size(T: float, h: float) -> int:
 
 
 def grid_times(T: float, n: int) -> torch.Tensor:
-    """``[n+1]`` float64 times ``j * (T / n)``, the last one T exactly."""
+    """The grid's times: ``[n+1]`` float64 ``j * (T / n)``, the last one T exactly.
+
+    Args:
+        T: the horizon.
+        n: the number of intervals (:func:`grid_size`).
+
+    Returns:
+        torch.Tensor: ``[n + 1]`` float64 on the CPU.
+
+    Example:
+        >>> grid_times(1.0, 4)
+        tensor([0.0000, 0.2500, 0.5000, 0.7500, 1.0000], dtype=torch.float64)
+    """
     times = torch.arange(n + 1, dtype=torch.float64) * (T / n)
     times[-1] = T
     return times

@@ -65,6 +65,14 @@ class Scheme:
         grid_stages: (forward) every evaluation of ``f`` is at a grid state, once per row
             (``euler``): the forward's linearisations there are the adjoint's, and can be kept
             for it (``memory="linearise"``).
+
+    Example:
+        >>> from amaml_ext import ode
+        >>> s = ode.ADJOINT_SCHEMES["rk4"]
+        >>> s.order, s.span, round(s.stability_bound, 3), s.error_estimate, s.exact_for
+        (4, 2, 1.393, True, None)
+        >>> ode.ADJOINT_SCHEMES["discrete"].exact_for
+        'euler'
     """
 
     name: str
@@ -124,9 +132,26 @@ VJPs per interval) and ``discrete`` (the exact reverse of ``euler``: one VJP per
 
 
 def check_pairing(solver: str, adjoint: str) -> None:
-    """An exact adjoint (``exact_for``) is the reverse of its forward's steps and of nothing else:
+    """Check that an adjoint method may follow a forward method.
+
+    An exact adjoint (``exact_for``) is the reverse of its forward's steps and of nothing else:
     with another forward it is neither that method's gradient nor the flow's (``discrete`` after
-    ``rk4`` or ``dopri5``: 7-13% off on the paper's MLP at h = 0.2), and no error estimate covers it."""
+    ``rk4`` or ``dopri5``: 7-13% off on the paper's MLP at h = 0.2), and no error estimate covers it.
+
+    Args:
+        solver: a forward method (:data:`FORWARD_METHODS`).
+        adjoint: an adjoint method (:data:`ADJOINT_METHODS`).
+
+    Raises:
+        ValueError: ``adjoint`` is exact for another forward method.
+
+    Example:
+        >>> check_pairing("dopri5", "heun")          # a continuous adjoint follows any forward
+        >>> check_pairing("rk4", "discrete")
+        Traceback (most recent call last):
+        ...
+        ValueError: argument 'adjoint': 'discrete' is the exact gradient of solver='euler' ...
+    """
     pair = ADJOINT_SCHEMES[adjoint].exact_for
     if pair is not None and solver != pair:
         raise ValueError(f"argument 'adjoint': {adjoint!r} is the exact gradient of solver={pair!r} (T/h GD steps) "
@@ -135,12 +160,22 @@ def check_pairing(solver: str, adjoint: str) -> None:
 
 
 def continuous_adjoints() -> str:
-    """The continuous adjoint methods, in words (``'heun' or 'rk4'``), for messages."""
+    """The continuous adjoint methods, in words, for messages.
+
+    Example:
+        >>> continuous_adjoints()
+        "'heun' or 'rk4'"
+    """
     return " or ".join(repr(n) for n, s in ADJOINT_SCHEMES.items() if s.exact_for is None)
 
 
 def grid_forwards() -> List[str]:
-    """The forward methods that step on the grid (not adaptive)."""
+    """The forward methods that step on the grid (not adaptive).
+
+    Example:
+        >>> grid_forwards()
+        ['rk4', 'euler']
+    """
     return [n for n, s in FORWARD_SCHEMES.items() if not s.adaptive]
 
 
@@ -150,7 +185,18 @@ def default_max_steps(n: int) -> int:
     collapsing on a non-smooth loss (ReLU, max-pool) then stops in seconds with an error naming
     ``max_steps`` and the fix, instead of running for hours; a stiff problem that needs more
     passes ``max_steps`` (``ode.solve_forward`` allowed 100 per interval before the two defaults
-    were made one)."""
+    were made one).
+
+    Args:
+        n: the number of grid intervals N.
+
+    Returns:
+        int: ``max(1000, 10 n)``.
+
+    Example:
+        >>> default_max_steps(50), default_max_steps(500)
+        (1000, 5000)
+    """
     return max(1000, 10 * n)
 
 
@@ -178,7 +224,21 @@ intervals, 2h). dopri5 chooses its own steps and has none."""
 
 def richardson(lam: torch.Tensor, lam_coarse: torch.Tensor, method: str) -> torch.Tensor:
     """Per-row relative error estimate ``|lam - lam_c| / (2^p - 1) / |lam|`` of an adjoint solve
-    ``lam`` from its step-doubling companion ``lam_c`` (``[rows, d]``), p the order of ``method``."""
+    ``lam`` from its step-doubling companion ``lam_c``, p the order of ``method``.
+
+    Args:
+        lam: ``[rows, d]``, the solve on the grid.
+        lam_coarse: ``[rows, d]``, the same solve with twice the step.
+        method: the adjoint method (its order p from :data:`ORDERS`).
+
+    Returns:
+        torch.Tensor: ``[rows]`` (inf where ``lam`` is 0 and the two differ, 0 where both are 0).
+
+    Example:
+        >>> import torch
+        >>> richardson(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.3, 0.0]]), "heun")
+        tensor([0.1000])
+    """
     p = ORDERS[method]
     num = (lam - lam_coarse).norm(dim=-1) / (2 ** p - 1)
     den = lam.norm(dim=-1)

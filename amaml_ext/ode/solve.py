@@ -16,7 +16,21 @@ _FLOAT_DTYPES = (torch.float32, torch.float64)
 
 @dataclass(frozen=True)
 class SolverStats:
-    """Counts of a forward solve."""
+    """Counts of a forward solve (:attr:`Trajectory.stats`).
+
+    Attributes:
+        function_evals: evaluations of ``f``.
+        accepted_steps: steps taken (fixed-step methods: N).
+        rejected_steps: steps dopri5 rejected (0 for the fixed-step methods).
+        initial_step: dopri5's first step (the grid spacing h for the others).
+
+    Example:
+        >>> import torch
+        >>> from amaml_ext import ode
+        >>> traj = ode.solve_forward(lambda t, y: -y, torch.ones(2), 1.0, 0.25, method="rk4")
+        >>> traj.stats.function_evals, traj.stats.accepted_steps, traj.stats.rejected_steps
+        (16, 4, 0)
+    """
 
     function_evals: int
     accepted_steps: int
@@ -26,7 +40,21 @@ class SolverStats:
 
 @dataclass(frozen=True)
 class AdjointStats:
-    """Counts of an adjoint solve."""
+    """Counts of an adjoint solve (:func:`solve_adjoint` with ``return_stats=True``).
+
+    Attributes:
+        vjp_evals: evaluations of ``vjp`` (the step-doubling companion's included).
+        steps: adjoint steps taken.
+        error_estimate: see below; None unless asked for.
+
+    Example:
+        >>> import torch
+        >>> from amaml_ext import ode
+        >>> traj = ode.solve_forward(lambda t, y: -y, torch.ones(2), 1.0, 0.25, method="rk4")
+        >>> lam0, st = ode.solve_adjoint(lambda t, y, v: -v, traj, torch.ones(2), return_stats=True)
+        >>> st.vjp_evals, st.steps, st.error_estimate
+        (8, 4, None)
+    """
 
     vjp_evals: int
     steps: int
@@ -46,6 +74,13 @@ class Trajectory:
         stats: :class:`SolverStats`.
         method: the forward method.
         batched: whether dimension 0 of a state indexes tasks.
+
+    Example:
+        >>> import torch
+        >>> from amaml_ext import ode
+        >>> traj = ode.solve_forward(lambda t, y: -y, torch.ones(3), 1.0, 0.25)
+        >>> traj.states.shape, traj.num_steps, traj.h, traj.T
+        (torch.Size([5, 3]), 4, 0.25, 1.0)
     """
 
     times: torch.Tensor
@@ -66,6 +101,7 @@ class Trajectory:
 
     @property
     def T(self) -> float:
+        """The horizon, ``times[-1]``."""
         return float(self.times[-1])
 
 
@@ -104,18 +140,36 @@ def solve_forward(f: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Te
 
     Args:
         f: ``f(t: float, y: Tensor) -> Tensor`` of ``y``'s shape, dtype and device.
-        y0: initial state, any shape, float32 or float64, CPU or CUDA.
-        T: horizon (> 0). h: grid spacing; ``T / h`` must be a whole number N.
-        method: one of :data:`FORWARD_METHODS`. ``dopri5`` takes adaptive steps with
-            tolerances ``rtol``/``atol`` (Hairer's step control) and writes the grid states by
-            dense output; ``rk4`` and ``euler`` step on the grid itself.
+        y0: initial state, any shape, float32 or float64, CPU or CUDA, finite and not empty.
+        T: horizon (> 0).
+        h: grid spacing; ``T / h`` must be a whole number N (:func:`grid_size`).
+        method: one of :data:`FORWARD_METHODS` (default ``"dopri5"``). ``dopri5`` takes
+            adaptive steps with tolerances ``rtol``/``atol`` (Hairer's step control) and writes the
+            grid states by dense output; ``rk4`` and ``euler`` step on the grid itself.
+        rtol: dopri5's relative tolerance, in (0, 1) (default 1e-6).
+        atol: dopri5's absolute tolerance, > 0 (default 1e-8).
         batched: ``y0`` is ``[B, ...]`` with B independent tasks; dopri5 then shares one step
             size and accepts a step only when every task's error norm is <= 1.
         max_steps: dopri5 step budget (accepted + rejected), default ``max(1000, 10 N)`` (:func:`~amaml_ext.ode.default_max_steps`).
         initial_step: dopri5 first step; default Hairer's automatic choice.
 
     Returns:
-        :class:`Trajectory` with ``times [N+1]`` and ``states [N+1, *y0.shape]``.
+        Trajectory: ``times [N+1]`` and ``states [N+1, *y0.shape]`` (``y0``'s dtype and device).
+
+    Raises:
+        TypeError: ``f`` is not callable, ``y0`` is not a float32/float64 tensor.
+        ValueError: ``y0`` is empty or not finite (or not ``[B, ...]`` with ``batched``), ``T / h``
+            is not whole, an unknown ``method`` or bad tolerances; dopri5 ran out of ``max_steps``
+            or its step underflowed (naming the time reached).
+
+    Example:
+        >>> import torch
+        >>> from amaml_ext import ode
+        >>> traj = ode.solve_forward(lambda t, y: -y, torch.ones(2, dtype=torch.float64), 1.0, 0.5)
+        >>> traj.times
+        tensor([0.0000, 0.5000, 1.0000], dtype=torch.float64)
+        >>> torch.allclose(traj.states[-1], torch.tensor(-1.0, dtype=torch.float64).exp())   # y(1) = exp(-1)
+        True
     """
     if not callable(f):
         raise TypeError(f"argument 'f' must be callable f(t, y), got {type(f).__name__}")
@@ -150,8 +204,8 @@ def solve_adjoint(vjp: Callable[[float, torch.Tensor, torch.Tensor], torch.Tenso
     Args:
         vjp: ``vjp(t: float, y: Tensor, v: Tensor) -> Tensor`` = ``(df/dy)(t, y)^T v``.
         trajectory: from :func:`solve_forward`.
-        lam_T: ``dL/dy(T)``, shape of a state.
-        method: one of :data:`ADJOINT_METHODS`. ``discrete`` is the exact gradient of the
+        lam_T: ``dL/dy(T)``, shape, dtype and device of a state, finite.
+        method: one of :data:`ADJOINT_METHODS` (default ``"heun"``). ``discrete`` is the exact gradient of the
             ``euler`` forward map; ``heun`` and ``rk4`` approximate the continuous adjoint
             with errors O(h^2) and O(h^4).
         return_stats: also return :class:`AdjointStats`.
@@ -160,7 +214,21 @@ def solve_adjoint(vjp: Callable[[float, torch.Tensor, torch.Tensor], torch.Tenso
             stats (``heun`` and ``rk4``; ignored for ``discrete``, which is exact for ``euler``).
 
     Returns:
-        ``lam(0)`` with ``lam_T``'s shape (and the stats if asked).
+        ``lam(0)`` with ``lam_T``'s shape, or ``(lam(0), AdjointStats)`` with ``return_stats``.
+
+    Raises:
+        TypeError: ``vjp`` is not callable, ``trajectory`` not a :class:`Trajectory`, ``lam_T`` not
+            a float tensor.
+        ValueError: an unknown ``method``; ``lam_T`` not finite, or of another shape, dtype or
+            device than the states.
+
+    Example:
+        >>> import math, torch
+        >>> from amaml_ext import ode
+        >>> traj = ode.solve_forward(lambda t, y: -y, torch.ones(1, dtype=torch.float64), 1.0, 0.01)
+        >>> lam0 = ode.solve_adjoint(lambda t, y, v: -v, traj, torch.ones(1, dtype=torch.float64))
+        >>> abs(float(lam0) - math.exp(-1.0)) < 1e-5         # d y(1) / d y(0) = exp(-1)
+        True
     """
     if not callable(vjp):
         raise TypeError(f"argument 'vjp' must be callable vjp(t, y, v), got {type(vjp).__name__}")
