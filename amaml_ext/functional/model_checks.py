@@ -38,7 +38,25 @@ def checked_loss(loss: LossFn, pred: torch.Tensor, y: torch.Tensor) -> torch.Ten
 class NondeterministicModelWarning(RuntimeWarning):
     """The model's training loss changes between two evaluations at the same parameters
     (dropout in training mode, random noise in the forward): the gradient flow, its adjoint and
-    every A-MAML meta-gradient are then undefined."""
+    every A-MAML meta-gradient are then undefined. Also issued when the forward changes buffers
+    in place (then every call works on copies of them). Turned into a ValueError where a caller
+    is strict.
+
+    Example:
+        >>> import torch, warnings
+        >>> import amaml_ext
+        >>> class Noisy(torch.nn.Linear):
+        ...     def forward(self, x):
+        ...         return super().forward(x) + 0.1 * torch.randn(x.shape[0], 1)
+        >>> net, x = Noisy(1, 1), torch.randn(8, 1)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = amaml_ext.adjoint_meta_grad(net, torch.nn.functional.mse_loss, amaml_ext.flatten_params(net),
+        ...                                     0.1, support=(x, x), query=(x, x), h=0.05, solver="euler",
+        ...                                     adjoint="discrete")
+        >>> [w.category.__name__ for w in caught]
+        ['NondeterministicModelWarning']
+    """
 
 
 def differentiable(total: torch.Tensor, what: str) -> torch.Tensor:

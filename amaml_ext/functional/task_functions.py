@@ -38,11 +38,15 @@ growth of peak resident memory per kept linearisation (issue 25): 2.4 KiB a save
 CosMixture MLP (25 small tensors, 68 KiB of storage, 126 KiB in all); 1% of Conv4's."""
 
 def flatten_params(model: nn.Module) -> torch.Tensor:
-    """The model's parameters as one flat vector ``[d]`` (a copy, detached), in
-    ``model.named_parameters()`` order.
+    """The model's trainable parameters as one flat vector ``[d]`` (a copy, detached), in
+    ``model.named_parameters()`` order (those with ``requires_grad=False`` left out): the
+    ``theta`` of :func:`amaml_ext.adjoint_meta_grad` and the learners.
 
-    Example::
+    Raises:
+        ValueError: the model has no trainable parameters.
 
+    Example:
+        >>> import torch
         >>> m = torch.nn.Linear(3, 2)
         >>> flatten_params(m).shape
         torch.Size([8])
@@ -59,7 +63,19 @@ def unflatten_params(model: nn.Module, flat: torch.Tensor) -> Dict[str, torch.Te
     """Views of ``flat`` (``[d]``, or ``[..., d]``) shaped like each parameter, keyed by name.
 
     Inverse of :func:`flatten_params`: ``unflatten_params(m, flatten_params(m))`` equals
-    ``dict(m.named_parameters())`` in values. Raises ValueError if ``flat`` has the wrong length.
+    ``dict(m.named_parameters())`` in values; the dict suits ``torch.func.functional_call``.
+
+    Raises:
+        ValueError: ``flat``'s last dimension is not the model's trainable parameter count.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Linear(3, 2)
+        >>> p = unflatten_params(m, torch.arange(8.0))
+        >>> p["weight"].shape, p["bias"]
+        (torch.Size([2, 3]), tensor([6., 7.]))
+        >>> torch.func.functional_call(m, p, (torch.ones(1, 3),))
+        tensor([[ 9., 19.]])
     """
     shapes = param_shapes(model)
     d = param_count(shapes)

@@ -46,18 +46,55 @@ __all__ = ["AdjointAccuracyWarning", "AdjointAccuracyError", "ORDERS", "STABILIT
 
 
 class AdjointAccuracyWarning(RuntimeWarning):
-    """A continuous adjoint meta-gradient whose error estimate exceeds the tolerance."""
+    """A continuous adjoint meta-gradient whose error estimate exceeds the tolerance.
+
+    The message names the estimate, ``h * lambda_max`` against the stability bound and what to
+    do (:func:`advice`).
+
+    Example:
+        >>> import torch, warnings, amaml_ext
+        >>> _ = torch.manual_seed(0)
+        >>> net, x = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)), torch.randn(9, 1)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = amaml_ext.adjoint_meta_grad(net, torch.nn.functional.mse_loss, amaml_ext.flatten_params(net),
+        ...                                     2.0, support=(x, x.abs()), query=(x, x.abs()), h=0.5,
+        ...                                     solver="rk4", error_tol=1e-9)
+        >>> [w.category.__name__ for w in caught]
+        ['AdjointAccuracyWarning']
+    """
 
 
 class AdjointAccuracyError(ValueError):
-    """Raised instead of :class:`AdjointAccuracyWarning` with ``strict=True``."""
+    """Raised instead of :class:`AdjointAccuracyWarning` with ``strict=True``.
+
+    Example:
+        >>> import torch, amaml_ext
+        >>> _ = torch.manual_seed(0)
+        >>> net, x = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)), torch.randn(9, 1)
+        >>> amaml_ext.adjoint_meta_grad(net, torch.nn.functional.mse_loss, amaml_ext.flatten_params(net), 2.0,
+        ...                             support=(x, x.abs()), query=(x, x.abs()), h=0.5, solver="rk4",
+        ...                             error_tol=1e-9, strict=True)
+        Traceback (most recent call last):
+        ...
+        amaml_ext.metagrad.accuracy.AdjointAccuracyError: adjoint_meta_grad: the continuous adjoint ...
+    """
 
 
 class ErrorMonitor:
     """Collects the invariant ``I_j = lam_j . g_j`` at the adjoint's nodes (per task row).
 
     ``grad_at(row)`` returns the training-loss gradient of the state linearised last (the node's,
-    at that grid row), ``mask`` zeroes frozen tasks. Tensors stay on the device: no host synchronisation per node."""
+    at that grid row), ``mask`` zeroes frozen tasks. Tensors stay on the device: no host synchronisation per node.
+
+    Example:
+        >>> import torch
+        >>> m = ErrorMonitor(grad_at=lambda row: None)
+        >>> m.add(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]]))     # I = 1 at the first node
+        >>> m.add(torch.tensor([[1.1, 0.0]]), torch.tensor([[1.0, 1.0]]))     # I = 1.1 at the next
+        >>> m.relative_drift()                 # |1.1 - 1| / max |lam| |g|
+        tensor([0.0643])
+    """
 
     def __init__(self, grad_at: Callable[[int], Optional[torch.Tensor]]):
         self.grad_at = grad_at
@@ -67,6 +104,7 @@ class ErrorMonitor:
         self.mask: Optional[torch.Tensor] = None
 
     def add(self, lam: torch.Tensor, g: torch.Tensor) -> None:
+        """One node: the adjoint ``lam`` and the training gradient ``g`` there (``[rows, d]``)."""
         if self.mask is not None:
             g = g * self.mask
         inv = (lam * g).sum(-1)
@@ -90,11 +128,13 @@ class ErrorMonitor:
                 self.prev = (lam * (g if mask is None else g * mask)).sum(-1)
 
     def node(self, row: int, lam: torch.Tensor) -> None:
+        """The adjoint's callback at the grid node ``row``: :meth:`add` with the gradient there."""
         g = self.grad_at(row)
         if g is not None:       # the node's linearisation is the last one made (always, by the drivers)
             self.add(lam, g.reshape(lam.shape))
 
     def relative_drift(self) -> torch.Tensor:
+        """``[rows]``: the drift of the invariant over the largest ``|lam| |g|`` (0 before any node)."""
         if self.drift is None:
             return torch.zeros(())
         tiny = torch.finfo(self.drift.dtype).tiny
@@ -104,7 +144,20 @@ class ErrorMonitor:
 def lambda_max(hvp: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor, iters: int = 12) -> float:
     """Largest-magnitude eigenvalue of the Hessian by power iteration (per task row; the max).
 
-    ``hvp(v)`` is ``H v`` for ``v`` shaped like ``like`` (``[rows, d]``)."""
+    Args:
+        hvp: ``hvp(v) -> H v`` for ``v`` shaped like ``like``.
+        like: ``[rows, d]``, giving the shape, dtype and device.
+        iters: power iterations (the start vector is seeded: the same result every call).
+
+    Returns:
+        float: ``|lambda_max|``, the largest over the rows.
+
+    Example:
+        >>> import torch
+        >>> H = torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64))
+        >>> round(lambda_max(lambda v: v @ H, torch.zeros(1, 2, dtype=torch.float64)), 6)
+        3.0
+    """
     g = torch.Generator(device="cpu").manual_seed(1234)
     v = torch.randn(like.shape, generator=g, dtype=like.dtype).to(like.device)
     v = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(like.dtype).tiny)
@@ -137,7 +190,12 @@ def nonsmooth_modules(model: torch.nn.Module) -> List[str]:
 def stability_bound(solver: str, adjoint: str) -> float:
     """The tighter of the forward's and the adjoint's bound in ``h * lambda_max`` (dopri5 has none:
     it steps itself; the RK4 adjoint's is about 1.393, half RK4's, as it steps over pairs of
-    intervals)."""
+    intervals).
+
+    Example:
+        >>> stability_bound("euler", "discrete"), round(stability_bound("dopri5", "rk4"), 3)
+        (2.0, 1.393)
+    """
     return min(STABILITY_BOUNDS["adjoint"].get(adjoint, math.inf), STABILITY_BOUNDS["forward"].get(solver, math.inf))
 
 
@@ -177,7 +235,23 @@ def is_nonsmooth(stats: Dict[str, Any], tol: float, bound: float) -> bool:
 
 
 def advice(stats: Dict[str, Any], *, tol: float, h: float, T: float, solver: str, adjoint: str) -> str:
-    """The text of the warning/error: the numbers and what to do."""
+    """The text of the warning/error: the numbers and what to do.
+
+    Args:
+        stats: the meta-gradient's statistics (``adjoint_error_estimate``, ``invariant_drift``,
+            optionally ``richardson_estimate``, ``h_lambda_max``, ``nonsmooth_modules``).
+        tol: the tolerance exceeded.
+        h: the grid step.
+        T: the horizon.
+        solver: the forward method.
+        adjoint: the adjoint method.
+
+    Example:
+        >>> stats = {"adjoint_error_estimate": 0.05, "invariant_drift": 0.05, "h_lambda_max": 0.5}
+        >>> text = advice(stats, tol=0.01, h=0.1, T=1.0, solver="dopri5", adjoint="heun")
+        >>> text[text.index("A step"):text.index(" should")]
+        'A step of about h=0.0312 (T/h = 32)'
+    """
     estimate, drift, rich = stats["adjoint_error_estimate"], stats["invariant_drift"], stats.get("richardson_estimate")
     h_lambda = stats.get("h_lambda_max")
     bound = stability_bound(solver, adjoint)

@@ -37,6 +37,15 @@ class MetaGradResult:
             exceeds the tolerance, else None), ``nonsmooth_modules``, ``error_tol`` and
             ``h`` (the grid used; differs from the argument after ``refine``).
             See :mod:`amaml_ext.metagrad.accuracy`.
+
+    Example:
+        >>> import torch, amaml_ext
+        >>> net, x = torch.nn.Linear(2, 1), torch.randn(6, 2)
+        >>> r = amaml_ext.adjoint_meta_grad(net, torch.nn.functional.mse_loss, amaml_ext.flatten_params(net), 0.2,
+        ...                                 support=(x, x[:, :1]), query=(x, x[:, :1]), h=0.1, solver="euler",
+        ...                                 adjoint="discrete")
+        >>> r.params.shape, r.stats["memory"] in ("linearise", "store", "checkpoint")
+        (torch.Size([3]), True)
     """
 
     grad: torch.Tensor
@@ -87,17 +96,25 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
         options: a :class:`~amaml_ext.metagrad.MetaGradOptions` holding any of the above.
 
     Returns:
-        :class:`MetaGradResult`.
+        MetaGradResult: the meta-gradient, the validation loss, ``u(T)`` and the statistics.
 
-    Example::
+    Raises:
+        TypeError: a wrong kind of argument (model, loss, tensors, option types), or an unknown option.
+        ValueError: a bad value (shapes, dtypes, devices, non-finite data, ``T / h`` not whole, a
+            ``discrete`` adjoint after another solver, ...), each naming the argument; a model the
+            solvers cannot use (dropout in training mode, a graph cut); an inner run that diverged.
+        AdjointAccuracyError: with ``strict=True``, the error estimate exceeds ``error_tol``.
 
+    Example:
+        >>> import torch, amaml_ext
+        >>> _ = torch.manual_seed(0)
         >>> net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         >>> theta = amaml_ext.flatten_params(net)
         >>> xs, ys = torch.randn(10, 1), torch.randn(10, 1)
         >>> r = amaml_ext.adjoint_meta_grad(net, torch.nn.functional.mse_loss, theta, 1.0,
-        ...                                 support=(xs, ys), query=(xs, ys))
-        >>> r.grad.shape
-        torch.Size([...])
+        ...                                 support=(xs, ys), query=(xs, ys), h=0.1)
+        >>> r.grad.shape, r.loss.shape, r.stats["grid_steps"]
+        (torch.Size([25]), torch.Size([]), 10)
     """
     opts = MetaGradOptions.build(options, caller="adjoint_meta_grad", **option_kwargs)
     for refinements in range(MAX_REFINEMENTS + 1):

@@ -143,35 +143,44 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
     """The parameters after inner training, ``u(T)``, differentiable by the adjoint method.
 
     Inner training is the gradient flow ``du/dt = -lr * grad L(u)`` from ``u(0) = theta`` on the
-    ``support`` loss (``lr`` None: 1; ``solver="euler"`` is ``K = T / h`` GD steps of size
-    ``h * lr``). The forward pass solves it without an autograd graph and keeps the trajectory
-    (``memory="checkpoint"``: about ``2 sqrt(K)`` states); ``backward`` receives ``dJ/du(T)`` from
-    any computation on the result and solves the adjoint over that trajectory with Hessian-vector
-    products. Gradients reach:
+    ``support`` loss (``solver="euler"``: ``K = T / h`` GD steps of size ``h * lr``). The forward
+    solves it without an autograd graph and keeps the trajectory; ``backward`` receives
+    ``dJ/du(T)`` from any computation on the result and solves the adjoint over it with
+    Hessian-vector products. Exact mode (``solver="euler", adjoint="discrete"``) gives the
+    gradients of the unrolled GD steps; the continuous adjoints (``"heun"``, ``"rk4"``) converge
+    at order 2 and 4, with :func:`adjoint_meta_grad`'s error estimate (a warning past
+    ``error_tol``; ``strict=True`` raises from ``backward``).
 
-    * ``theta`` (``[d]``, :func:`amaml_ext.flatten_params` order; with ``batched=True`` one theta
-      shared by the B tasks of ``support``);
-    * ``lr``, a positive scalar or ``[d]`` tensor of step-size multipliers (Meta-SGD);
-    * ``T``, a 0-dim tensor (or ``[B]`` with ``batched=True``) with a continuous adjoint (a 0-dim
-      T that is not a whole number of steps h is solved in ``ceil(T / h)`` equal steps);
-    * ``adjoint_params``: tensors the ``loss`` uses through its closure (as torchdiffeq's argument);
-    * the ``support`` tensors, where they require grad (features from a learned map).
+    Args:
+        model, loss: as :func:`adjoint_meta_grad`.
+        theta: ``[d]`` (:func:`amaml_ext.flatten_params` order); with ``batched=True`` one theta
+            shared by the B tasks of ``support``. Gradients reach it.
+        T: the horizon; a 0-dim tensor (``[B]`` with ``batched=True``) that requires grad gets
+            one (continuous adjoints; a T that is not whole in h runs ``ceil(T / h)`` equal steps).
+        support: ``(x, y)``, with a leading task dimension when batched; tensors that require
+            grad get gradients (features from a learned map).
+        lr: None (1), or a positive scalar or ``[d]`` tensor of step-size multipliers (Meta-SGD).
+        adjoint_params: tensors ``loss`` uses through its closure (as torchdiffeq's argument).
+        stats: a dict to receive the solver statistics.
+        options, **option_kwargs: :func:`adjoint_meta_grad`'s (``refine`` excepted).
 
-    Exact mode (``solver="euler", adjoint="discrete"``) gives the gradients of the unrolled GD
-    steps; the continuous adjoints (``"heun"``, ``"rk4"``) converge at order 2 and 4, with the
-    error estimate of :func:`adjoint_meta_grad` (warning past ``error_tol``, ``strict=True``
-    raises from ``backward``). ``stats``, a dict, receives the solver statistics. The other
-    options (keywords, or ``options``, a :class:`~amaml_ext.metagrad.MetaGradOptions`) are
-    :func:`adjoint_meta_grad`'s.
+    Returns:
+        torch.Tensor: ``u(T)``, ``[d]`` or ``[B, d]`` with ``batched=True``.
 
-    Returns ``u(T)``: ``[d]``, or ``[B, d]`` with ``batched=True``.
+    Raises:
+        TypeError, ValueError: as :func:`adjoint_meta_grad`, for these arguments too.
+        RuntimeError: the inputs come from a ``torch.func`` transform.
 
-    Example::
-
+    Example:
+        >>> import torch, amaml_ext
+        >>> F, net = torch.nn.functional, torch.nn.Linear(2, 1)
+        >>> xs, ys, xq, yq = torch.randn(8, 2), torch.randn(8, 1), torch.randn(8, 2), torch.randn(8, 1)
         >>> theta = amaml_ext.flatten_params(net).requires_grad_()
-        >>> u = amaml_ext.gradient_flow(net, F.mse_loss, theta, 0.5, (xs, ys), solver="euler", adjoint="discrete")
+        >>> u = amaml_ext.gradient_flow(net, F.mse_loss, theta, 0.5, (xs, ys), h=0.1, solver="euler", adjoint="discrete")
         >>> pred = torch.func.functional_call(net, amaml_ext.unflatten_params(net, u), (xq,))
-        >>> F.mse_loss(pred, yq).backward()          # theta.grad: MAML's meta-gradient
+        >>> F.mse_loss(pred, yq).backward()          # theta.grad: MAML's meta-gradient (5 steps)
+        >>> theta.grad.shape
+        torch.Size([3])
     """
     _check_not_transformed(theta, lr, T, adjoint_params)
     opts = MetaGradOptions.build(options, caller="gradient_flow", **option_kwargs)

@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional, Union
 from .. import _checks, ode
 
 MEMORY_MODES = ("auto", "linearise", "store", "checkpoint")
+"""The values of the ``memory`` option (:class:`MemoryOptions`)."""
 ERROR_ESTIMATES = (True, False, "drift", "richardson")
 
 
@@ -28,7 +29,21 @@ ERROR_ESTIMATES = (True, False, "drift", "richardson")
 class SolverOptions:
     """The grid and the schemes: ``h`` the grid spacing (the GD step of ``euler``), ``solver`` a
     forward and ``adjoint`` an adjoint method of :mod:`amaml_ext.ode.schemes`, dopri5's ``rtol``,
-    ``atol`` and step budget ``max_steps`` (None: :func:`~amaml_ext.ode.default_max_steps`)."""
+    ``atol`` and step budget ``max_steps`` (None: :func:`~amaml_ext.ode.default_max_steps`).
+
+    Raises:
+        ValueError: a non-positive ``h``, an unknown method, a ``discrete`` adjoint after another
+            solver than ``euler``, tolerances outside (0, 1), or a bad ``max_steps``.
+
+    Example:
+        >>> from amaml_ext.metagrad import SolverOptions
+        >>> SolverOptions(h=0.05, solver="rk4").steps_budget(20)
+        1000
+        >>> SolverOptions(solver="rk4", adjoint="discrete")
+        Traceback (most recent call last):
+        ...
+        ValueError: argument 'adjoint': 'discrete' is the exact gradient of solver='euler' ...
+    """
 
     h: float = 0.01
     solver: str = "dopri5"
@@ -66,7 +81,16 @@ class MemoryOptions:
     (recomputing segments). ``"auto"`` (the default) takes the fastest that fits the budget:
     ``"linearise"`` where the states fit, else ``"checkpoint"``. ``memory_budget`` in bytes (None:
     :func:`~amaml_ext.metagrad.plan.default_budget`, half the free GPU memory or a quarter of the
-    RAM). The gradient is the same whatever the plan, to float rounding."""
+    RAM). The gradient is the same whatever the plan, to float rounding.
+
+    Raises:
+        ValueError: a ``memory`` not in :data:`MEMORY_MODES`, or a negative ``memory_budget``.
+
+    Example:
+        >>> from amaml_ext.metagrad import MemoryOptions
+        >>> MemoryOptions(memory="checkpoint", memory_budget=2 ** 20).memory
+        'checkpoint'
+    """
 
     memory: str = "auto"
     memory_budget: Optional[float] = None
@@ -82,7 +106,17 @@ class MemoryOptions:
 class AccuracyOptions:
     """The accuracy control of a continuous adjoint (:mod:`amaml_ext.metagrad.accuracy`):
     ``error_estimate`` (True/"drift", "richardson" or False), ``error_tol``, ``strict`` (raise
-    instead of warning) and ``refine`` (solve again on a finer grid past the tolerance)."""
+    instead of warning) and ``refine`` (solve again on a finer grid past the tolerance).
+
+    Raises:
+        ValueError: an unknown ``error_estimate`` or a non-positive ``error_tol``.
+        TypeError: ``strict`` or ``refine`` is not a bool.
+
+    Example:
+        >>> from amaml_ext.metagrad import AccuracyOptions
+        >>> AccuracyOptions(error_estimate="richardson", error_tol=1e-3).strict
+        False
+    """
 
     error_estimate: Union[bool, str] = True
     error_tol: float = 1e-2
@@ -113,7 +147,18 @@ class MetaGradOptions:
 
     :meth:`build` makes one from the flat keywords of :func:`~amaml_ext.adjoint_meta_grad`
     (``h``, ``solver``, ``rtol``, ``memory``, ``error_tol``, ...); :meth:`replace` changes some;
-    :meth:`flat` gives them back."""
+    :meth:`flat` gives them back.
+
+    Raises:
+        TypeError: a part of the wrong type, a non-bool ``batched`` or ``compile`` (but
+            ``"auto"``), or an unknown flat keyword.
+
+    Example:
+        >>> from amaml_ext.metagrad import MetaGradOptions
+        >>> opts = MetaGradOptions.build(h=0.05, memory="store")
+        >>> opts.memory.memory, opts["h"], opts.replace(rtol=1e-3).solver.rtol
+        ('store', 0.05, 0.001)
+    """
 
     solver: SolverOptions = field(default_factory=SolverOptions)
     memory: MemoryOptions = field(default_factory=MemoryOptions)
@@ -174,6 +219,7 @@ class MetaGradOptions:
         return self.flat()[name]
 
     def get(self, name: str, default: Any = None) -> Any:
+        """An option by its flat name, or ``default`` for a name that is not an option."""
         return self[name] if name in self.names() else default
 
     def keys(self):
@@ -182,10 +228,12 @@ class MetaGradOptions:
 
     @property
     def forward_scheme(self) -> ode.Scheme:
+        """The :class:`~amaml_ext.ode.Scheme` of ``solver``."""
         return ode.FORWARD_SCHEMES[self.solver.solver]
 
     @property
     def adjoint_scheme(self) -> ode.Scheme:
+        """The :class:`~amaml_ext.ode.Scheme` of ``adjoint``."""
         return ode.ADJOINT_SCHEMES[self.solver.adjoint]
 
     @property

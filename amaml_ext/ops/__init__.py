@@ -5,7 +5,9 @@ returns None.
 
 Every op writes into preallocated outputs; the wrappers allocate them when not given.
 States are ``[d]`` (one task) or ``[B, d]`` (B tasks), float32 or float64. The same math in
-plain PyTorch is in :mod:`amaml_ext.ops.reference`.
+plain PyTorch is in :mod:`amaml_ext.ops.reference`; the training-mode BatchNorm whose double
+backward is :func:`batch_norm_double_backward` in :mod:`amaml_ext.ops.batch_norm`; the build facts
+in :func:`amaml_ext.build_info`.
 """
 
 from typing import Optional, Sequence, Tuple
@@ -16,13 +18,29 @@ from .core import C  # noqa: F401  (registers the ops)
 
 _ops = torch.ops.amaml_ext
 
+__all__ = ["stage_combine", "dopri5_finish", "dopri5_dense", "heun_update", "batch_norm_double_backward"]
+
 
 def stage_combine(y: torch.Tensor, stages: Sequence[torch.Tensor], coeffs: Sequence[float],
                   h: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out = y + h * sum_j coeffs[j] * stages[j]`` in one pass (1 to 7 stages).
 
-    Example::
+    Args:
+        y: a state ``[d]`` or ``[B, d]``, float32 or float64, CPU or CUDA.
+        stages: 1 to 7 tensors of ``y``'s shape, dtype and device.
+        coeffs: one float per stage.
+        h: the step.
+        out: where to write (``y``'s shape); allocated when None.
 
+    Returns:
+        torch.Tensor: ``out``.
+
+    Raises:
+        RuntimeError: (from the op) mismatched shapes, dtypes or devices, or a wrong number of
+            stages or coefficients.
+
+    Example:
+        >>> import torch
         >>> y, k = torch.ones(3), torch.arange(3.0)
         >>> stage_combine(y, [k], [0.5], 2.0)
         tensor([1., 2., 3.])
@@ -44,7 +62,28 @@ def dopri5_finish(y0: torch.Tensor, stages: Sequence[torch.Tensor], h: float, rt
                   err_norm: Optional[torch.Tensor] = None
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """5th-order solution ``y1``, embedded error ``err`` and per-task RMS error norm
-    ``err_norm`` (shape ``[]`` or ``[B]``) of a DOPRI5 step from its seven stages."""
+    ``err_norm`` of a DOPRI5 step from its seven stages.
+
+    Args:
+        y0: the state at the step's start, ``[d]`` or ``[B, d]``.
+        stages: the seven stages ``k1..k7`` (``y0``'s shape).
+        h: the step.
+        rtol: relative tolerance of the error norm.
+        atol: absolute tolerance of the error norm.
+        y1: output for the solution (``y0``'s shape), allocated when None.
+        err: output for the error (``y0``'s shape), allocated when None.
+        err_norm: output for the norm, ``[]`` or ``[B]``, allocated when None.
+
+    Returns:
+        ``(y1, err, err_norm)``; the step is accepted where ``err_norm <= 1``.
+
+    Example:
+        >>> import torch
+        >>> y0, k = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        >>> y1, err, err_norm = dopri5_finish(y0, [k] * 7, 0.1, 1e-6, 1e-8)   # dy/dt = 1
+        >>> y1, float(err_norm)
+        (tensor([0.1000, 0.1000, 0.1000], dtype=torch.float64), 0.0)
+    """
     if y1 is None:
         y1 = torch.empty_like(y0, memory_format=torch.contiguous_format)
     if err is None:
@@ -63,7 +102,29 @@ def _dopri5_finish_fake(y0, stages, h, rtol, atol, y1, err, err_norm):
 def dopri5_dense(y0: torch.Tensor, y1: torch.Tensor, stages: Sequence[torch.Tensor], h: float,
                  thetas: Sequence[float], trajectory: torch.Tensor, first_row: int) -> torch.Tensor:
     """Write ``y(t0 + theta_i h)`` (Hairer's continuous extension of an accepted DOPRI5 step)
-    into ``trajectory[first_row + i]`` for each ``theta_i`` in ``[0, 1]``. Returns trajectory."""
+    into ``trajectory[first_row + i]`` for each ``theta_i`` in ``[0, 1]``.
+
+    Args:
+        y0: the state at the step's start.
+        y1: the accepted solution at its end (:func:`dopri5_finish`).
+        stages: the step's seven stages.
+        h: the step.
+        thetas: the fractions of the step to write, each in ``[0, 1]``.
+        trajectory: ``[rows, *y0.shape]``, written in place.
+        first_row: the row of ``thetas[0]``.
+
+    Returns:
+        torch.Tensor: ``trajectory``.
+
+    Example:
+        >>> import torch
+        >>> y0, k = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+        >>> y1 = y0 + 0.1                                    # dy/dt = 1, one step of 0.1
+        >>> dopri5_dense(y0, y1, [k] * 7, 0.1, [0.5, 1.0], torch.zeros(3, 2, dtype=torch.float64), 1)
+        tensor([[0.0000, 0.0000],
+                [0.0500, 0.0500],
+                [0.1000, 0.1000]], dtype=torch.float64)
+    """
     _ops.dopri5_dense(y0, y1, list(stages), float(h), [float(t) for t in thetas],
                       int(first_row), trajectory)
     return trajectory
@@ -76,7 +137,25 @@ def _dopri5_dense_fake(y0, y1, stages, h, thetas, first_row, trajectory):
 
 def heun_update(lam: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor], h: float,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Heun adjoint update: ``lam + h/2 (a + b)``, or ``lam + h a`` when ``b`` is None."""
+    """Heun adjoint update: ``lam + h/2 (a + b)``, or ``lam + h a`` when ``b`` is None.
+
+    Args:
+        lam: the adjoint state, ``[d]`` or ``[B, d]``.
+        a: the VJP at the step's start (``lam``'s shape).
+        b: the VJP at its end, or None (an Euler step).
+        h: the step.
+        out: output (``lam``'s shape), allocated when None.
+
+    Returns:
+        torch.Tensor: ``out``.
+
+    Example:
+        >>> import torch
+        >>> heun_update(torch.ones(2), torch.ones(2), torch.full((2,), 3.0), 0.5)
+        tensor([2., 2.])
+        >>> heun_update(torch.ones(2), torch.ones(2), None, 0.5)
+        tensor([1.5000, 1.5000])
+    """
     if out is None:
         out = torch.empty_like(lam, memory_format=torch.contiguous_format)
     _ops.heun_update(lam, a, b, float(h), out)
@@ -100,7 +179,29 @@ def batch_norm_double_backward(x: torch.Tensor, weight: Optional[torch.Tensor], 
     ``mean``, ``invstd`` (the forward's saved statistics), ``ggw``, ``ggb`` are ``[C]``; a None
     gradient counts as zero, a None weight as ones. ``grad_weight`` does not depend on the weight
     (a caller with no weight drops it). Unlike the other ops it returns new tensors: it is called
-    from autograd backward passes and under ``torch.func.vmap`` (its batching rule is below)."""
+    from autograd backward passes and under ``torch.func.vmap`` (its batching rule is below).
+
+    Args:
+        x: the BatchNorm input ``[N, C, *]``, float32 or float64.
+        weight: ``[C]`` or None.
+        mean: ``[C]``, the batch mean the forward saved.
+        invstd: ``[C]``, the forward's ``1 / sqrt(var + eps)``.
+        grad_out: ``x``'s shape, the first backward's incoming gradient.
+        ggx: ``x``'s shape, or None.
+        ggw: ``[C]``, or None.
+        ggb: ``[C]``, or None.
+
+    Returns:
+        ``(grad_x [N, C, *], grad_weight [C], grad_grad_out [N, C, *])``, new tensors.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(4, 2, 3, dtype=torch.float64)
+        >>> mean, invstd = x.mean((0, 2)), (x.var((0, 2), unbiased=False) + 1e-5).rsqrt()
+        >>> gx, gw, ggy = batch_norm_double_backward(x, None, mean, invstd, torch.randn_like(x), torch.randn_like(x))
+        >>> gx.shape, gw.shape, ggy.shape
+        (torch.Size([4, 2, 3]), torch.Size([2]), torch.Size([4, 2, 3]))
+    """
     return _ops.batch_norm_double_backward(x, weight, mean, invstd, grad_out, ggx, ggw, ggb)
 
 
