@@ -28,10 +28,11 @@ All inner training is plain gradient descent with step ``inner_lr`` (A-MAML: gra
 to ``T``; its ``adapt`` runs ``T / h`` GD steps of ``h``). Tasks are evaluated together by
 ``torch.func.vmap`` (:class:`amaml_ext.functional.TaskFunctions`).
 
+    >>> import torch, amaml_ext
     >>> from amaml_ext import models, tasks, learners
     >>> net = models.mlp(width=32)
     >>> batch = tasks.CosMixture(50, 50).pool(5, seed=0).all(dtype=torch.float32)
-    >>> step = learners.AMAML(net, torch.nn.functional.mse_loss, T=0.5).meta_grad(
+    >>> step = learners.AMAML(net, torch.nn.functional.mse_loss, T=0.5, compile=False).meta_grad(
     ...     amaml_ext.flatten_params(net), batch)
     >>> step.grad.shape, step.query_loss.shape
     (torch.Size([1185]), torch.Size([5]))
@@ -62,7 +63,14 @@ class Method:
     :func:`make_learner`'s step counts it runs (``"inner_steps"``, ``"maml_steps"``, or None: its
     own fixed count), its other options (``make_learner`` keyword -> constructor keyword),
     whether it is one of the paper's comparisons, and whether it solves the inner gradient flow
-    (``flow``: ``T = inner_steps * inner_lr``, and it takes A-MAML's solver options)."""
+    (``flow``: ``T = inner_steps * inner_lr``, and it takes A-MAML's solver options).
+
+    Example:
+        >>> from amaml_ext.learners import METHODS
+        >>> m = METHODS["imaml"]
+        >>> m.cls.__name__, m.label, m.steps, m.options, m.paper, m.flow
+        ('IMAML', 'iMAML', 'inner_steps', {'imaml_lambda': 'lam', 'cg_steps': 'cg_steps'}, True, False)
+    """
 
     cls: type
     label: str
@@ -86,13 +94,20 @@ METHODS: Dict[str, Method] = {
 """Every learner by name: adding one is its class and an entry here."""
 
 LEARNERS = {name: m.cls for name, m in METHODS.items()}
+"""Every learner's class by name (from :data:`METHODS`)."""
 LABELS = {name: m.label for name, m in METHODS.items()}
+"""Every learner's label in tables and plots by name (from :data:`METHODS`)."""
 PAPER_METHODS = tuple(name for name, m in METHODS.items() if m.paper)
 """The methods of the paper's comparisons (``amaml-ext compare``'s default)."""
 
 
 def method_steps(method: str, inner_steps: int, maml_steps: int) -> int:
-    """The inner GD steps ``method`` runs given the two step options (MAML-1: 1)."""
+    """The inner GD steps ``method`` runs given the two step options (MAML-1: 1).
+
+    Example:
+        >>> method_steps("amaml", 200, 20), method_steps("maml", 200, 20), method_steps("maml1", 200, 20)
+        (200, 20, 1)
+    """
     which = METHODS[method].steps
     return {"inner_steps": inner_steps, "maml_steps": maml_steps, None: 1}[which]
 
@@ -102,7 +117,34 @@ def make_learner(method: str, model: nn.Module, loss: LossFn, *, inner_steps: in
     """A learner by name with the paper's conventions: A-MAML's ``T = inner_steps * inner_lr``
     (``h = inner_lr``); MAML and ANIL run ``maml_steps``; MAML1 one step; the others ``inner_steps``.
     ``amaml_options`` (solver, adjoint, memory, compile, rtol, atol, ...) go to the A-MAML
-    learners (``flow`` in :data:`METHODS`)."""
+    learners (``flow`` in :data:`METHODS`).
+
+    Args:
+        method: a key of :data:`METHODS`.
+        model: the model (its parameters are what theta covers).
+        loss: ``loss(pred, target) -> scalar``.
+        inner_steps: GD steps of A-MAML (``T = inner_steps * inner_lr``), FOMAML, Reptile, iMAML.
+        maml_steps: GD steps of MAML and ANIL.
+        inner_lr: the inner step size (A-MAML's grid ``h``).
+        imaml_lambda: iMAML's proximal weight.
+        cg_steps: iMAML's conjugate-gradient iterations.
+        **amaml_options: :func:`amaml_ext.adjoint_meta_grad`'s options, for the A-MAML learners.
+
+    Returns:
+        MetaLearner: the learner.
+
+    Raises:
+        ValueError: an unknown ``method``, A-MAML options for another method, or a bad value.
+
+    Example:
+        >>> import torch
+        >>> from amaml_ext import models
+        >>> make_learner("maml", models.mlp(width=8), torch.nn.functional.mse_loss, maml_steps=5)
+        MAML(steps=5, inner_lr=0.01)
+        >>> make_learner("amaml", models.mlp(width=8), torch.nn.functional.mse_loss, inner_steps=20,
+        ...              inner_lr=0.05, compile=False)
+        AMAML(T=1, h=0.05, solver='dopri5', adjoint='heun')
+    """
     _checks.choice("method", method, sorted(METHODS))
     m = METHODS[method]
     if m.flow:

@@ -24,7 +24,31 @@ class AMAML(MetaLearner):
     keyword arguments (``solver``, ``adjoint``, ``rtol``, ``atol``, ``memory``, ``compile``, ...)
     go to ``adjoint_meta_grad``; ``compile`` defaults to ``"auto"`` here (compiled callbacks
     where they pay: dense models on the CPU), as a learner calls it many times with the same
-    shapes."""
+    shapes.
+
+    Args:
+        model: the model; theta is its flattened trainable parameters.
+        loss: ``loss(pred, target) -> scalar``.
+        T: the inner horizon (> 0); ``T / h`` must be whole.
+        h: the grid spacing.
+        solver: the forward method (:data:`amaml_ext.ode.FORWARD_METHODS`).
+        adjoint: the adjoint method (:data:`amaml_ext.ode.ADJOINT_METHODS`).
+        **options: the other options of :func:`amaml_ext.adjoint_meta_grad`, checked here.
+
+    Raises:
+        TypeError, ValueError: a bad option (as :func:`amaml_ext.adjoint_meta_grad`), at construction.
+
+    Example:
+        >>> import torch, amaml_ext
+        >>> from amaml_ext import learners, models, tasks
+        >>> net = models.mlp(width=8)
+        >>> learner = AMAML(net, torch.nn.functional.mse_loss, T=0.2, h=0.05, solver="euler",
+        ...                 adjoint="discrete", compile=False)           # exact: 4 GD steps of 0.05
+        >>> batch = tasks.CosMixture(shots=10, val=10).pool(2, seed=0).all(dtype=torch.float32)
+        >>> step = learner.meta_grad(amaml_ext.flatten_params(net), batch)
+        >>> step.grad.shape, step.stats["grid_steps"]
+        (torch.Size([105]), 4)
+    """
 
     name = "amaml"
     second_order = True
@@ -65,10 +89,12 @@ class AMAML(MetaLearner):
 
     @property
     def solver(self) -> str:
+        """The forward method."""
         return self.options.solver.solver
 
     @property
     def adjoint(self) -> str:
+        """The adjoint method."""
         return self.options.solver.adjoint
 
     def meta_grad(self, theta, tasks):
@@ -139,7 +165,18 @@ class AMAMLSGD(_LearnedFlow):
     """A-MAML with learned per-parameter step sizes (Meta-SGD, Li et al. 2017, over long
     horizons): the inner flow is ``du/dt = -exp(s) * grad L(u)``, ``s`` ``[d]`` meta-trained with
     theta from 0 (the plain flow). Meta-parameters ``[theta, s]``; meta-testing steps by
-    ``inner_lr * exp(s)``."""
+    ``inner_lr * exp(s)``. Arguments as :class:`AMAML` (``refine`` excepted).
+
+    Example:
+        >>> import torch, amaml_ext
+        >>> from amaml_ext import learners, models, tasks
+        >>> net = models.mlp(width=8)
+        >>> learner = AMAMLSGD(net, torch.nn.functional.mse_loss, T=0.2, h=0.02, compile=False)
+        >>> meta = learner.meta_params(amaml_ext.flatten_params(net))        # [theta, s = 0]
+        >>> batch = tasks.CosMixture(shots=10, val=10).pool(2, seed=0).all(dtype=torch.float32)
+        >>> meta.shape, learner.meta_grad(meta, batch).grad.shape
+        (torch.Size([210]), torch.Size([210]))
+    """
 
     name = "amaml-sgd"
 
@@ -160,7 +197,18 @@ class AMAMLSGD(_LearnedFlow):
 class AMAMLT(_LearnedFlow):
     """A-MAML that meta-learns its horizon: ``T = exp(tau)``, ``tau`` meta-trained with theta from
     ``log T`` (continuous adjoints only; the grid is ``ceil(T / h)`` equal steps of about h).
-    Meta-parameters ``[theta, tau]``."""
+    Meta-parameters ``[theta, tau]``. Arguments as :class:`AMAML` (``refine`` excepted).
+
+    Example:
+        >>> import torch, amaml_ext
+        >>> from amaml_ext import learners, models, tasks
+        >>> net = models.mlp(width=8)
+        >>> learner = AMAMLT(net, torch.nn.functional.mse_loss, T=0.2, h=0.02, compile=False)
+        >>> meta = learner.meta_params(amaml_ext.flatten_params(net))        # [theta, log T]
+        >>> batch = tasks.CosMixture(shots=10, val=10).pool(2, seed=0).all(dtype=torch.float32)
+        >>> round(learner.horizon(meta), 6), learner.meta_grad(meta, batch).grad.shape
+        (0.2, torch.Size([106]))
+    """
 
     name = "amaml-t"
     extra = 1

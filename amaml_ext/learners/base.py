@@ -20,7 +20,18 @@ class MetaStep:
 
     ``grad``: ``[d]``, the meta-gradient averaged over the batch's tasks; ``query_loss``: ``[B]``,
     the query loss of each task at its adapted parameters; ``stats``: counts (gradient
-    evaluations, HVPs, ...)."""
+    evaluations, HVPs, ...).
+
+    Example:
+        >>> import torch, amaml_ext
+        >>> from amaml_ext import learners, models, tasks
+        >>> net = models.mlp(width=8)
+        >>> batch = tasks.CosMixture(shots=10, val=10).pool(3, seed=0).all(dtype=torch.float32)
+        >>> learner = learners.FOMAML(net, torch.nn.functional.mse_loss, steps=5)
+        >>> step = learner.meta_grad(amaml_ext.flatten_params(net), batch)
+        >>> step.grad.shape, step.query_loss.shape, step.stats
+        (torch.Size([105]), torch.Size([3]), {'grad_evals': 6, 'inner_steps': 5})
+    """
 
     grad: torch.Tensor
     query_loss: torch.Tensor
@@ -28,7 +39,29 @@ class MetaStep:
 
 
 class MetaLearner:
-    """Base class. Subclasses implement :meth:`meta_grad`; ``adapt`` is K GD steps."""
+    """Base class. Subclasses implement :meth:`meta_grad`; ``adapt`` is K GD steps.
+
+    Args:
+        model: the model; its trainable parameters, flattened, are theta (``d`` entries).
+        loss: ``loss(pred, target) -> scalar``, the inner (support) and meta (query) loss.
+        inner_lr: the inner GD step size (> 0).
+        steps: inner GD steps (a positive int).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``loss`` not callable.
+        ValueError: a non-positive ``inner_lr`` or ``steps``.
+
+    Example:
+        >>> import torch, amaml_ext
+        >>> from amaml_ext import learners, models, tasks
+        >>> net = models.mlp(width=8)
+        >>> learner = learners.Reptile(net, torch.nn.functional.mse_loss, inner_lr=0.05, steps=10)
+        >>> learner.d, learner.second_order
+        (105, False)
+        >>> support = tasks.CosMixture(shots=10, val=10).pool(1, seed=0).all(dtype=torch.float32).task(0).support
+        >>> learner.adapt(amaml_ext.flatten_params(net), support).shape     # 10 GD steps from theta
+        torch.Size([105])
+    """
 
     name = "base"
     second_order = False
@@ -133,7 +166,10 @@ class MetaLearner:
     def adapt(self, theta: torch.Tensor, support, steps: Optional[int] = None, batched: bool = False,
               lr: Optional[float] = None) -> torch.Tensor:
         """Plain GD from ``theta`` on ``support`` for ``steps`` (default: the learner's inner
-        steps) of ``lr`` (default ``inner_lr``): ``[d]``, or ``[B, d]`` with ``batched``."""
+        steps) of ``lr`` (default ``inner_lr``): ``[d]``, or ``[B, d]`` with ``batched``.
+
+        Raises ValueError/TypeError on bad arguments (theta ``[d]``, ``support = (x, y)`` of its
+        dtype and device, finite), :class:`InnerLoopDiverged` when the steps diverge."""
         steps = self.steps if steps is None else _checks.positive("steps", steps, integer=True)
         lr = self.inner_lr if lr is None else _checks.positive("lr", lr)
         self._check_model_unchanged()
@@ -150,6 +186,9 @@ class MetaLearner:
         return u
 
     def meta_grad(self, theta: torch.Tensor, tasks: TaskBatch) -> MetaStep:  # pragma: no cover
+        """The meta-gradient of the mean query loss over ``tasks`` (a :class:`~amaml_ext.tasks.TaskBatch`
+        of theta's dtype and device) at ``theta`` (``[d + extra]``, :meth:`meta_params`); raises
+        ValueError/TypeError on bad arguments and :class:`InnerLoopDiverged` on non-finite results."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -159,7 +198,17 @@ class MetaLearner:
 def head_mask(model: nn.Module, head=None) -> torch.Tensor:
     """``[d]`` float mask over theta: 1 on the parameters of ``head`` (names or prefixes; default:
     the last submodule that holds trainable parameters, e.g. ``Conv4.head`` or an MLP's last
-    Linear), 0 elsewhere."""
+    Linear), 0 elsewhere.
+
+    Raises:
+        ValueError: ``head`` names no trainable parameter.
+
+    Example:
+        >>> from amaml_ext import models
+        >>> net = models.mlp(width=8)                      # layers 0, 2 and 4 hold parameters
+        >>> int(head_mask(net).sum()), int(head_mask(net, "0").sum())
+        (9, 24)
+    """
     shapes = list(param_shapes(model))
     if head is None:
         owners = [n.rsplit(".", 1)[0] if "." in n else "" for n, _ in shapes]

@@ -19,7 +19,20 @@ class InnerLoopDiverged(FloatingPointError, ValueError):
     """Finite theta and finite data gave non-finite parameters, losses or meta-gradients: the
     inner loop diverged (its step size, number of steps or horizon is too large for the loss).
     A ``ValueError`` like the learners' other refusals, and a ``FloatingPointError`` like
-    ``meta_train``'s stop on a non-finite meta-step."""
+    ``meta_train``'s stop on a non-finite meta-step. The message names the learner, the tasks
+    and what to lower.
+
+    Example:
+        >>> import torch, amaml_ext
+        >>> from amaml_ext import learners, models, tasks
+        >>> net = models.mlp(width=8)
+        >>> batch = tasks.CosMixture(shots=10, val=10).pool(2, seed=0).all(dtype=torch.float32)
+        >>> learners.MAML(net, torch.nn.functional.mse_loss, inner_lr=1e3, steps=50).meta_grad(
+        ...     amaml_ext.flatten_params(net), batch)
+        Traceback (most recent call last):
+        ...
+        amaml_ext.learners.checks.InnerLoopDiverged: MAML(steps=50, inner_lr=1000).meta_grad: the inner loop diverged ...
+    """
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:

@@ -11,7 +11,26 @@ from .base import MetaLearner, MetaStep
 class IMAML(MetaLearner):
     """iMAML: inner GD on ``L(u) + lam/2 ||u - theta||^2``, then the implicit meta-gradient
     ``(I + H(psi) / lam)^-1 grad V(psi)`` by ``cg_steps`` conjugate-gradient iterations with
-    HVPs at psi (one linearisation serves them all). Paper: ``lam = 1``, 5 CG steps."""
+    HVPs at psi (one linearisation serves them all). Paper: ``lam = 1``, 5 CG steps.
+
+    Args:
+        model: the model; theta is its flattened trainable parameters.
+        loss: ``loss(pred, target) -> scalar``.
+        inner_lr: the inner GD step size.
+        steps: inner GD steps.
+        lam: the proximal weight (> 0).
+        cg_steps: conjugate-gradient iterations (a positive int).
+
+    Example:
+        >>> import torch, amaml_ext
+        >>> from amaml_ext import learners, models, tasks
+        >>> net = models.mlp(width=8)
+        >>> batch = tasks.CosMixture(shots=10, val=10).pool(2, seed=0).all(dtype=torch.float32)
+        >>> step = learners.IMAML(net, torch.nn.functional.mse_loss, steps=5, lam=1.0, cg_steps=3).meta_grad(
+        ...     amaml_ext.flatten_params(net), batch)
+        >>> step.grad.shape, step.stats["cg_steps"]
+        (torch.Size([105]), 3)
+    """
 
     name = "imaml"
     second_order = True
@@ -23,6 +42,8 @@ class IMAML(MetaLearner):
         self.cg_steps = _checks.positive("cg_steps", cg_steps, integer=True)
 
     def adapt_prox(self, theta: torch.Tensor, fns: TaskFunctions, batch: int) -> torch.Tensor:
+        """``steps`` GD steps on ``L(u) + lam/2 ||u - theta||^2`` from theta for ``batch`` tasks:
+        psi ``[batch, d]``."""
         anchor = theta.detach().expand(batch, -1)
         with torch.no_grad():
             return self._gd(fns, anchor.clone(), self.steps, self.inner_lr, prox=(self.lam, anchor))

@@ -25,7 +25,17 @@ from ..metagrad.options import MetaGradOptions
 
 class AdaptedModel(nn.Module):
     """The wrapped model with its parameters replaced by the adapted ``params`` (``[d]``, in the
-    autograd graph); buffers are the model's. Calling it runs ``torch.func.functional_call``."""
+    autograd graph); buffers are the model's. Calling it runs ``torch.func.functional_call``.
+    Made by :meth:`AdjointLearner.adapt`; ``stats`` holds the inner solve's statistics.
+
+    Example:
+        >>> import torch
+        >>> from amaml_ext import AdaptedModel
+        >>> net = torch.nn.Linear(2, 1)
+        >>> fast = AdaptedModel(net, torch.tensor([1.0, 2.0, 0.5]), stats={})   # weight [1, 2], bias 0.5
+        >>> fast(torch.tensor([[1.0, 1.0]]))
+        tensor([[3.5000]])
+    """
 
     def __init__(self, model: nn.Module, params: torch.Tensor, stats: Dict):
         super().__init__()
@@ -34,6 +44,7 @@ class AdaptedModel(nn.Module):
         self.stats = stats
 
     def forward(self, *args, **kwargs):
+        """The wrapped model's forward with the adapted parameters."""
         return torch.func.functional_call(self.model, unflatten_params(self.model, self.params), args, kwargs)
 
 
@@ -49,6 +60,25 @@ class AdjointLearner(nn.Module):
             a parameter of this module.
         learn_T: also meta-learn the horizon, ``T = exp(log_T)`` (continuous adjoints only).
         **options: :func:`amaml_ext.gradient_flow`'s (``solver``, ``adjoint``, ``memory``, ...).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; a bad option type.
+        ValueError: ``T / h`` not whole (without ``learn_T``), ``learn_T`` with an exact adjoint,
+            a model without trainable parameters, or a bad option value.
+
+    Example:
+        >>> import torch, amaml_ext
+        >>> from amaml_ext import tasks
+        >>> F, net = torch.nn.functional, torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> learner = amaml_ext.AdjointLearner(net, F.mse_loss, T=0.2, h=0.05, solver="euler",
+        ...                                    adjoint="discrete", compile=False)
+        >>> opt = torch.optim.Adam(learner.parameters(), 1e-3)
+        >>> task = tasks.CosMixture(shots=10, val=10).pool(1, seed=0).all(dtype=torch.float32).task(0)
+        >>> fast = learner.adapt(*task.support)                       # 4 GD steps of 0.05
+        >>> F.mse_loss(fast(task.query[0]), task.query[1]).backward()   # MAML's meta-gradient into net
+        >>> net[0].weight.grad.shape
+        torch.Size([8, 2])
+        >>> opt.step()
     """
 
     def __init__(self, model: nn.Module, loss: LossFn, T: float = 1.0, h: float = 0.01, *,
@@ -82,7 +112,9 @@ class AdjointLearner(nn.Module):
         return torch.cat([p.reshape(-1) for p in self.module.parameters() if p.requires_grad])
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor, *, T: Optional[float] = None) -> AdaptedModel:
-        """Inner training on ``(x, y)``: the adapted model (``T`` overrides the horizon)."""
+        """Inner training on the support set ``(x, y)``: the adapted model, whose outputs
+        backpropagate into the model's parameters and the learner's own (``T`` overrides the
+        horizon)."""
         now = list(param_shapes(self.module))
         if self.log_lr is not None and now != self.trainable:
             raise ValueError(f"AdjointLearner.adapt: the model's trainable parameters changed since the learner "

@@ -11,7 +11,23 @@ from .base import MetaLearner, MetaStep, head_mask
 
 class MAML(MetaLearner):
     """Second-order MAML: autograd through ``steps`` GD steps (``create_graph=True``); memory
-    grows linearly with ``steps``."""
+    grows linearly with ``steps``.
+
+    Args:
+        model: the model; theta is its flattened trainable parameters.
+        loss: ``loss(pred, target) -> scalar``.
+        inner_lr: the inner GD step size.
+        steps: inner GD steps (the paper: 10 or 20).
+
+    Example:
+        >>> import torch, amaml_ext
+        >>> from amaml_ext import learners, models, tasks
+        >>> net = models.mlp(width=8)
+        >>> batch = tasks.CosMixture(shots=10, val=10).pool(2, seed=0).all(dtype=torch.float32)
+        >>> step = learners.MAML(net, torch.nn.functional.mse_loss, steps=3).meta_grad(amaml_ext.flatten_params(net), batch)
+        >>> step.grad.shape, step.stats
+        (torch.Size([105]), {'grad_evals': 8, 'inner_steps': 3})
+    """
 
     name = "maml"
     second_order = True
@@ -33,7 +49,17 @@ class MAML(MetaLearner):
 
 
 class MAML1(MAML):
-    """MAML with one inner GD step (the common choice; the paper's MAML-1)."""
+    """MAML with one inner GD step (the common choice; the paper's MAML-1); ``steps`` must be 1.
+
+    Example:
+        >>> import torch, amaml_ext
+        >>> from amaml_ext import learners, models, tasks
+        >>> net = models.mlp(width=8)
+        >>> batch = tasks.CosMixture(shots=10, val=10).pool(2, seed=0).all(dtype=torch.float32)
+        >>> step = learners.MAML1(net, torch.nn.functional.mse_loss, inner_lr=0.1).meta_grad(amaml_ext.flatten_params(net), batch)
+        >>> step.grad.shape, step.stats["inner_steps"]
+        (torch.Size([105]), 1)
+    """
 
     name = "maml1"
 
@@ -47,7 +73,19 @@ class ANIL(MAML):
     """ANIL (Raghu et al. 2020): MAML whose inner loop adapts only the head (``head``: names or
     prefixes of parameters, default the last module with parameters); the meta-gradient covers
     all of theta, the body learned through the head's adaptation. ``adapt`` also moves only the
-    head."""
+    head.
+
+    Example:
+        >>> import torch, amaml_ext
+        >>> from amaml_ext import learners, models, tasks
+        >>> net = models.mlp(width=8)
+        >>> batch = tasks.CosMixture(shots=10, val=10).pool(2, seed=0).all(dtype=torch.float32)
+        >>> step = learners.ANIL(net, torch.nn.functional.mse_loss, steps=3).meta_grad(amaml_ext.flatten_params(net), batch)
+        >>> int(learners.ANIL(net, torch.nn.functional.mse_loss).adapt_mask.sum())   # the last Linear
+        9
+        >>> step.grad.shape, step.stats["inner_steps"]
+        (torch.Size([105]), 3)
+    """
 
     name = "anil"
     second_order = True
@@ -58,7 +96,18 @@ class ANIL(MAML):
 
 
 class FOMAML(MetaLearner):
-    """First-order MAML: the query gradient at the adapted parameters."""
+    """First-order MAML: the query gradient at the adapted parameters (``steps`` GD steps of
+    ``inner_lr`` on the support set).
+
+    Example:
+        >>> import torch, amaml_ext
+        >>> from amaml_ext import learners, models, tasks
+        >>> net = models.mlp(width=8)
+        >>> batch = tasks.CosMixture(shots=10, val=10).pool(2, seed=0).all(dtype=torch.float32)
+        >>> step = learners.FOMAML(net, torch.nn.functional.mse_loss, steps=3).meta_grad(amaml_ext.flatten_params(net), batch)
+        >>> step.grad.shape, step.stats["grad_evals"]
+        (torch.Size([105]), 4)
+    """
 
     name = "fomaml"
     second_order = False
@@ -72,7 +121,17 @@ class FOMAML(MetaLearner):
 
 class Reptile(MetaLearner):
     """Reptile: the direction ``theta - psi`` (averaged over tasks), used as the gradient by the
-    outer optimiser."""
+    outer optimiser (``steps`` GD steps of ``inner_lr`` on the support set).
+
+    Example:
+        >>> import torch, amaml_ext
+        >>> from amaml_ext import learners, models, tasks
+        >>> net = models.mlp(width=8)
+        >>> batch = tasks.CosMixture(shots=10, val=10).pool(2, seed=0).all(dtype=torch.float32)
+        >>> step = learners.Reptile(net, torch.nn.functional.mse_loss, steps=3).meta_grad(amaml_ext.flatten_params(net), batch)
+        >>> step.grad.shape, step.stats["inner_steps"]
+        (torch.Size([105]), 3)
+    """
 
     name = "reptile"
     second_order = False
