@@ -4,6 +4,15 @@
 
 import torch  # noqa: F401  (first)
 
-from .. import _C as C  # noqa: N812
+try:
+    from .. import _C as C  # noqa: N812
+except ImportError as e:  # built against another torch (a missing libc10_cuda.so, an undefined symbol)
+    if "_C" not in str(e) and "lib" not in str(e) and "symbol" not in str(e):
+        raise
+    raise ImportError(
+        f"amaml_ext's compiled core (amaml_ext._C) does not load with the torch installed here "
+        f"({torch.__version__}, {torch.__file__}): {e}. The extension must be compiled against the "
+        f"torch it runs with; rebuild it in this environment: pip install . (or, in a clone, "
+        f"pip install --no-build-isolation -e .).") from e
 
 __all__ = ["C"]
