@@ -2,8 +2,8 @@
 
     >>> from amaml_ext import tasks
     >>> train_pool, test_pool = tasks.train_test_pools(tasks.CosMixture(shots=50, val=50))
-    >>> ml = tasks.MovieLens100K("/data")          # or root=None: $AMAML_DATA_ROOT
-    >>> om = tasks.Omniglot("/data")
+    >>> ml = tasks.MovieLens100K("/data")   # or root=None: $AMAML_DATA_ROOT   # doctest: +SKIP
+    >>> om = tasks.Omniglot("/data")                                           # doctest: +SKIP
 
 The synthetic families are :mod:`amaml_ext.data.synthetic`; the rating datasets
 (MovieLens-100K/1M, Jester; pandas) :mod:`amaml_ext.data.ratings`; the image datasets

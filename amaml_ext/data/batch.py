@@ -26,7 +26,17 @@ class TaskBatch:
     ``query_mask`` (``[B, v]`` bool, optional) marks the real query points when the tasks'
     query sets have different sizes and are padded to the largest (the rating test pools,
     whose query is each test user's remaining ratings). Only meta-testing reads it; the
-    learners refuse a masked batch rather than train on padding."""
+    learners refuse a masked batch rather than train on padding.
+
+    Example:
+        >>> import torch
+        >>> from amaml_ext.tasks import TaskBatch
+        >>> b = TaskBatch((torch.zeros(3, 5, 2), torch.zeros(3, 5, 1)), (torch.zeros(3, 7, 2), torch.zeros(3, 7, 1)))
+        >>> b.size, b.select(torch.tensor([0, 2])).size, b.task(1).support[0].shape
+        (3, 2, torch.Size([5, 2]))
+        >>> b.to(dtype=torch.float64).query[1].dtype
+        torch.float64
+    """
 
     support: Tuple[torch.Tensor, torch.Tensor]
     query: Tuple[torch.Tensor, torch.Tensor]
@@ -34,9 +44,12 @@ class TaskBatch:
 
     @property
     def size(self) -> int:
+        """B, the number of tasks."""
         return self.support[0].shape[0]
 
     def to(self, device=None, dtype=None) -> "TaskBatch":
+        """A copy on ``device`` with the floating-point tensors cast to ``dtype`` (labels and the
+        mask keep theirs)."""
         cast = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None)  # noqa: E731
         mask = None if self.query_mask is None else self.query_mask.to(device=device)
         return TaskBatch(tuple(map(cast, self.support)), tuple(map(cast, self.query)), mask)
@@ -53,7 +66,23 @@ class TaskBatch:
 
 
 class TaskPool:
-    """A fixed set of tasks with their data (float64, CPU); index it to get a batch."""
+    """A fixed set of tasks with their data (float64, CPU); index it to get a batch.
+
+    Args:
+        family: the :class:`~amaml_ext.tasks.TaskFamily` that drew the tasks.
+        params: ``[n, p]``, the tasks' parameters.
+        batch: the tasks' data, a :class:`TaskBatch` of ``n`` tasks.
+
+    Example:
+        >>> import torch
+        >>> from amaml_ext import tasks
+        >>> pool = tasks.CosMixture(shots=10, val=20).pool(8, seed=0)      # a TaskPool
+        >>> len(pool), pool.params.shape
+        (8, torch.Size([8, 3]))
+        >>> b = pool.batch(torch.tensor([1, 5]), dtype=torch.float32)
+        >>> b.support[0].shape, b.query[1].shape, b.query[1].dtype
+        (torch.Size([2, 10, 2]), torch.Size([2, 20, 1]), torch.float32)
+    """
 
     def __init__(self, family, params: torch.Tensor, batch: TaskBatch):
         self.family = family
@@ -68,13 +97,21 @@ class TaskPool:
         return self.data.select(torch.as_tensor(index, dtype=torch.long)).to(device=device, dtype=dtype)
 
     def all(self, device=None, dtype=None) -> TaskBatch:
+        """Every task as one batch, cast to ``device``/``dtype``."""
         return self.batch(torch.arange(len(self)), device=device, dtype=dtype)
 
 
 
 def task_indices(seed: int, step: int, pool_size: int, meta_batch: int) -> torch.Tensor:
     """The meta-batch of step ``step``: ``meta_batch`` distinct pool indices, a function of
-    ``(seed, step)`` only."""
+    ``(seed, step)`` only (so a resumed run draws the same tasks).
+
+    Example:
+        >>> from amaml_ext.train import task_indices
+        >>> idx = task_indices(seed=0, step=3, pool_size=100, meta_batch=5)
+        >>> idx.shape, bool((idx == task_indices(0, 3, 100, 5)).all()), len(set(idx.tolist()))
+        (torch.Size([5]), True, 5)
+    """
     g = torch.Generator().manual_seed(task_seed(seed, step))
     if pool_size <= 1_000_000:
         return torch.randperm(pool_size, generator=g)[:meta_batch]

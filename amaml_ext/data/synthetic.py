@@ -42,7 +42,29 @@ __all__ = ["TaskFamily", "CosMixture", "Alpine", "FAMILIES", "SETTINGS", "make_f
 
 class TaskFamily:
     """Base class: subclasses define ``name``, ``low/high`` (the input box), ``sample_params``
-    and ``function``."""
+    and ``function``.
+
+    Args:
+        shots: support points per task (k).
+        val: query points per task.
+        input_scale: the factor on the inputs the model sees (default the family's:
+            :class:`Alpine` 0.1, :class:`CosMixture` 1).
+
+    Raises:
+        ValueError: a non-positive ``shots``, ``val`` or ``input_scale``.
+
+    Example:
+        >>> import torch
+        >>> from amaml_ext.tasks import TaskFamily
+        >>> class Line(TaskFamily):                        # y = a x_1 + b x_2
+        ...     name = "line"
+        ...     def sample_params(self, n, g):
+        ...         return torch.rand(n, 2, generator=g, dtype=torch.float64)
+        ...     def function(self, x, params):
+        ...         return (x * params[:, None, :]).sum(-1, keepdim=True)
+        >>> Line(shots=4, val=6).pool(3, seed=0).data.query[1].shape
+        torch.Size([3, 6, 1])
+    """
 
     name = "family"
     in_dim = 2
@@ -55,6 +77,7 @@ class TaskFamily:
         self.input_scale = _checks.positive("input_scale", scale)
 
     def sample_params(self, n: int, g: torch.Generator) -> torch.Tensor:  # pragma: no cover
+        """``[n, p]`` float64 parameters of ``n`` tasks, drawn from ``g``."""
         raise NotImplementedError
 
     def function(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:  # pragma: no cover
@@ -85,7 +108,16 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
 
 
 class CosMixture(TaskFamily):
-    """``f(x) = -0.1 sum_i A cos(w x_i + phi) - sum_i x_i^2`` on ``[-1, 1]^2``; params (A, w, phi)."""
+    """``f(x) = -0.1 sum_i A cos(w x_i + phi) - sum_i x_i^2`` on ``[-1, 1]^2``; params (A, w, phi).
+
+    Arguments as :class:`TaskFamily`; the paper's settings are :data:`SETTINGS`.
+
+    Example:
+        >>> from amaml_ext.tasks import CosMixture
+        >>> pool = CosMixture(shots=50, val=50).pool(100, seed=0)
+        >>> pool.data.support[0].shape, pool.params.shape            # x [100, 50, 2]; (A, w, phi)
+        (torch.Size([100, 50, 2]), torch.Size([100, 3]))
+    """
 
     name = "cosmixture"
     low, high = -1.0, 1.0
@@ -103,7 +135,16 @@ class CosMixture(TaskFamily):
 
 
 class Alpine(TaskFamily):
-    """``f(x) = sum_i |x_i sin(x_i + phi_i) + 0.1 x_i|`` on ``[-10, 10]^2``; params (phi_1, phi_2)."""
+    """``f(x) = sum_i |x_i sin(x_i + phi_i) + 0.1 x_i|`` on ``[-10, 10]^2``; params (phi_1, phi_2).
+
+    Arguments as :class:`TaskFamily`; the model sees ``x / 10`` (``input_scale=0.1``).
+
+    Example:
+        >>> from amaml_ext.tasks import Alpine
+        >>> x = Alpine(shots=50, val=50).pool(4, seed=0).data.support[0]
+        >>> bool(x.abs().max() <= 1.0), Alpine(input_scale=1.0)
+        (True, Alpine(shots=50, val=50, input_scale=1))
+    """
 
     name = "alpine"
     low, high = -10.0, 10.0
@@ -119,10 +160,20 @@ class Alpine(TaskFamily):
 
 
 FAMILIES: Dict[str, type] = {"cosmixture": CosMixture, "alpine": Alpine}
+"""The synthetic task families by name (:func:`make_family`)."""
 
 
 def make_family(name: str, shots: int = 50, val: int = 50) -> TaskFamily:
-    """A task family by name (``"cosmixture"`` or ``"alpine"``)."""
+    """A task family by name (``"cosmixture"`` or ``"alpine"``), with ``shots`` support and
+    ``val`` query points per task.
+
+    Raises:
+        ValueError: ``name`` is not in :data:`FAMILIES`, or bad ``shots``/``val``.
+
+    Example:
+        >>> make_family("alpine", shots=10, val=10)
+        Alpine(shots=10, val=10, input_scale=0.1)
+    """
     _checks.choice("task", name, sorted(FAMILIES))
     return FAMILIES[name](shots=shots, val=val)
 
@@ -130,7 +181,22 @@ def make_family(name: str, shots: int = 50, val: int = 50) -> TaskFamily:
 def train_test_pools(family: TaskFamily, n_train: int = 100, n_test: int = 100,
                      seed: int = 0) -> Tuple[TaskPool, TaskPool]:
     """The fixed meta-training pool and the pool of new test tasks (seeds ``2 seed`` and
-    ``2 seed + 1``: disjoint for every seed)."""
+    ``2 seed + 1``: disjoint for every seed).
+
+    Args:
+        family: the task family.
+        n_train: meta-training tasks.
+        n_test: test tasks.
+        seed: the pair's seed.
+
+    Returns:
+        ``(train_pool, test_pool)``, two :class:`~amaml_ext.tasks.TaskPool`.
+
+    Example:
+        >>> train, test = train_test_pools(CosMixture(shots=10, val=10), n_train=20, n_test=5)
+        >>> len(train), len(test), bool((train.params[:5] == test.params).all())
+        (20, 5, False)
+    """
     return family.pool(n_train, 2 * seed), family.pool(n_test, 2 * seed + 1)
 
 

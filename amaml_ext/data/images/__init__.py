@@ -5,9 +5,9 @@ The paper follows the standard protocol of MAML / iMAML (Finn et al. 2017; Rajes
 :class:`~amaml_ext.models.Conv4` net. A dataset object decodes the images once into a uint8
 tensor in memory and draws N-way K-shot tasks as a :class:`~amaml_ext.tasks.TaskBatch`:
 
-    >>> om = Omniglot("/data")                       # or root=None: $AMAML_DATA_ROOT
-    >>> b = om.sample("train", n_tasks=16, ways=20, shots=1, query_shots=1, seed=0)
-    >>> b.support[0].shape, b.support[1].shape       # x [B, N*K, 1, 28, 28], y [B, N*K] int64
+    >>> om = Omniglot("/data")                       # or root=None: $AMAML_DATA_ROOT  # doctest: +SKIP
+    >>> b = om.sample("train", n_tasks=16, ways=20, shots=1, query_shots=1, seed=0)  # doctest: +SKIP
+    >>> b.support[0].shape, b.support[1].shape       # x [B, N*K, 1, 28, 28], y [B, N*K] int64  # doctest: +SKIP
     (torch.Size([16, 20, 1, 28, 28]), torch.Size([16, 20]))
 
 Data layout (``root`` is the data root, default ``$AMAML_DATA_ROOT``; nothing is copied):

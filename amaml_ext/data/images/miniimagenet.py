@@ -57,6 +57,31 @@ class MiniImageNet(FewShotImages):
 
     Attributes: ``split_classes`` (64/16/20), ``images_per_class`` (600), ``num_classes`` (100),
     ``labels[split]`` (the WordNet ids, sorted: class ``i`` of a split is ``labels[split][i]``).
+
+    Raises:
+        FileNotFoundError: the root, a split CSV or an image does not exist, naming it.
+        ValueError: a bad argument; ``DataFileError`` (a ValueError): a malformed CSV or an
+            unreadable image, naming the file (and line).
+
+    Example:
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> from amaml_ext.tasks import MiniImageNet
+        >>> tmp = tempfile.TemporaryDirectory(); images = os.path.join(tmp.name, "miniimagenet", "images")
+        >>> os.makedirs(images)
+        >>> for split, labels in (("train", "abc"), ("val", "de"), ("test", "fg")):   # 2 images per class
+        ...     with open(os.path.join(tmp.name, "miniimagenet", split + ".csv"), "w") as f:
+        ...         _ = f.write("filename,label\\n")
+        ...         for label in labels:
+        ...             for k in (0, 1):
+        ...                 Image.new("RGB", (100, 90), (200 * k, 50, 50)).save(os.path.join(images, f"{label}{k}.jpg"))
+        ...                 _ = f.write(f"{label}{k}.jpg,{label}\\n")
+        >>> mini = MiniImageNet(tmp.name, image_size=16)
+        >>> mini.split_classes, mini.images_per_class
+        ({'train': 3, 'val': 2, 'test': 2}, 2)
+        >>> mini.sample("train", ways=2, shots=1, query_shots=1, seed=0).support[0].shape   # RGB, channels first
+        torch.Size([1, 2, 3, 16, 16])
+        >>> tmp.cleanup()
     """
 
     splits = _MINI_SPLITS

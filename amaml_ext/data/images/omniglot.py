@@ -40,6 +40,30 @@ class Omniglot(FewShotImages):
     ``num_characters``, ``images_per_class`` (20), ``num_classes`` (characters x rotations),
     ``split_characters`` / ``split_classes`` (per split), ``sources`` (``"zip"``/``"folder"`` per
     source), ``raw_images`` (uint8 ``[characters, drawings, size, size]``, the file's polarity).
+
+    Raises:
+        FileNotFoundError: the root, ``omniglot/`` or a source does not exist, naming it.
+        ValueError: a bad argument; ``DataFileError`` (a ValueError): an unreadable image or zip,
+            or characters with different numbers of drawings, naming the file.
+
+    Example:
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> from amaml_ext.tasks import Omniglot
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> for src in ("images_background", "images_evaluation"):     # 3 characters x 2 drawings each
+        ...     for c in range(1, 4):
+        ...         d = os.path.join(tmp.name, "omniglot", src, "Alpha", f"character{c:02d}")
+        ...         os.makedirs(d)
+        ...         for j in (1, 2):
+        ...             Image.new("1", (105, 105), j % 2).save(os.path.join(d, f"{c:02d}_{j:02d}.png"))
+        >>> om = Omniglot(tmp.name, rotations=(0, 90), class_split="background")
+        >>> om.num_characters, om.images_per_class, om.split_classes
+        (6, 2, {'train': 6, 'test': 6})
+        >>> b = om.sample("train", n_tasks=2, ways=3, shots=1, query_shots=1, seed=0)
+        >>> b.support[0].shape, b.support[1][0]          # x [B, N*K, 1, 28, 28], labels 0..N-1
+        (torch.Size([2, 3, 1, 28, 28]), tensor([0, 1, 2]))
+        >>> tmp.cleanup()
     """
 
     default_ways, default_shots, default_query_shots = 20, 1, 1
@@ -160,10 +184,12 @@ class Omniglot(FewShotImages):
     # -- reporting
     @property
     def num_characters(self) -> int:
+        """Characters read (all sources)."""
         return len(self.characters)
 
     @property
     def split_characters(self) -> Dict[str, int]:
+        """Characters per split."""
         return {s: len(v) for s, v in self._split_chars.items()}
 
     def _n_classes(self, split):

@@ -13,11 +13,11 @@ Filtering (the paper, following Denevi et al.): keep the ``top_items=100`` most-
 at least ``min_ratings`` ratings of those items (MovieLens: 20; Jester: 1, i.e. all users, since
 every Jester-1 user rated at least 36 jokes and there are only 100 jokes).
 
-    >>> ds = MovieLens100K("/path/to/data")      # or root=None: $AMAML_DATA_ROOT
-    >>> ds.num_ratings, ds.num_users, ds.num_items, ds.num_tasks
+    >>> ds = MovieLens100K("/path/to/data")      # or root=None: $AMAML_DATA_ROOT  # doctest: +SKIP
+    >>> ds.num_ratings, ds.num_users, ds.num_items, ds.num_tasks                    # doctest: +SKIP
     (100000, 943, 1682, 575)
-    >>> train, test = ds.pools("15shot-20val", seed=0)
-    >>> b = train.batch(torch.tensor([0, 1]))     # support x [2, 15, 100], y [2, 15, 1]
+    >>> train, test = ds.pools("15shot-20val", seed=0)                              # doctest: +SKIP
+    >>> b = train.batch(torch.tensor([0, 1]))     # support x [2, 15, 100], y [2, 15, 1]  # doctest: +SKIP
 
 Settings (:data:`RATING_SETTINGS`): ``10shot-15val``, ``15shot-20val``, ``20shot-30val`` (k
 support ratings and v query ratings per task). A setting uses only the users with at least
@@ -66,6 +66,23 @@ RATING_DATASETS: Dict[str, type] = {"movielens-100k": MovieLens100K, "movielens-
 
 
 def make_rating_dataset(name: str, root=None, **kwargs) -> RatingDataset:
-    """A rating dataset by name (``"movielens-100k"``, ``"movielens-1m"`` or ``"jester"``)."""
+    """A rating dataset by name (``"movielens-100k"``, ``"movielens-1m"`` or ``"jester"``);
+    ``root`` and ``kwargs`` go to its class.
+
+    Raises:
+        ValueError: an unknown ``name``; FileNotFoundError, DataFileError: as the class.
+
+    Example:
+        >>> import os, tempfile
+        >>> from amaml_ext.tasks import make_rating_dataset
+        >>> tmp = tempfile.TemporaryDirectory(); os.makedirs(os.path.join(tmp.name, "jester"))
+        >>> with open(os.path.join(tmp.name, "jester", "jester-data-1.csv"), "w") as f:   # 12 users, 100 jokes
+        ...     _ = f.write("".join("100," + ",".join(str((u * j) % 21 - 10) for j in range(100)) + "\\n"
+        ...                         for u in range(12)))
+        >>> ds = make_rating_dataset("jester", tmp.name, num_test=2)
+        >>> ds.num_users, ds.in_dim, ds.scale(5.0)
+        (12, 100, 0.5)
+        >>> tmp.cleanup()
+    """
     _checks.choice("name", name, sorted(RATING_DATASETS))
     return RATING_DATASETS[name](root, **kwargs)

@@ -22,7 +22,21 @@ class Jester(RatingDataset):
     One row per user (user id = row number, from 1): column 0 the number of rated jokes, then the
     ratings of jokes 1..100 in [-10, 10], ``99`` = not rated. Targets ``r / 10`` in [-1, 1]. Keeps
     the ``top_items=100`` most-rated jokes (all of them) and the users with at least
-    ``min_ratings=1`` rating (all users). ``root`` defaults to ``$AMAML_DATA_ROOT``."""
+    ``min_ratings=1`` rating (all users). ``root`` defaults to ``$AMAML_DATA_ROOT``. Other
+    arguments and errors as :class:`~amaml_ext.tasks.MovieLens100K`.
+
+    Example:
+        >>> import os, tempfile
+        >>> from amaml_ext.tasks import Jester
+        >>> tmp = tempfile.TemporaryDirectory(); os.makedirs(os.path.join(tmp.name, "jester"))
+        >>> with open(os.path.join(tmp.name, "jester", "jester-data-1.csv"), "w") as f:   # 12 users, 100 jokes
+        ...     _ = f.write("".join("100," + ",".join(str((u * j) % 21 - 10) for j in range(100)) + "\\n"
+        ...                         for u in range(12)))
+        >>> ds = Jester(tmp.name, num_test=2)
+        >>> ds.num_ratings, ds.num_tasks, ds.in_dim
+        (1200, 12, 100)
+        >>> tmp.cleanup()
+    """
 
     name = "jester"
     default_min_ratings = 1
@@ -46,6 +60,7 @@ class Jester(RatingDataset):
         return 10.0 * y
 
     def candidates(self):
+        """The files looked for, in order: the ``.xls``, the ``.csv``, the ``.zip``."""
         stem = os.path.join(self.root, "jester", f"jester-data-{self.part}")
         return [stem + ".xls", stem + ".csv", stem + ".zip"]
 

@@ -23,7 +23,21 @@ class RatingPool(TaskPool):
     ``shots`` and ``val`` are the setting's sizes. A pool made with ``test_query="rest"`` holds
     each user's remaining ratings as the query (``query_sizes`` of them, padded to the largest
     and marked by ``query_mask``); otherwise every query has ``val`` ratings and ``query_mask``
-    is None."""
+    is None. Made by ``RatingDataset.pools``.
+
+    Example:
+        >>> import os, tempfile
+        >>> from amaml_ext.tasks import MovieLens100K
+        >>> tmp = tempfile.TemporaryDirectory(); os.makedirs(os.path.join(tmp.name, "ml-100k"))
+        >>> with open(os.path.join(tmp.name, "ml-100k", "u.data"), "w") as f:     # 12 users x 30 movies
+        ...     _ = f.write("".join(f"{u}\\t{i}\\t{1 + u * i % 5}\\t0\\n" for u in range(1, 13) for i in range(1, 31)))
+        >>> train, test = MovieLens100K(tmp.name, num_test=2).pools((5, 8), seed=0)    # a RatingPool each
+        >>> train.shots, train.val, train.setting, train.support_items.shape
+        (5, 8, '5shot-8val', torch.Size([10, 5]))
+        >>> train.batch([3]).query[0].shape                # one-hot items [1, val, in_dim]
+        torch.Size([1, 8, 30])
+        >>> tmp.cleanup()
+    """
 
     def __init__(self, family, users: torch.Tensor, support_items: torch.Tensor,
                  support_y: torch.Tensor, query_items: torch.Tensor, query_y: torch.Tensor, setting: str,
@@ -42,10 +56,12 @@ class RatingPool(TaskPool):
 
     @property
     def shots(self) -> int:
+        """Support ratings per task (k)."""
         return self.support_items.shape[1]
 
     @property
     def val(self) -> int:
+        """Query ratings per task (the setting's v)."""
         return self._val
 
     @property
