@@ -29,7 +29,21 @@ def current_umask() -> int:
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and a rename:
     a reader (or a crash) sees either the old file or the new one, never a partial file. The
-    file's mode follows the umask, as ``open(path, "w")`` would (``mkstemp`` makes it 0600)."""
+    file's mode follows the umask, as ``open(path, "w")`` would (``mkstemp`` makes it 0600).
+
+    Raises:
+        OSError: the directory cannot be written (the temporary file is removed).
+
+    Example:
+        >>> import os, tempfile
+        >>> from amaml_ext.train import atomic_write_bytes
+        >>> tmp = tempfile.TemporaryDirectory(); path = os.path.join(tmp.name, "notes.txt")
+        >>> atomic_write_bytes(path, b"hello")
+        >>> with open(path, "rb") as f:
+        ...     f.read(), os.listdir(tmp.name)
+        (b'hello', ['notes.txt'])
+        >>> tmp.cleanup()
+    """
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
     try:

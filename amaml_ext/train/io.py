@@ -30,19 +30,37 @@ __all__ = ["CHECKPOINT", "METRICS", "THETA", "CONFIG", "LOCK", "METRIC_FIELDS", 
            "remove_stale_temp_files"]
 
 CHECKPOINT = "checkpoint.pt"
+"""A run directory's checkpoint: theta, Adam's state, the step and the metrics (:data:`CHECKPOINT_KEYS`)."""
 METRICS = "metrics.csv"
+"""A run directory's metrics, one row per meta-step (:data:`METRIC_FIELDS`)."""
 THETA = "theta.pt"
+"""The learned initialisation (a flat tensor), written when the run completes."""
 CONFIG = "config.json"
+"""The run's settings, compared on resume."""
 LOCK = ".amaml-ext.lock"
 """The lock file of a run directory: it exists while a process uses the directory (it holds an
 ``flock`` on it, which the system drops when the process ends) and names that process."""
 METRIC_FIELDS = ["step", "query_loss", "grad_norm", "seconds"]
+"""The columns of metrics.csv (the optional ones go before ``seconds``)."""
 OPTIONAL_METRIC_FIELDS = ["adjoint_error_estimate", "h_lambda_max"]
 """Written to metrics.csv when the learner reports them (A-MAML with a continuous adjoint)."""
 
 
 class RunConfigMismatch(ValueError):
-    """``resume`` found a run directory made with other settings."""
+    """``resume`` found a run directory made with other settings (or one past ``meta_steps``).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from amaml_ext import learners, models, tasks, train
+        >>> learner = learners.FOMAML(models.mlp(width=8), torch.nn.functional.mse_loss, steps=2)
+        >>> pool, tmp = tasks.CosMixture(shots=10, val=10).pool(4, seed=0), tempfile.TemporaryDirectory()
+        >>> _ = train.meta_train(learner, pool, meta_steps=1, meta_batch=2, out_dir=tmp.name, progress=False)
+        >>> train.meta_train(learner, pool, meta_steps=2, meta_batch=3, out_dir=tmp.name, progress=False, resume=True)
+        Traceback (most recent call last):
+        ...
+        amaml_ext.train.io.RunConfigMismatch: the run in '...' was made with other settings, ... {'meta_batch': (2, 3)}
+        >>> tmp.cleanup()
+    """
 
 
 def csv_bytes(rows: List[Dict]) -> bytes:
@@ -57,18 +75,50 @@ def csv_bytes(rows: List[Dict]) -> bytes:
 
 
 class RunFileError(ValueError):
-    """The run directory cannot be written, or one of its files read."""
+    """The run directory cannot be written, or one of its files read; the base of
+    :class:`UnreadableRunFile` (a ValueError).
+
+    Example:
+        >>> from amaml_ext import train
+        >>> issubclass(train.UnreadableRunFile, train.RunFileError), issubclass(train.RunFileError, ValueError)
+        (True, True)
+    """
 
 
 class UnreadableRunFile(RunFileError):
-    """A run file (checkpoint.pt, config.json, theta.pt) that cannot be read; it is left as it is."""
+    """A run file (checkpoint.pt, config.json, theta.pt) that cannot be read; it is left as it is.
+
+    Example:
+        >>> import os, tempfile
+        >>> from amaml_ext import train
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> with open(os.path.join(tmp.name, "checkpoint.pt"), "wb") as f:
+        ...     _ = f.write(b"truncated")
+        >>> train.load_checkpoint(tmp.name)
+        Traceback (most recent call last):
+        ...
+        amaml_ext.train.io.UnreadableRunFile: .../checkpoint.pt (checkpoint) is unreadable: ...
+        >>> tmp.cleanup()
+    """
 
 
 CHECKPOINT_KEYS = ("theta", "optimizer", "step", "metrics")
+"""The keys every checkpoint holds."""
 
 
 def read_torch_file(path: str, what: str):
-    """``torch.load`` of a run file, or UnreadableRunFile naming it (touching nothing)."""
+    """``torch.load`` of a run file (``weights_only``, onto the CPU), or :class:`UnreadableRunFile`
+    naming it and ``what`` it is (touching nothing).
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from amaml_ext import train
+        >>> tmp = tempfile.TemporaryDirectory(); path = os.path.join(tmp.name, train.THETA)
+        >>> torch.save(torch.zeros(3), path)
+        >>> train.read_torch_file(path, "theta")
+        tensor([0., 0., 0.])
+        >>> tmp.cleanup()
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (truncated, empty, garbage: all unreadable)
@@ -78,7 +128,18 @@ def read_torch_file(path: str, what: str):
 
 
 def read_json_file(path: str, what: str) -> Dict:
-    """``json.load`` of a run file (an object), or UnreadableRunFile naming it."""
+    """``json.load`` of a run file (an object), or :class:`UnreadableRunFile` naming it.
+
+    Example:
+        >>> import os, tempfile
+        >>> from amaml_ext import train
+        >>> tmp = tempfile.TemporaryDirectory(); path = os.path.join(tmp.name, train.CONFIG)
+        >>> with open(path, "w") as f:
+        ...     _ = f.write('{"seed": 0}')
+        >>> train.read_json_file(path, "config")
+        {'seed': 0}
+        >>> tmp.cleanup()
+    """
     try:
         with open(path) as f:
             obj = json.load(f)
@@ -92,8 +153,25 @@ def read_json_file(path: str, what: str) -> Dict:
 
 
 def load_checkpoint(out_dir: str) -> Optional[Dict]:
-    """The run's checkpoint (None if there is none); UnreadableRunFile if it is damaged or lacks
-    keys."""
+    """The run's checkpoint in ``out_dir`` (None if there is none): a dict of
+    :data:`CHECKPOINT_KEYS`.
+
+    Raises:
+        UnreadableRunFile: it is damaged or lacks keys.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from amaml_ext import learners, models, tasks, train
+        >>> learner = learners.FOMAML(models.mlp(width=8), torch.nn.functional.mse_loss, steps=2)
+        >>> pool, tmp = tasks.CosMixture(shots=10, val=10).pool(4, seed=0), tempfile.TemporaryDirectory()
+        >>> train.load_checkpoint(tmp.name) is None
+        True
+        >>> _ = train.meta_train(learner, pool, meta_steps=2, meta_batch=2, out_dir=tmp.name, progress=False)
+        >>> ck = train.load_checkpoint(tmp.name)
+        >>> ck["step"], ck["theta"].shape, list(ck["metrics"][0])
+        (2, torch.Size([105]), ['step', 'query_loss', 'grad_norm', 'seconds'])
+        >>> tmp.cleanup()
+    """
     path = os.path.join(out_dir, CHECKPOINT)
     if not os.path.exists(path):
         return None
