@@ -3,9 +3,11 @@ and says which of the command's options it takes. The command (``amaml-ext``) re
 task-specific from here, so adding a benchmark is one entry in :data:`BENCHMARKS`.
 
     >>> b = BENCHMARKS["cosmixture"]
-    >>> cfg = b.config(setting="50shot-50val", model="mlp32", pool_size=100, pool_seed=0)
-    >>> family, train_pool, test_pool = b.pools(cfg)
+    >>> cfg = dict(b.config(setting="50shot-50val", model="mlp32", pool_size=100), task="cosmixture", pool_seed=0)
+    >>> family, train_pool, test_pool = b.pools(cfg)    # the command adds task and pool_seed
     >>> net = b.model(cfg, family, train_pool)          # the paper's 2x32 tanh MLP
+    >>> len(train_pool), sum(p.numel() for p in net.parameters())
+    (100, 1185)
 """
 
 from typing import Dict, Optional, Tuple

@@ -37,11 +37,24 @@ _FAILED, _FAILED_ACCURACY = 1.0, 2.0
 
 class DistributedError(RuntimeError):
     """A collective failed (another rank died or did not answer within the timeout), or another
-    rank's meta-gradient raised."""
+    rank's meta-gradient raised. The message names the collective and the rank.
+
+    Example:
+        >>> from amaml_ext import train
+        >>> issubclass(train.DistributedError, RuntimeError)    # every rank raises it alike, none hangs
+        True
+    """
 
 
 def launched_by_torchrun() -> bool:
-    """Whether this process was started by ``torchrun`` (its environment names a rank and a rendezvous)."""
+    """Whether this process was started by ``torchrun`` (its environment names a rank and a rendezvous:
+    ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``).
+
+    Example:
+        >>> import os
+        >>> launched_by_torchrun() == all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+        True
+    """
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
@@ -60,7 +73,24 @@ def init_distributed(device: Union[str, torch.device] = "cpu", backend: Optional
     ``backend``: default gloo on the CPU, nccl for ``device`` cuda (which becomes
     ``cuda:LOCAL_RANK``). ``timeout``: seconds a collective waits for the others (default
     ``AMAML_DIST_TIMEOUT`` or 600): a rank that died makes the others fail instead of hanging.
-    ``tasks_per_call``: see :class:`Distributed`."""
+    ``tasks_per_call``: see :class:`Distributed`.
+
+    Returns:
+        Distributed: the default group.
+
+    Raises:
+        RuntimeError: no process group is initialised and torchrun's variables are not set.
+        ValueError: a non-positive ``timeout`` or ``tasks_per_call``.
+
+    Example:
+        >>> import os
+        >>> from amaml_ext import train
+        >>> if not train.launched_by_torchrun():
+        ...     train.init_distributed()
+        Traceback (most recent call last):
+        ...
+        RuntimeError: init_distributed: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are not set; ...
+    """
     seconds = _timeout_seconds(timeout)
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
@@ -83,7 +113,26 @@ class Distributed:
     ``tasks_per_call``: the meta-batch is cut into fixed groups of this many tasks (the last may
     be smaller), each group one (vmapped) ``meta_grad`` call; the groups, not the tasks, are
     split over the ranks. The result depends on it (by rounding) but not on the world size: 1
-    (the default) parallelises best; more amortises the per-call cost of small models."""
+    (the default) parallelises best; more amortises the per-call cost of small models.
+
+    Args:
+        timeout: seconds a collective waits (default ``AMAML_DIST_TIMEOUT`` or 600).
+        device: where the collectives' tensors live (nccl: this rank's GPU).
+        tasks_per_call: see above.
+
+    Raises:
+        RuntimeError: no process group is initialised.
+        ValueError: a bad ``tasks_per_call`` or ``timeout``.
+
+    Example:
+        >>> import torch.distributed as dist
+        >>> from amaml_ext import train
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)   # one process
+        >>> group = train.Distributed()
+        >>> group.rank, group.world, group.is_main, group.span(10)
+        (0, 1, True, (0, 10))
+        >>> dist.destroy_process_group()
+    """
 
     def __init__(self, timeout: Optional[float] = None, device: Optional[torch.device] = None,
                  tasks_per_call: int = 1):
@@ -114,6 +163,7 @@ class Distributed:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0 (the one that writes files)."""
         return self.rank == 0
 
     def span(self, n: int, rank: Optional[int] = None) -> Tuple[int, int]:

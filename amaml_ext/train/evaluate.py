@@ -19,13 +19,25 @@ Z95 = 1.96
 
 
 def half_width(std: float, n: int, z: float = Z95) -> float:
-    """Half-width ``z * std / sqrt(n)`` of the confidence interval of a mean over ``n`` values."""
+    """Half-width ``z * std / sqrt(n)`` of the confidence interval of a mean over ``n`` values.
+
+    Example:
+        >>> half_width(0.5, 100)
+        0.098
+    """
     return z * std / math.sqrt(n)
 
 
 def nrmse(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Normalised RMSE per task: ``||pred - y|| / ||y||`` over each task's points
-    (``[B, k, 1]`` -> ``[B]``); with ``mask`` (``[B, k]`` bool) over the marked points only."""
+    (``[B, k, 1]`` -> ``[B]``); with ``mask`` (``[B, k]`` bool) over the marked points only.
+
+    Example:
+        >>> import torch
+        >>> y = torch.tensor([[[3.0], [4.0]]])                   # one task, two points: ||y|| = 5
+        >>> nrmse(torch.zeros_like(y), y), nrmse(y + 1, y, mask=torch.tensor([[True, False]]))
+        (tensor([1.]), tensor([0.3333]))
+    """
     err, ref = (pred - target).pow(2), target.pow(2)
     if mask is not None:
         m = mask.reshape(mask.shape + (1,) * (pred.dim() - mask.dim())).to(err.dtype)
@@ -36,7 +48,14 @@ def nrmse(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Classification accuracy per task (``[B, k, classes]``, ``[B, k]`` -> ``[B]``); with
-    ``mask`` (``[B, k]`` bool) over the marked points only."""
+    ``mask`` (``[B, k]`` bool) over the marked points only.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]]])     # predicts 0, 1, 0
+        >>> accuracy(logits, torch.tensor([[0, 1, 1]]))
+        tensor([0.6667], dtype=torch.float64)
+    """
     hit = (logits.argmax(-1) == labels).to(torch.float64)
     if mask is None:
         return hit.mean(-1)
@@ -45,6 +64,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Te
 
 
 METRICS_FNS = {"nrmse": nrmse, "accuracy": accuracy}
+"""The query metrics of :func:`meta_test` by name."""
 
 
 def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatch, *, steps: int,
@@ -52,15 +72,42 @@ def meta_test(model: torch.nn.Module, loss, theta: torch.Tensor, tasks: TaskBatc
               chunk: int = 100, adapt_mask: Optional[torch.Tensor] = None,
               distributed=None) -> Dict[str, List[float]]:
     """Adapt from ``theta`` on every task's support set with ``steps`` plain GD steps of ``lr``
-    (``chunk`` tasks at a time, batched) and record the query ``metric`` (``"nrmse"`` or
-    ``"accuracy"``; over the real points of ``tasks.query_mask`` when there is one) after every
-    ``record_every`` steps. ``adapt_mask`` (``[d]``, 0/1) adapts only the marked parameters
-    (ANIL: the head). ``distributed`` (True or a :class:`amaml_ext.train.Distributed`): each rank
-    adapts its contiguous share of the tasks, the per-task values are gathered in task order and
-    every rank returns the same result.
+    and record the query ``metric`` after every ``record_every`` steps.
 
-    Returns ``{"metric", "step": [...], "mean": [...], "std": [...], "ci95": [...], "final":
-    [per-task value]}`` (std over tasks, population; ``ci95 = Z95 std / sqrt(tasks)``, ``Z95 = 1.96``)."""
+    Args:
+        model: the model.
+        loss: the inner loss ``loss(pred, target)``.
+        theta: the learned initialisation ``[d]`` (cast to the data's dtype).
+        tasks: the test tasks, a :class:`~amaml_ext.tasks.TaskBatch`; the metric is taken over the
+            real points of ``tasks.query_mask`` when there is one.
+        steps: test GD steps (0: theta itself).
+        lr: their step size.
+        record_every: steps between records (the last step is always recorded).
+        metric: ``"nrmse"`` or ``"accuracy"`` (:data:`METRICS_FNS`).
+        chunk: tasks adapted at a time (batched).
+        adapt_mask: ``[d]`` 0/1, adapting only the marked parameters (ANIL: the head).
+        distributed: True or a :class:`Distributed`: each rank adapts its contiguous share of the
+            tasks, the per-task values are gathered in task order, every rank returns the same.
+
+    Returns:
+        ``{"metric", "step": [...], "mean": [...], "std": [...], "ci95": [...], "final": [per-task
+        value]}`` (std over tasks, population; ``ci95 = Z95 std / sqrt(tasks)``, ``Z95 = 1.96``).
+
+    Raises:
+        ValueError: bad arguments (theta not ``[d]`` or not finite, tasks of another device, an
+            unknown ``metric``, ...); :class:`~amaml_ext.learners.InnerLoopDiverged` when the test
+            steps diverge.
+
+    Example:
+        >>> import torch, amaml_ext
+        >>> from amaml_ext import models, tasks, train
+        >>> net = models.mlp(width=8)
+        >>> test = tasks.CosMixture(shots=10, val=10).pool(3, seed=1).all(dtype=torch.float32)
+        >>> r = train.meta_test(net, torch.nn.functional.mse_loss, amaml_ext.flatten_params(net), test, steps=4,
+        ...                     record_every=2)
+        >>> r["metric"], r["step"], len(r["mean"]), len(r["final"])
+        ('nrmse', [0, 2, 4], 3, 3)
+    """
     steps = _checks.integer("steps", steps, lo=0)
     _checks.choice("metric", metric, sorted(METRICS_FNS))
     chunk = _checks.integer("chunk", chunk)
@@ -131,7 +178,15 @@ def _check_adapted(values: torch.Tensor, steps: int, lr) -> None:
 
 def confidence_interval(accuracies, z: float = Z95) -> Tuple[float, float]:
     """``(mean, z * std / sqrt(n))`` over per-task accuracies: the 95% confidence interval reported
-    for few-shot benchmarks (``std`` with ``ddof=0``, i.e. ``np.std``, as MAML's evaluation code)."""
+    for few-shot benchmarks (``std`` with ``ddof=0``, i.e. ``np.std``, as MAML's evaluation code).
+
+    Raises:
+        ValueError: no values, non-numbers or non-finite values, or a non-positive ``z``.
+
+    Example:
+        >>> confidence_interval([0.5, 0.7, 0.6, 0.6])
+        (0.6, 0.06929646455628165)
+    """
     if isinstance(accuracies, torch.Tensor):
         accuracies = accuracies.detach().cpu().double().numpy()
     try:

@@ -70,8 +70,25 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
 
     Interrupted (Ctrl-C, or SIGTERM, which schedulers send before they preempt a job), it saves
     a checkpoint of every finished step and raises KeyboardInterrupt; ``resume=True`` continues
-    to exactly the theta of an uninterrupted run. A meta-step whose meta-gradient or query loss is
-    not finite stops the run with FloatingPointError, after saving the steps before it.
+    to exactly the theta of an uninterrupted run.
+
+    Raises:
+        FloatingPointError: a meta-step's meta-gradient or query loss is not finite (the steps
+            before it are saved).
+        FileExistsError: ``out_dir`` holds a run and ``resume`` is False.
+        RunConfigMismatch: ``resume`` with other settings, or past ``meta_steps``.
+        KeyboardInterrupt: (:class:`Terminated` for SIGTERM) after saving a checkpoint.
+        ValueError: a bad argument (``meta_batch`` over the pool size, ...).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from amaml_ext import learners, models, tasks, train
+        >>> learner = learners.FOMAML(models.mlp(width=8), torch.nn.functional.mse_loss, steps=2)
+        >>> pool, tmp = tasks.CosMixture(shots=10, val=10).pool(4, seed=0), tempfile.TemporaryDirectory()
+        >>> theta = train.meta_train(learner, pool, meta_steps=3, meta_batch=2, out_dir=tmp.name, progress=False)
+        >>> theta.shape, train.load_checkpoint(tmp.name)["step"]
+        (torch.Size([105]), 3)
+        >>> tmp.cleanup()
     """
     group = Distributed.resolve(distributed)
     if out_dir is None:
@@ -306,7 +323,13 @@ class _RunState:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM received: handled like Ctrl-C (a checkpoint is saved)."""
+    """SIGTERM received: handled like Ctrl-C (a checkpoint is saved).
+
+    Example:
+        >>> from amaml_ext import train
+        >>> issubclass(train.Terminated, KeyboardInterrupt)     # ``except KeyboardInterrupt`` sees both
+        True
+    """
 
 
 def _sigterm_as_interrupt():
