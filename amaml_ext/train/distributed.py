@@ -224,6 +224,7 @@ class Distributed:
         return value
 
     def barrier(self, what: str = "the barrier") -> None:
+        """Wait for every rank (:class:`DistributedError`, naming ``what``, if one fails)."""
         with self._collective(what):
             dist.barrier()
 
