@@ -10,19 +10,19 @@ Every learner holds a model and a loss and offers
 
 ``second_order`` says whether the meta-gradient differentiates through inner training:
 
-==========  =============================================================  ============
-learner     meta-gradient of the mean query loss V(psi_b(theta))           second order
-==========  =============================================================  ============
-``AMAML``   exact gradient of the gradient flow up to T (adjoint ODE)      yes
-``MAML``    autograd through K GD steps (``create_graph``)                 yes
-``MAML1``   MAML with one GD step                                          yes
-``ANIL``    MAML adapting only the head in the inner loop; the body is     yes
-            meta-learned through it (Raghu et al. 2020)
-``FOMAML``  ``grad V(psi)`` at the adapted parameters (Jacobian dropped)   no
-``Reptile`` ``theta - psi`` (Nichol et al. 2018)                           no
-``IMAML``   ``(I + H(psi) / lambda)^-1 grad V(psi)`` by CG, psi minimising  yes (implicit)
-            ``L(u) + lambda/2 ||u - theta||^2`` (Rajeswaran et al. 2019)
-==========  =============================================================  ============
+===========  ==============================================================  ==============
+learner      meta-gradient of the mean query loss V(psi_b(theta))            second order
+===========  ==============================================================  ==============
+``AMAML``    exact gradient of the gradient flow up to T (adjoint ODE)       yes
+``MAML``     autograd through K GD steps (``create_graph``)                  yes
+``MAML1``    MAML with one GD step                                           yes
+``ANIL``     MAML adapting only the head in the inner loop; the body is      yes
+             meta-learned through it (Raghu et al. 2020)
+``FOMAML``   ``grad V(psi)`` at the adapted parameters (Jacobian dropped)    no
+``Reptile``  ``theta - psi`` (Nichol et al. 2018)                            no
+``IMAML``    ``(I + H(psi) / lambda)^-1 grad V(psi)`` by CG, psi minimising  yes (implicit)
+             ``L(u) + lambda/2 ||u - theta||^2`` (Rajeswaran et al. 2019)
+===========  ==============================================================  ==============
 
 All inner training is plain gradient descent with step ``inner_lr`` (A-MAML: gradient flow up
 to ``T``; its ``adapt`` runs ``T / h`` GD steps of ``h``). Tasks are evaluated together by

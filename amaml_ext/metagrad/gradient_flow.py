@@ -162,7 +162,8 @@ def gradient_flow(model: nn.Module, loss: LossFn, theta: torch.Tensor, T: Union[
         lr: None (1), or a positive scalar or ``[d]`` tensor of step-size multipliers (Meta-SGD).
         adjoint_params: tensors ``loss`` uses through its closure (as torchdiffeq's argument).
         stats: a dict to receive the solver statistics.
-        options, **option_kwargs: :func:`adjoint_meta_grad`'s (``refine`` excepted).
+        options: a :class:`~amaml_ext.metagrad.MetaGradOptions`, as :func:`adjoint_meta_grad`'s.
+        **option_kwargs: :func:`adjoint_meta_grad`'s options (``refine`` excepted).
 
     Returns:
         torch.Tensor: ``u(T)``, ``[d]`` or ``[B, d]`` with ``batched=True``.

@@ -95,10 +95,12 @@ class RatingDataset:
 
     @property
     def num_tasks(self) -> int:
+        """Kept users (one task each)."""
         return int(self.users.numel())
 
     @property
     def in_dim(self) -> int:
+        """Kept items: the dimension of the one-hot inputs."""
         return int(self.items.numel())
 
     def user_ratings(self, user: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ class _MovieLens(RatingDataset):
 
     @property
     def path(self) -> str:
+        """The ratings file read."""
         return os.path.join(self.root, self.subdir, self.file)
 
     def _load(self):
