@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up (venv, torch, build) and run the main job
-#   make test   set up and run the tests (pytest + the C++ kernel tests under ctest)
+#   make test   set up and run the tests (pytest + the C++ kernel tests under ctest + make docs)
 # Override TORCH_SPEC to pick another torch, e.g. TORCH_SPEC=torch==2.13.0 (CPU build).
 
 PYTHON ?= python3
@@ -18,7 +18,7 @@ endif
 SOURCES := $(wildcard $(shell sed -n -e '/^test[[:space:]]/d' -e 's/^[a-z][a-z]*[[:space:]][[:space:]]*\([^[:space:]]*\).*/\1/p' csrc/sources.txt)) \
 	csrc/sources.txt setup.py pyproject.toml
 
-.PHONY: setup build test pytest test-quick ctest demo bench peers-env bench-peers clean
+.PHONY: setup build test pytest test-quick ctest docs demo bench peers-env bench-peers clean
 
 setup: $(VENV)/.deps
 build: $(VENV)/.built
@@ -37,7 +37,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(BIN)/python -c "import amaml_ext, json; print(json.dumps(amaml_ext.build_info()))"
 	touch $@
 
-test: pytest ctest
+test: pytest ctest docs
 
 pytest: build
 	$(BIN)/python -m pytest python_tests -q
@@ -51,6 +51,15 @@ ctest: setup
 	cmake -S . -B build-ctest -DPython_EXECUTABLE=$(abspath $(BIN)/python) -DCMAKE_BUILD_TYPE=Release
 	cmake --build build-ctest -j $(MAX_JOBS)
 	ctest --test-dir build-ctest --output-on-failure
+
+# The API reference (docs/sphinx: autodoc + napoleon from the docstrings, the notes docs/*.md
+# included) into docs/_build/html, every warning an error; then every docstring example (>>>) of
+# the package runs as a doctest, warnings errors too. About 30 s on 2 CPU cores.
+DOCS_OUT ?= docs/_build
+docs: build
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs/sphinx $(DOCS_OUT)/html
+	$(BIN)/python -m pytest -q --doctest-modules amaml_ext -W error \
+		-o doctest_optionflags="ELLIPSIS NORMALIZE_WHITESPACE"
 
 # The main job: A-MAML and the five baselines meta-trained on the same CosMixture tasks, then
 # meta-tested on 100 new tasks: plot + table in runs/demo (about 5 minutes on one CPU core;
