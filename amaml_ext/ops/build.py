@@ -10,13 +10,13 @@ from .core import C as _C
 def build_info() -> Dict[str, Any]:
     """Build and runtime facts of the extension.
 
-    Returns a dict with ``torch_version`` (torch the extension was compiled against),
-    ``torch_runtime_version`` (torch imported now), ``cuda`` (CUDA kernels compiled in),
-    ``cuda_archs`` (list of compiled architectures, e.g. ``["8.0", "9.0"]``),
-    ``cuda_version`` (CUDA of the build, or None) and ``cuda_available`` (a GPU usable now).
+    Returns:
+        dict: ``torch_version`` (torch the extension was compiled against),
+        ``torch_runtime_version`` (torch imported now), ``cuda`` (CUDA kernels compiled in),
+        ``cuda_archs`` (list of compiled architectures, e.g. ``["8.0", "9.0"]``),
+        ``cuda_version`` (CUDA of the build, or None) and ``cuda_available`` (a GPU usable now).
 
-    Example::
-
+    Example:
         >>> import amaml_ext
         >>> sorted(amaml_ext.build_info())[:3]
         ['cuda', 'cuda_archs', 'cuda_available']
