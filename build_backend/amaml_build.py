@@ -24,6 +24,7 @@ isolated`` always lets pip install torch into the build environment.
 """
 
 import os
+import site
 import sys
 import sysconfig
 from importlib import metadata
@@ -51,14 +52,19 @@ def _torch_in_path(path: Optional[List[str]] = None) -> Optional[metadata.Distri
 
 
 def target_torch() -> Optional[Tuple[str, str]]:
-    """``(version, site-packages dir)`` of the torch installed where pip installs (the running
-    interpreter's purelib/platlib), or None."""
+    """``(version, site-packages dir)`` of the torch the target interpreter imports: the first
+    found in its purelib/platlib, then in its other site directories (``site.getsitepackages()``:
+    a venv's base with ``--system-site-packages``), or None."""
     paths = sysconfig.get_paths()
-    for site in dict.fromkeys(p for p in (paths.get("platlib"), paths.get("purelib")) if p):
-        if os.path.isdir(os.path.join(site, "torch")):
-            dist = _torch_in_path([site])
+    try:   # a venv made with --system-site-packages, or a conda base: torch may be in these
+        more = site.getsitepackages()
+    except AttributeError:  # pragma: no cover  (an embedded interpreter without site)
+        more = []
+    for site_dir in dict.fromkeys(p for p in (paths.get("platlib"), paths.get("purelib"), *more) if p):
+        if os.path.isdir(os.path.join(site_dir, "torch")):
+            dist = _torch_in_path([site_dir])
             if dist is not None:
-                return dist.version, site
+                return dist.version, site_dir
     return None
 
 
