@@ -57,7 +57,7 @@ def _check_build_torch() -> None:
     built, running = info["torch_version"], torch.__version__.split("+")[0]
     if built.split(".")[:2] != running.split(".")[:2]:
         warnings.warn(f"amaml_ext was built against torch {built} but torch {running} is running; rebuild it "
-                      f"against this torch: pip install --no-build-isolation --force-reinstall --no-deps .",
+                      f"against this torch: pip install --force-reinstall --no-deps .",
                       RuntimeWarning, stacklevel=2)
 
 
