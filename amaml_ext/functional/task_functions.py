@@ -324,7 +324,10 @@ class TaskFunctions:
             sizes[-1 - len(sizes)] = SAVED_TENSOR_OVERHEAD
             if ptr not in known:
                 sizes[ptr] = t.untyped_storage().nbytes()
-            return t
+            # not ``t``: a saved output returned as itself holds its own grad_fn, a reference cycle
+            # no collector frees (the first kept graph of every call leaked); autograd restores the
+            # unpacked tensor's grad_fn itself
+            return t.detach()
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if measure else contextlib.nullcontext()
         with hooks:
             lin = self._linearised(u.detach().clone(), row)
