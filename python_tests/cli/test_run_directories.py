@@ -263,7 +263,10 @@ def test_interrupted_compare_says_to_run_the_same_command_again(tmp_path):
     out = str(tmp_path / "cmp")
     cmd = [sys.executable, "-m", "amaml_ext", "compare", "--methods", "fomaml", "--meta-steps", "100000",
            "--test-steps", "2", "--out", out] + TINY
-    p = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal's Ctrl-C delivers it: a test run started in the background (``cmd &``,
+    # nohup) ignores SIGINT, the child would inherit that, and Python keeps an inherited SIG_IGN
+    p = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not os.path.exists(os.path.join(out, "fomaml", "checkpoint.pt")) and time.monotonic() < deadline:
         time.sleep(0.05)
