@@ -6,9 +6,7 @@ import torch  # noqa: F401  (first)
 
 try:
     from .. import _C as C  # noqa: N812
-except ImportError as e:  # built against another torch (a missing libc10_cuda.so, an undefined symbol)
-    if "_C" not in str(e) and "lib" not in str(e) and "symbol" not in str(e):
-        raise
+except ImportError as e:  # built against another torch (a missing libc10_cuda.so, an undefined symbol), or not built
     raise ImportError(
         f"amaml_ext's compiled core (amaml_ext._C) does not load with the torch installed here "
         f"({torch.__version__}, {torch.__file__}): {e}. The extension must be compiled against the "

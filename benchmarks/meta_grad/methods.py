@@ -18,9 +18,12 @@ except ImportError:  # the torchdiffeq methods then report the error
     torchdiffeq = None
 
 
-def _ours(solver, adjoint, memory, tolerances=False, compile=False):
+def _ours(solver, adjoint, memory, tolerances=False, compile=False, budget=None):
+    """``adjoint_meta_grad`` with these options; ``budget(p, K)``, if given, its ``memory_budget``."""
     def run(p: MetaGradProblem, K: int):
         kw = dict(rtol=p.rtol, atol=p.atol) if tolerances else {}
+        if budget is not None:
+            kw["memory_budget"] = budget(p, K)
         r = adjoint_meta_grad(p.model, p.loss, p.theta, p.T(K), support=p.support, query=p.query, h=p.h,
                               solver=solver, adjoint=adjoint, memory=memory, compile=compile, batched=p.batched,
                               **kw)
@@ -37,31 +40,22 @@ def _ours_budget(share: float):
     """Exact mode at a memory budget between "store" and "linearise": the states and ``share`` of
     the K linearisations (their size measured by one untimed "linearise" call, cached per
     problem and K: the warm-up makes it)."""
-    def run(p: MetaGradProblem, K: int):
+    def budget(p: MetaGradProblem, K: int) -> int:
         key = (id(p), K)
         if key not in _LIN_BYTES:
             probe = adjoint_meta_grad(p.model, p.loss, p.theta, p.T(K), support=p.support, query=p.query, h=p.h,
                                       solver="euler", adjoint="discrete", memory="linearise", batched=p.batched)
             _LIN_BYTES[key] = (probe.stats["trajectory_bytes"], probe.stats["linearisation_bytes"])
         states, lin = _LIN_BYTES[key]
-        budget = states + (int(share * K) + 1) * lin
-        r = adjoint_meta_grad(p.model, p.loss, p.theta, p.T(K), support=p.support, query=p.query, h=p.h,
-                              solver="euler", adjoint="discrete", memory="linearise", memory_budget=budget,
-                              batched=p.batched)
-        return r.grad, dict(r.stats)
-    return run
+        return states + (int(share * K) + 1) * lin
+    return _ours("euler", "discrete", "linearise", budget=budget)
 
 
 def _ours_revolve(slots: int):
     """Exact mode, checkpointed within a budget of about ``slots`` states: below the sqrt(K)
     layout's need, so the binomial (Revolve) schedule runs (the stats' ``checkpoint_slots``)."""
-    def run(p: MetaGradProblem, K: int):
-        state = p.u0.numel() * p.u0.element_size()
-        r = adjoint_meta_grad(p.model, p.loss, p.theta, p.T(K), support=p.support, query=p.query, h=p.h,
-                              solver="euler", adjoint="discrete", memory="checkpoint",
-                              memory_budget=(slots + 1) * state, batched=p.batched)
-        return r.grad, dict(r.stats)
-    return run
+    return _ours("euler", "discrete", "checkpoint",
+                 budget=lambda p, K: (slots + 1) * p.u0.numel() * p.u0.element_size())
 
 
 def maml_unrolled(p: MetaGradProblem, K: int):

@@ -154,24 +154,46 @@ def test_a_budget_below_sqrt_checkpointing_takes_the_binomial_schedule(kw):
     assert tight.stats["accepted_steps"] == store.stats["accepted_steps"] == K      # the forward counted once
 
 
-_GROWTH = """
+_RESIDENT = """
 import sys, torch
 from amaml_ext import adjoint_meta_grad
+widths, points, memory, field = [int(w) for w in sys.argv[1].split(",")], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+(warm_k, warm_calls, k, calls) = (int(v) for v in sys.argv[5:9])
 torch.manual_seed(0)
-net = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(),
-                          torch.nn.Linear(32, 1))
-x, y = torch.randn(100, 2), torch.randn(100, 1)
+layers = []
+for a, b in zip(widths[:-1], widths[1:]):
+    layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+net = torch.nn.Sequential(*layers[:-1])
+x, y = torch.randn(points, widths[0]), torch.randn(points, 1)
 theta = torch.cat([p.detach().flatten() for p in net.parameters()])
-def hwm():
-    return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024
-def run(K):
+def resident():
+    return int([l for l in open('/proc/self/status') if l.startswith(field)][0].split()[1]) * 1024
+def call(K):
     return adjoint_meta_grad(net, torch.nn.MSELoss(), theta, 0.01 * K, support=(x, y), query=(x, y), h=0.01,
-                             solver="euler", adjoint="discrete", memory=sys.argv[1])
-run(10)
-base = hwm()
-r = run(int(sys.argv[2]))
-print(hwm() - base, r.stats["linearisation_bytes"] or 0, r.stats["trajectory_bytes"])
+                             solver="euler", adjoint="discrete", memory=memory)
+for _ in range(warm_calls):
+    call(warm_k)
+base = resident()
+for _ in range(calls):
+    r = call(k)
+print(resident() - base, r.stats["linearisation_bytes"] or 0)
 """
+
+
+def _resident_growth(tmp_path, widths, points, memory, field, warm_k, warm_calls, k, calls):
+    """In a fresh process (one torch thread): a tanh MLP of ``widths`` on ``points`` random
+    points, ``warm_calls`` exact-mode meta-gradients over ``warm_k`` steps, then ``calls`` over
+    ``k``: how much ``field`` of /proc/self/status (VmHWM: the peak, VmRSS: now) grew over the
+    latter, and the last call's ``linearisation_bytes``."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "resident.py"
+    script.write_text(_RESIDENT)
+    args = [",".join(map(str, widths)), str(points), memory, field, str(warm_k), str(warm_calls), str(k), str(calls)]
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1")).stdout.split()
+    return int(out[0]), int(out[1])
 
 
 @pytest.mark.slow
@@ -181,41 +203,12 @@ def test_the_measured_linearisation_size_predicts_the_resident_growth(tmp_path):
     is many small tensors, it must not under-count what a kept linearisation really costs (the
     peak resident memory per extra kept step, from two K in fresh processes) by more than 10%,
     nor over-count it by more than 30%."""
-    import subprocess
-    import sys
-    script = tmp_path / "growth.py"
-    script.write_text(_GROWTH)
-    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
-
     def grow(memory, K):
-        out = subprocess.run([sys.executable, str(script), memory, str(K)], capture_output=True, text=True,
-                             env=env, check=True).stdout.split()
-        return [int(v) for v in out]
-    (g1, lin, s1), (g2, _, s2) = grow("linearise", 1000), grow("linearise", 3000)
-    (h1, _, _), (h2, _, _) = grow("store", 1000), grow("store", 3000)
+        return _resident_growth(tmp_path, (2, 32, 32, 1), 100, memory, "VmHWM", 10, 1, K, 1)
+    (g1, lin), (g2, _) = grow("linearise", 1000), grow("linearise", 3000)
+    (h1, _), (h2, _) = grow("store", 1000), grow("store", 3000)
     per_step = ((g2 - g1) - (h2 - h1)) / 2000   # the kept linearisations' share, states taken out
     assert 0.9 * per_step <= lin <= 1.3 * per_step, (lin, per_step)
-
-
-_REPEAT = """
-import sys, torch
-from amaml_ext import adjoint_meta_grad
-torch.manual_seed(0)
-net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 1))
-x, y = torch.randn(2000, 64), torch.randn(2000, 1)
-theta = torch.cat([p.detach().flatten() for p in net.parameters()])
-def rss():
-    return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) * 1024
-def call():
-    adjoint_meta_grad(net, torch.nn.MSELoss(), theta, 0.03, support=(x, y), query=(x, y), h=0.01,
-                      solver="euler", adjoint="discrete", memory="linearise")
-for _ in range(5):
-    call()
-a = rss()
-for _ in range(20):
-    call()
-print(rss() - a)
-"""
 
 
 @pytest.mark.slow
@@ -225,10 +218,5 @@ def test_keeping_linearisations_does_not_leak_across_calls(tmp_path):
     returned a saved output as itself made a reference cycle with its grad_fn, and every call
     leaked that graph (about 2.7 MiB a call here: 53-59 MiB over 20 calls). Resident memory
     after 20 more calls must stay within 25 MiB (measured 4-10 MiB of allocator noise)."""
-    import subprocess
-    import sys
-    script = tmp_path / "repeat.py"
-    script.write_text(_REPEAT)
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
-                         env=dict(__import__("os").environ, OMP_NUM_THREADS="1")).stdout
-    assert int(out.split()[-1]) < 25 * 2**20, f"resident memory grew by {int(out.split()[-1]) / 2**20:.1f} MiB"
+    grown, _ = _resident_growth(tmp_path, (64, 256, 1), 2000, "linearise", "VmRSS", 3, 5, 3, 20)
+    assert grown < 25 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MiB"
