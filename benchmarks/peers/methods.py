@@ -25,6 +25,10 @@ installed its points are errors and the rest of the benchmark runs.
   defaults / with ``solver="euler", adjoint="discrete"``, one learner kept per problem and K (as
   in a meta-training loop), ``meta_grad(theta, TaskBatch)``; its gradient is the mean over the
   tasks (``[d]``; the correctness check compares it with the mean of the reference).
+* ``learner_imaml`` / ``learner_fomaml`` / ``learner_reptile``: the paper's other baselines,
+  ``make_learner(name, model, loss, inner_steps=K, inner_lr=h)`` (iMAML: lambda 1, 5 CG steps),
+  for the time and memory of a meta-step against K (the paper's Figs. 3-4). They compute other
+  gradients than MAML's: the correctness check shows by how much, as a difference, not an error.
 """
 
 import copy
@@ -165,11 +169,11 @@ def _task_batch(p: MetaGradProblem):
     return TaskBatch(add(p.support), add(p.query))
 
 
-def _learner(**options):
+def _learner(method: str = "amaml", **options):
     def run(p: MetaGradProblem, K: int):
         from amaml_ext.learners import make_learner
-        learner = _cached(p, ("learner", K, tuple(sorted(options.items()))),
-                          lambda: make_learner("amaml", p.model, p.loss, inner_steps=K, inner_lr=p.h, **options))
+        learner = _cached(p, ("learner", method, K, tuple(sorted(options.items()))),
+                          lambda: make_learner(method, p.model, p.loss, inner_steps=K, inner_lr=p.h, **options))
         batch = _cached(p, "task_batch", lambda: _task_batch(p))
         step = learner.meta_grad(p.theta, batch)
         return step.grad, dict(step.stats)
@@ -187,8 +191,13 @@ PEER_METHODS: Dict[str, Callable] = {
 LEARNER_METHODS: Dict[str, Callable] = {
     "learner_amaml": _learner(),
     "learner_amaml_exact": _learner(solver="euler", adjoint="discrete"),
+    "learner_imaml": _learner("imaml"),
+    "learner_fomaml": _learner("fomaml"),
+    "learner_reptile": _learner("reptile"),
 }
-"""Ours through ``make_learner("amaml", ...)``: at its defaults, and in exact mode."""
+"""Ours through ``make_learner("amaml", ...)``: at its defaults, and in exact mode; and the
+paper's baselines that are not MAML (iMAML, FOMAML, Reptile: K inner GD steps each) through
+``make_learner``, for the paper's Figs. 3-4 (their gradients are not MAML's)."""
 
 MEAN_OVER_TASKS = set(LEARNER_METHODS)
 """Methods whose gradient is the mean over a meta-batch's tasks (``[d]``), not one per task."""
