@@ -8,6 +8,11 @@
 #     AMAML_DATA_ROOT=../shared/data META_STEPS=300 SEEDS="0 1 2" bash benchmarks/omniglot_paper.sh
 #   GPU, the paper's budget (5,000 meta-steps), one seed per call within a 10-minute limit:
 #     AMAML_DATA_ROOT=omniglot_data DEVICE=cuda META_STEPS=5000 SEEDS=0 bash benchmarks/omniglot_paper.sh
+#   On a lent device machine (docs/benchmarks.md, GPU) the data do not travel by themselves:
+#   copy ../shared/data/omniglot into a folder git ignores (echo /omniglot_data/ >> .git/info/exclude;
+#   mkdir -p omniglot_data && cp -r ../shared/data/omniglot omniglot_data/), name it in the call's
+#   carry (omniglot_data), build there first (pip install --no-build-isolation --no-deps -e .),
+#   and bring back $RUNS/table.md and the runs' eval.json. Never commit the data.
 #
 # Every run checkpoints every 50 meta-steps: run the same line again after an interruption (or
 # a time limit) and it goes on from there, bit for bit. Runs go to $RUNS (default
