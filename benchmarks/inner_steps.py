@@ -4,17 +4,15 @@ per method, from a ``benchmarks.meta_grad`` run. The dashed line is the run's me
 (``--mem-limit``), the paper's "capacity"; a point past it, or past the time-out, is missing
 from its line and named in the table.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.meta_grad --model cosmixture --tasks 5 --threads 1 \\
-        --ks 10,20,50,100,200,500,1000,2000 --mem-limit 4 --repeats 2 \\
-        --methods ours_store,ours_dopri5_ckpt,ours_exact_linearise,ours_exact,ours_checkpoint,ours_revolve,maml_unrolled,learner_imaml,learner_fomaml,learner_reptile \\
-        --out docs/results/inner_steps_cosmixture_cpu.json
-    .venv/bin/python -m benchmarks.inner_steps docs/results/inner_steps_cosmixture_cpu.json \\
-        --out docs/images/inner_steps_cosmixture_cpu.png
+    bash benchmarks/paper_budgets.sh figs34    # the run (its method list), then this figure
+    .venv/bin/python -m benchmarks.inner_steps RESULTS.json --clock cpu --out FIGURE.png
 """
 
 import argparse
 import json
 from typing import Dict, List
+
+from .memory_time import time_and_peak
 
 LABELS = {
     "ours_store": "A-MAML dopri5 + Heun, store",
@@ -32,11 +30,11 @@ LABELS = {
 """The methods drawn, in this order, and their names in the figure and the table."""
 
 
-def _cell(p: Dict, clock: str) -> str:
-    if p.get("status") != "ok":
-        return p.get("status", "")
-    t = p["cpu_time_s"] if clock == "cpu" else p["time_s"]
-    return f"{t:.3g} s / {p['peak_bytes'] / 2 ** 20:.3g} MiB"
+def _cell(points: List[Dict], m: str, K: int, clock: str) -> str:
+    v = time_and_peak(points, m, K, clock)
+    if v is not None:
+        return f"{v[0]:.3g} s / {v[1]:.3g} MiB"
+    return next((p.get("status", "") for p in points if p["method"] == m and p["K"] == K), "")
 
 
 def table(points: List[Dict], clock: str = "wall") -> List[str]:
@@ -45,8 +43,7 @@ def table(points: List[Dict], clock: str = "wall") -> List[str]:
     methods = [m for m in LABELS if any(p["method"] == m for p in points)]
     rows = ["| method | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
     for m in methods:
-        cells = {p["K"]: _cell(p, clock) for p in points if p["method"] == m}
-        rows.append(f"| {LABELS[m]} | " + " | ".join(cells.get(k, "") for k in ks) + " |")
+        rows.append(f"| {LABELS[m]} | " + " | ".join(_cell(points, m, k, clock) for k in ks) + " |")
     return rows
 
 
@@ -56,17 +53,16 @@ def plot(data: Dict, out: str, clock: str = "wall") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = "cpu_time_s" if clock == "cpu" else "time_s"
+    ks = sorted({p["K"] for p in data["points"]})
     fig, (mem, tim) = plt.subplots(1, 2, figsize=(11, 4.3))
     for i, m in enumerate(LABELS):
-        ok = sorted((p["K"], p["peak_bytes"] / 2 ** 20, p[key]) for p in data["points"]
-                    if p["method"] == m and p.get("status") == "ok" and p.get("peak_bytes") and p.get(key))
+        ok = [(k, v) for k in ks for v in [time_and_peak(data["points"], m, k, clock)] if v is not None]
         if not ok:
             continue
         style = dict(marker="os^vD<>ph*x"[i % 11], linestyle="-" if m.startswith("ours") else "--",
                      label=LABELS[m], markersize=4)
-        mem.plot([k for k, _, _ in ok], [b for _, b, _ in ok], **style)
-        tim.plot([k for k, _, _ in ok], [t for _, _, t in ok], **style)
+        mem.plot([k for k, _ in ok], [v[1] for _, v in ok], **style)
+        tim.plot([k for k, _ in ok], [v[0] for _, v in ok], **style)
     limit = data["config"].get("mem_limit")
     if limit:
         mem.axhline(limit * 1024, color="k", linestyle=":", label=f"memory limit ({limit:g} GiB)")

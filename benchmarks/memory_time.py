@@ -26,7 +26,8 @@ def _name(setting: Dict) -> str:
     return f"{st['model']}, {st['task']}, {setting['tasks']} task(s)" if isinstance(st, dict) else str(st)
 
 
-def _ok(points: List[Dict], method: str, K: int, clock: str = "wall"):
+def time_and_peak(points: List[Dict], method: str, K: int, clock: str = "wall"):
+    """(time in s on ``clock``, peak MiB) of ``method``'s finished point at K, or None."""
     key = "cpu_time_s" if clock == "cpu" else "time_s"
     for p in points:
         if p["method"] == method and p["K"] == K and p.get("status") == "ok" and p.get("peak_bytes") and p.get(key):
@@ -48,12 +49,12 @@ def plot(data: Dict, out: str, clock: str = "wall") -> List[str]:
         ks = sorted({p["K"] for p in s["points"]})
         colours = plt.cm.viridis([i / max(1, len(ks) - 1) for i in range(len(ks))])
         for K, colour in zip(ks, colours):
-            curve = [(m, _ok(s["points"], m, K, clock)) for m in OURS]
+            curve = [(m, time_and_peak(s["points"], m, K, clock)) for m in OURS]
             curve = [(m, v) for m, v in curve if v is not None]
             if curve:
                 ax.plot([v[1] for _, v in curve], [v[0] for _, v in curve], "-o", color=colour, label=f"ours, K = {K}")
             for m, marker in PEERS.items():
-                v = _ok(s["points"], m, K, clock)
+                v = time_and_peak(s["points"], m, K, clock)
                 if v is not None:
                     ax.plot(v[1], v[0], marker, color=colour, markerfacecolor="none", markersize=8)
                     curve.append((m, v))

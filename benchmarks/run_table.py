@@ -12,7 +12,7 @@ import json
 import os
 import statistics
 
-from amaml_ext.train import half_width
+from amaml_ext.cli.report import paired_difference
 
 
 def load(run):
@@ -66,22 +66,19 @@ def main(argv=None):
     data = {os.path.basename(r.rstrip("/")): load(r) for r in args.runs}
     if args.plot:
         plot(data, args.plot)
-    ref = data[args.ref][0]["final"]
+    ref = data[args.ref][0]
     print("| run | meta-test | accuracy (95% CI) | minus " + args.ref + " (paired 95% CI) | better on | "
           "meta-steps | s / meta-step | adjoint error estimate (median / max) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (curve, cfg, rows, est) in data.items():
-        final = curve["final"]
-        d = [a - b for a, b in zip(final, ref)]
-        half = half_width(statistics.stdev(d), len(d)) if name != args.ref else 0.0
-        better = sum(x > 0 for x in d)
+        mean, half, better, n = paired_difference(curve, ref)
         secs = statistics.median(float(r["seconds"]) for r in rows)
         est_txt = f"{statistics.median(est):.1e} / {max(est):.1e}" if est else "exact (none needed)" \
             if cfg.get("adjoint") == "discrete" else "–"
-        diff = "–" if name == args.ref else f"{100 * statistics.mean(d):+.2f} ± {100 * half:.2f} pp"
+        diff = "–" if name == args.ref else f"{100 * mean:+.2f} ± {100 * half:.2f} pp"
         print(f"| {name}: {describe(cfg)} | {curve['test_steps']} GD steps of {cfg['inner_lr']:g} | "
               f"{100 * curve['mean'][-1]:.2f} ± {100 * curve['ci95'][-1]:.2f}% | {diff} | "
-              f"{'–' if name == args.ref else f'{better}/{len(d)}'} | {len(rows)} | {secs:.2f} | {est_txt} |")
+              f"{'–' if name == args.ref else f'{better}/{n}'} | {len(rows)} | {secs:.2f} | {est_txt} |")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,8 @@ import json
 import statistics
 from typing import Dict, List
 
+from amaml_ext.cli.report import paired_difference
 from amaml_ext.learners import LABELS
-from amaml_ext.train.evaluate import half_width
-
-
-def _final(curve: Dict) -> List[float]:
-    return [float(v) for v in curve["final"]]
 
 
 def spread_table(runs: List[Dict], ref: str = "amaml") -> List[str]:
@@ -33,16 +29,15 @@ def spread_table(runs: List[Dict], ref: str = "amaml") -> List[str]:
         head += f" {LABELS.get(ref, ref)} minus it, per seed (paired 95% CI) |"
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for m in methods:
-        means = [statistics.fmean(_final(r["curves"][m])) for r in runs]
+        means = [statistics.fmean(r["curves"][m]["final"]) for r in runs]
         sd = statistics.stdev(means) if len(means) > 1 else float("nan")
         row = f"| {LABELS.get(m, m)} | " + " | ".join(fmt(v) for v in means)
         row += f" | {fmt(statistics.fmean(means))} ± {fmt(sd)} |"
         if ref in methods:
             cells = []
             for r in runs:
-                d = [a - b for a, b in zip(_final(r["curves"][ref]), _final(r["curves"][m]))]
-                hw = half_width(statistics.stdev(d), len(d)) if len(d) > 1 else float("nan")
-                cells.append("–" if m == ref else f"{scale * statistics.fmean(d):+.4f} ± {scale * hw:.4f}")
+                mean, half, _, _ = paired_difference(r["curves"][ref], r["curves"][m])
+                cells.append("–" if m == ref else f"{scale * mean:+.4f} ± {scale * half:.4f}")
             row += " " + "; ".join(cells) + " |"
         lines.append(row)
     return lines

@@ -1,7 +1,7 @@
 """What ``compare`` and ``evaluate`` write: tables (markdown) and plots of the meta-test curves."""
 
 import io
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -34,6 +34,17 @@ def compare_table(curves: Dict[str, Dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_difference(ref: Dict, other: Dict) -> Tuple[float, float, int, int]:
+    """``ref``'s last meta-test step minus ``other``'s, paired over their (shared) test tasks:
+    the mean difference, its 95% half-width, on how many tasks ``ref`` is better (higher
+    accuracy, lower error) and the number of tasks."""
+    d = torch.tensor(ref["final"], dtype=torch.float64) - torch.tensor(other["final"], dtype=torch.float64)
+    n = d.numel()
+    half = half_width(float(d.std()), n) if n > 1 else float("nan")
+    better = int((d > 0).sum()) if ref.get("metric") == "accuracy" else int((d < 0).sum())
+    return float(d.mean()), half, better, n
+
+
 def paired_table(curves: Dict[str, Dict], ref: str = "amaml") -> str:
     """Per-task paired differences at the last meta-test step: ``ref`` minus each other method,
     mean with its 95% confidence interval (t ~ 1.96), and on how many tasks ``ref`` is better.
@@ -41,19 +52,14 @@ def paired_table(curves: Dict[str, Dict], ref: str = "amaml") -> str:
     spread over tasks."""
     if ref not in curves or len(curves) < 2:
         return ""
-    acc = curves[ref].get("metric") == "accuracy"
-    a = torch.tensor(curves[ref]["final"], dtype=torch.float64)
+    scale, unit = (100, " pp") if curves[ref].get("metric") == "accuracy" else (1, "")
     lines = [f"| {LABELS.get(ref, ref)} minus | mean difference ± 95% CI | {LABELS.get(ref, ref)} better on |",
              "|---|---|---|"]
     for m, c in curves.items():
         if m == ref:
             continue
-        d = a - torch.tensor(c["final"], dtype=torch.float64)
-        n = d.numel()
-        half = half_width(float(d.std()), n) if n > 1 else float("nan")
-        better = int((d > 0).sum()) if acc else int((d < 0).sum())
-        scale, unit = (100, " pp") if acc else (1, "")
-        lines.append(f"| {LABELS.get(m, m)} | {scale * float(d.mean()):+.4f} ± {scale * half:.4f}{unit} | {better}/{n} tasks |")
+        mean, half, better, n = paired_difference(curves[ref], c)
+        lines.append(f"| {LABELS.get(m, m)} | {scale * mean:+.4f} ± {scale * half:.4f}{unit} | {better}/{n} tasks |")
     return "\n".join(lines)
 
 
