@@ -47,7 +47,7 @@ def _runs_done(args, runs: Dict[str, str]) -> Dict[str, Optional[int]]:
         ck = load_checkpoint(run)
         if ck is not None:
             settings = run_settings(run_config(args, method), meta_batch=args.meta_batch, lr=args.lr, seed=args.seed,
-                                    tasks_per_call=tasks_per_call)
+                                    tasks_per_call=tasks_per_call, clip_grad_norm=args.clip_grad_norm)
             try:
                 check_resumable(run, settings, args.meta_steps, ck)
             except RunConfigMismatch as e:

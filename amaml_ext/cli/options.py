@@ -124,6 +124,8 @@ def _add_problem_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--meta-steps", type=_positive_int, default=5000, help="outer Adam steps")
     g.add_argument("--meta-batch", type=_positive_int, default=5, help="tasks per outer step")
     g.add_argument("--lr", type=_positive_float, default=1e-3, help="outer Adam learning rate")
+    g.add_argument("--clip-grad-norm", type=_positive_float, default=None, metavar="C",
+                   help="rescale each meta-gradient to a 2-norm of at most C before the Adam step (default: no clipping)")
     g.add_argument("--seed", type=int, default=0, help="seeds the initial theta and the task draws")
     g.add_argument("--checkpoint-every", type=_positive_int, default=50, help="meta-steps between checkpoints")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

@@ -112,7 +112,7 @@ def train_one(args, method: str, out: str, resume: bool) -> torch.Tensor:
     return meta_train(learner, prob.train_pool, meta_steps=args.meta_steps, out_dir=out, meta_batch=args.meta_batch,
                       lr=args.lr, seed=args.seed, resume=resume, checkpoint_every=args.checkpoint_every,
                       device=args.device, dtype=prob.dtype, config=cfg, progress=not args.quiet,
-                      distributed=getattr(args, "distributed", None))
+                      distributed=getattr(args, "distributed", None), clip_grad_norm=args.clip_grad_norm)
 
 
 def _checked_config(cfg, path: str) -> Dict:

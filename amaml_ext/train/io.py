@@ -42,8 +42,9 @@ LOCK = ".amaml-ext.lock"
 ``flock`` on it, which the system drops when the process ends) and names that process."""
 METRIC_FIELDS = ["step", "query_loss", "grad_norm", "seconds"]
 """The columns of metrics.csv (the optional ones go before ``seconds``)."""
-OPTIONAL_METRIC_FIELDS = ["adjoint_error_estimate", "h_lambda_max"]
-"""Written to metrics.csv when the learner reports them (A-MAML with a continuous adjoint)."""
+OPTIONAL_METRIC_FIELDS = ["adjoint_error_estimate", "h_lambda_max", "clipped"]
+"""Written to metrics.csv when some row has them: the first two when the learner reports them
+(A-MAML with a continuous adjoint), ``clipped`` (1 or 0) when the run clips its meta-gradient."""
 
 
 class RunConfigMismatch(ValueError):

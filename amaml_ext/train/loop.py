@@ -33,7 +33,8 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
                meta_batch: int = 5, lr: float = 1e-3, seed: int = 0, resume: bool = False,
                checkpoint_every: int = 50, device="cpu", dtype=torch.float32, config: Optional[Dict] = None,
                progress: bool = True, on_step: Optional[Callable[[int, Dict], None]] = None,
-               checkpoint_seconds: Optional[float] = 600.0, distributed=None) -> torch.Tensor:
+               checkpoint_seconds: Optional[float] = 600.0, distributed=None,
+               clip_grad_norm: Optional[float] = None) -> torch.Tensor:
     """Meta-train ``learner`` on ``pool`` for ``meta_steps`` Adam steps; returns the learned theta.
 
     Args:
@@ -50,6 +51,9 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
             parameters and the learner's own initial ones, ``learner.meta_params``).
         meta_batch: tasks per step (at most the pool size).
         lr: Adam's learning rate.
+        clip_grad_norm: cap each meta-gradient's 2-norm at this before Adam's step, with
+            ``torch.nn.utils.clip_grad_norm_`` (None: never); rare huge ones stall Adam for
+            ~1/(1 - beta2) steps. metrics.csv keeps ``grad_norm`` unclipped, adds ``clipped``.
         seed: seeds the task draws.
         resume: continue from ``out_dir/checkpoint.pt`` (RunConfigMismatch if ``out_dir`` holds a
             run with another ``config``, or one that has done more than ``meta_steps``); without
@@ -98,16 +102,17 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
             return meta_train(learner, pool, meta_steps=meta_steps, out_dir=tmp, theta0=theta0, meta_batch=meta_batch,
                               lr=lr, seed=seed, checkpoint_every=checkpoint_every, device=device, dtype=dtype,
                               config=config, progress=progress, on_step=on_step, checkpoint_seconds=None,
-                              distributed=group)
-    _check_options(pool, meta_steps, meta_batch, checkpoint_every, lr)
+                              distributed=group, clip_grad_norm=clip_grad_norm)
+    _check_options(pool, meta_steps, meta_batch, checkpoint_every, lr, clip_grad_norm)
     config = run_settings(config, meta_batch=meta_batch, lr=lr, seed=seed,
-                          tasks_per_call=1 if group is None else group.tasks_per_call)
+                          tasks_per_call=1 if group is None else group.tasks_per_call, clip_grad_norm=clip_grad_norm)
     if group is None:
         ckpt = _open_run(out_dir, resume, config, meta_steps)
     else:
         ckpt = group.on_main(lambda: _open_run(out_dir, resume, config, meta_steps), "opening the run (rank 0)")
     try:                          # rank 0 holds the run directory's lock until the end
         run = _RunState(out_dir, learner, theta0, lr, device, dtype, ckpt, group)
+        run.clip = clip_grad_norm
         return _train(run, learner, pool, meta_steps, meta_batch, seed, device, dtype,
                       (checkpoint_every, checkpoint_seconds), progress, on_step)
     finally:
@@ -115,12 +120,15 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
             unlock_run_dir(out_dir)
 
 
-def run_settings(config: Optional[Dict], *, meta_batch: int, lr: float, seed: int, tasks_per_call: int = 1) -> Dict:
+def run_settings(config: Optional[Dict], *, meta_batch: int, lr: float, seed: int, tasks_per_call: int = 1,
+                 clip_grad_norm: Optional[float] = None) -> Dict:
     """The settings :func:`meta_train` stores in config.json (with ``meta_steps``) and compares on
     resume: ``config`` with the outer loop's, as JSON holds them (tuples become lists)."""
     config = dict(config or {}, meta_batch=meta_batch, lr=lr, seed=seed)
     if tasks_per_call != 1:              # it decides how each task's gradient is taken
         config["tasks_per_call"] = tasks_per_call
+    if clip_grad_norm is not None:       # absent when unset, so runs made before it resume
+        config["clip_grad_norm"] = clip_grad_norm
     try:
         return json.loads(json.dumps(config))
     except (TypeError, ValueError) as e:
@@ -193,12 +201,14 @@ def _interruptions(group):
         _restore_sigterm(previous)
 
 
-def _check_options(pool, meta_steps, meta_batch, checkpoint_every, lr) -> None:
+def _check_options(pool, meta_steps, meta_batch, checkpoint_every, lr, clip_grad_norm) -> None:
     for name, v in (("meta_steps", meta_steps), ("meta_batch", meta_batch), ("checkpoint_every", checkpoint_every)):
         _checks.integer(name, v)
     if meta_batch > len(pool):
         raise ValueError(f"argument 'meta_batch' must be at most the pool size {len(pool)}, got {meta_batch}")
     _checks.positive("lr", lr)
+    if clip_grad_norm is not None:
+        _checks.positive("clip_grad_norm", clip_grad_norm)
 
 
 def _progress_bar(total: int, start: int, name: str):
@@ -256,6 +266,7 @@ class _RunState:
             group.broadcast_(self.theta)
         self.opt = torch.optim.Adam([self.theta], lr=lr)
         self.rows: List[Dict] = []
+        self.clip: Optional[float] = None
         self.start = 0
         self.last_save = time.monotonic()
         if ckpt is None:
@@ -312,9 +323,13 @@ class _RunState:
                 f"meta-steps before it.")
         self.opt.zero_grad(set_to_none=True)
         self.theta.grad = out.grad.detach().to(self.theta.dtype).reshape(self.theta.shape).clone()
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_([self.theta], self.clip)
         self.opt.step()
         row = {"step": step + 1, "query_loss": float(out.query_loss.mean()),
                "grad_norm": grad_norm, "seconds": time.perf_counter() - t0}
+        if self.clip is not None:
+            row["clipped"] = int(grad_norm > self.clip)
         for k in OPTIONAL_METRIC_FIELDS:     # e.g. A-MAML's adjoint error estimate
             if out.stats.get(k) is not None:
                 row[k] = float(out.stats[k])

@@ -71,12 +71,28 @@ def test_command_compare_writes_plot_and_table(tmp_path, capsys):
     (["train", "--method", "maml", "--out", "x", "--inner-lr", "-1"], "argument --inner-lr: expected a positive finite number, got '-1'"),
     (["compare", "--methods", "amaml,foo", "--out", "x"], "argument --methods: expected a comma-separated subset"),
     (["train", "--method", "maml", "--out", "x", "--task", "sine"], "argument --task: invalid choice: 'sine'"),
+    (["compare", "--out", "x", "--clip-grad-norm", "0"], "argument --clip-grad-norm: expected a positive finite number, got '0'"),
 ])
 def test_command_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_clip_grad_norm_reaches_the_run_and_compare_holds_runs_to_it(tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    args = ["compare", "--methods", "maml", "--meta-steps", "2", "--test-steps", "1", "--out", out] + TINY
+    assert main(args + ["--clip-grad-norm", "1e-3"]) == 0
+    run = os.path.join(out, "maml")
+    assert json.load(open(os.path.join(run, "config.json")))["clip_grad_norm"] == 1e-3
+    rows = [r.split(",") for r in open(os.path.join(run, "metrics.csv")).read().splitlines()]
+    col = rows[0].index("clipped")
+    assert [r[col] for r in rows[1:]] == ["1", "1"]        # MAML's meta-gradients here are far above 1e-3
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:                   # the same runs without clipping: refused
+        main(args)
+    assert e.value.code == 2 and "clip_grad_norm" in capsys.readouterr().err
 
 
 def test_command_reports_unusable_device_and_directories(tmp_path):

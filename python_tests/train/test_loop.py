@@ -2,6 +2,8 @@
 a diverging inner run, checkpoints by time, an unwritable run directory, no run directory, its
 arguments."""
 
+import csv
+import json
 import os
 
 import pytest
@@ -119,3 +121,52 @@ def test_meta_train_without_out_dir_and_learners_doc_example():
     assert torch.equal(a, b)
     res = doctest.testmod(learners, extraglobs={"torch": torch, "amaml_ext": amaml_ext}, verbose=False)
     assert res.attempted > 0 and res.failed == 0
+
+
+# ---- clipping the meta-gradient -----------------------------------------------------------------
+
+def _adam_on_clipped(learner, pool, theta0, steps, meta_batch, seed, lr, clip):
+    """A plain mirror of meta_train's outer loop: Adam on g * min(1, clip / |g|)."""
+    theta = torch.nn.Parameter(theta0.clone())
+    opt = torch.optim.Adam([theta], lr=lr)
+    norms = []
+    for step in range(steps):
+        g = learner.meta_grad(theta.detach(), pool.batch(task_indices(seed, step, len(pool), meta_batch),
+                                                         dtype=theta0.dtype)).grad
+        norms.append(float(g.norm()))
+        theta.grad = g * min(1.0, clip / norms[-1])
+        opt.step()
+    return theta.detach(), norms
+
+
+def test_clip_grad_norm_equals_adam_on_the_clipped_gradient(tmp_path):
+    net, pool, learner = cosmixture_learner("maml")
+    theta0 = flatten_params(net)
+    kw = dict(meta_steps=6, meta_batch=3, lr=1e-2, seed=1, progress=False, theta0=theta0)
+    free = meta_train(learner, pool, out_dir=str(tmp_path / "free"), **kw)
+    _, norms = _adam_on_clipped(learner, pool, theta0, 6, 3, 1, 1e-2, float("inf"))
+    clip = sorted(norms)[len(norms) // 2]              # about half the steps are clipped
+    clipped = meta_train(learner, pool, out_dir=str(tmp_path / "clip"), clip_grad_norm=clip, **kw)
+    ref, ref_norms = _adam_on_clipped(learner, pool, theta0, 6, 3, 1, 1e-2, clip)
+    torch.testing.assert_close(clipped, ref, rtol=1e-5, atol=1e-6)
+    assert (clipped - free).abs().max() > 1e-4          # clipping changed the run
+    rows = list(csv.DictReader(open(tmp_path / "clip" / "metrics.csv")))
+    assert [r["clipped"] for r in rows] == [str(int(n > clip)) for n in ref_norms]
+    assert "0" in [r["clipped"] for r in rows] and "1" in [r["clipped"] for r in rows]
+    torch.testing.assert_close(torch.tensor([float(r["grad_norm"]) for r in rows]), torch.tensor(ref_norms))
+    assert "clipped" not in open(tmp_path / "free" / "metrics.csv").readline()
+    assert json.load(open(tmp_path / "clip" / "config.json"))["clip_grad_norm"] == clip
+    assert "clip_grad_norm" not in json.load(open(tmp_path / "free" / "config.json"))
+    with pytest.raises(RunConfigMismatch, match="clip_grad_norm"):
+        meta_train(learner, pool, out_dir=str(tmp_path / "clip"), resume=True, clip_grad_norm=2 * clip, **kw)
+    with pytest.raises(RunConfigMismatch, match="clip_grad_norm"):
+        meta_train(learner, pool, out_dir=str(tmp_path / "free"), resume=True, clip_grad_norm=clip, **kw)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "1"])
+def test_clip_grad_norm_must_be_a_positive_finite_number(tmp_path, bad):
+    _, pool, learner = cosmixture_learner("fomaml")
+    with pytest.raises(ValueError, match=f"argument 'clip_grad_norm' must be a positive finite number, got {bad!r}"):
+        meta_train(learner, pool, meta_steps=1, out_dir=str(tmp_path), meta_batch=2, progress=False,
+                   clip_grad_norm=bad)
+    assert not os.path.exists(tmp_path / "config.json")
