@@ -17,6 +17,7 @@ from ..metagrad.accuracy import lambda_max, stability_bound
 from ..functional.compile_policy import compile_env
 from ..data.batch import task_indices
 from ..functional import TaskFunctions, flatten_params
+from ..train.loop import too_large_for_adam
 from .runs import RunProblem, accuracy_options, make_run_learner, run_config
 
 
@@ -89,7 +90,7 @@ def check_methods(args, fresh: Dict[str, bool]) -> None:
 def first_step(args, method: str, cfg: Dict, prob: RunProblem, model) -> None:
     """The meta-gradient of meta-step 0's tasks at the initial theta (eager, without the accuracy
     stops, warnings silenced; under torchrun in groups of --tasks-per-call, as a rank takes them):
-    what the run's first step meets. One that fails or is not finite (its norm included, as
+    what the run's first step meets. One that fails, is not finite or is too large for Adam (as
     ``meta_train`` checks it) is refused before any file is written, naming --inner-lr where the
     step size is past its stability bound there."""
     acc = accuracy_options(args, method)
@@ -108,8 +109,11 @@ def first_step(args, method: str, cfg: Dict, prob: RunProblem, model) -> None:
             part = batch if group >= batch.size else batch.select(slice(a, a + group))
             try:
                 out = learner.meta_grad(theta, part)
-                if not (math.isfinite(float(out.grad.norm())) and bool(torch.isfinite(out.query_loss).all())):
-                    why = "its meta-gradient (or its norm) or query loss is not finite"
+                if not (bool(torch.isfinite(out.grad).all()) and bool(torch.isfinite(out.query_loss).all())):
+                    why = "its meta-gradient or query loss is not finite"
+                elif (big := too_large_for_adam(out.grad, prob.dtype, getattr(args, "clip_grad_norm", None))):
+                    why = (f"its meta-gradient is finite but too large for Adam in {prob.dtype} (largest entry "
+                           f"{big:.3g}); clip it (--clip-grad-norm) or train in float64")
             except (ValueError, TypeError, FloatingPointError) as e:
                 why = str(e)
             if why:

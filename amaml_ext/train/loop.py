@@ -51,9 +51,9 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
             parameters and the learner's own initial ones, ``learner.meta_params``).
         meta_batch: tasks per step (at most the pool size).
         lr: Adam's learning rate.
-        clip_grad_norm: cap each meta-gradient's 2-norm at this before Adam's step, with
-            ``torch.nn.utils.clip_grad_norm_`` (None: never); rare huge ones stall Adam for
-            ~1/(1 - beta2) steps. metrics.csv keeps ``grad_norm`` unclipped, adds ``clipped``.
+        clip_grad_norm: scale each meta-gradient down to this 2-norm (taken in float64) before
+            Adam's step (None: never); rare huge ones stall Adam for ~1/(1 - beta2) steps.
+            metrics.csv keeps ``grad_norm`` unclipped and adds a 0/1 ``clipped`` column.
         seed: seeds the task draws.
         resume: continue from ``out_dir/checkpoint.pt`` (RunConfigMismatch if ``out_dir`` holds a
             run with another ``config``, or one that has done more than ``meta_steps``); without
@@ -77,8 +77,8 @@ def meta_train(learner: MetaLearner, pool: TaskPool, *, meta_steps: int, out_dir
     to exactly the theta of an uninterrupted run.
 
     Raises:
-        FloatingPointError: a meta-step's meta-gradient or query loss is not finite (the steps
-            before it are saved).
+        FloatingPointError: a meta-step's meta-gradient or query loss is not finite, or its
+            (clipped) meta-gradient too large for Adam in theta's dtype (earlier steps are saved).
         FileExistsError: ``out_dir`` holds a run and ``resume`` is False.
         RunConfigMismatch: ``resume`` with other settings, or past ``meta_steps``.
         KeyboardInterrupt: (:class:`Terminated` for SIGTERM) after saving a checkpoint.
@@ -300,8 +300,9 @@ class _RunState:
         return len(self.rows)
 
     def step(self, learner: MetaLearner, batch, step: int, idx) -> Dict:
-        """One Adam step on the meta-gradient of ``batch``; its metrics row. A non-finite
-        meta-gradient, norm or query loss stops the run after saving the steps before it."""
+        """One Adam step on the meta-gradient of ``batch`` (clipped if asked); its metrics row. A
+        non-finite meta-gradient or query loss, or one too large for Adam in theta's dtype, stops
+        the run after saving the steps before it."""
         t0 = time.perf_counter()
         theta = self.theta.detach()
         try:
@@ -311,20 +312,26 @@ class _RunState:
             raise type(e)(f"meta_train stopped at meta-step {step + 1} (method {learner.name}, tasks {idx.tolist()}): "
                           f"{e}. The checkpoint in {self.out_dir!r} holds the {len(self.rows)} meta-steps before "
                           f"it.") from None
-        grad_norm = float(out.grad.norm())      # inf or NaN for any non-finite entry, or on overflow
+        grad = out.grad.detach().reshape(self.theta.shape)
+        grad_norm = float(grad.double().norm())     # float64: a finite float32 gradient has a finite norm
         bad = [what for what, ok in (("meta-gradient", math.isfinite(grad_norm)),
                                      ("query loss", bool(torch.isfinite(out.query_loss).all()))) if not ok]
+        who = f"meta-step {step + 1} (method {learner.name}, tasks {idx.tolist()})"
         if bad:
-            self.save(len(self.rows))
-            raise FloatingPointError(
-                f"meta_train: the {' and the '.join(bad)} of meta-step {step + 1} (method {learner.name}, "
-                f"tasks {idx.tolist()}) is not finite: the inner training diverged (lower the inner step "
-                f"size or the horizon). Stopped; the checkpoint in {self.out_dir!r} holds the {len(self.rows)} "
-                f"meta-steps before it.")
+            self._stop(f"the {' and the '.join(bad)} of {who} is not finite: " + (
+                "the inner training diverged" if "query loss" in bad else
+                "the query loss is finite, so the inner training did not diverge, but the meta-gradient is not")
+                + " (lower the inner step size or the horizon)")
+        scale = 1.0 if self.clip is None or grad_norm <= self.clip else self.clip / grad_norm
+        largest = too_large_for_adam(grad, self.theta.dtype, self.clip)
+        if largest is not None:
+            self._stop(f"the meta-gradient of {who} is finite but too large for Adam in {self.theta.dtype} (its "
+                       f"largest entry, {largest:.3g}, squared is past its range: Adam's second moment would overflow "
+                       f"or freeze those entries of theta for the rest of the run): the inner run is exponentially sensitive to theta here "
+                       f"(metrics.csv's grad_norm shows the growth); clip it (clip_grad_norm, --clip-grad-norm), "
+                       f"train in float64, or lower the inner step size or the horizon")
         self.opt.zero_grad(set_to_none=True)
-        self.theta.grad = out.grad.detach().to(self.theta.dtype).reshape(self.theta.shape).clone()
-        if self.clip is not None:
-            torch.nn.utils.clip_grad_norm_([self.theta], self.clip)
+        self.theta.grad = (grad * scale if scale != 1.0 else grad).to(self.theta.dtype).clone()
         self.opt.step()
         row = {"step": step + 1, "query_loss": float(out.query_loss.mean()),
                "grad_norm": grad_norm, "seconds": time.perf_counter() - t0}
@@ -335,6 +342,21 @@ class _RunState:
                 row[k] = float(out.stats[k])
         self.rows.append(row)
         return row
+
+    def _stop(self, why: str) -> None:
+        """Save the finished steps and raise FloatingPointError saying ``why``."""
+        self.save(len(self.rows))
+        raise FloatingPointError(f"meta_train: {why}. Stopped; the checkpoint in {self.out_dir!r} holds the "
+                                 f"{len(self.rows)} meta-steps before it.")
+
+
+def too_large_for_adam(grad: torch.Tensor, dtype: torch.dtype, clip: Optional[float] = None) -> Optional[float]:
+    """The largest entry of the finite meta-gradient ``grad``, scaled down to the 2-norm ``clip``
+    (taken in float64) if given, when its square is past ``dtype``'s range (Adam's second moment
+    would overflow or freeze that entry of theta); else None."""
+    norm = float(grad.double().norm())
+    largest = float(grad.abs().max()) * (1.0 if clip is None or norm <= clip else clip / norm)
+    return largest if largest > math.sqrt(torch.finfo(dtype).max) else None
 
 
 class Terminated(KeyboardInterrupt):
