@@ -3,6 +3,7 @@ forward solve of the gradient flow (keeping all grid states, or checkpoints to r
 from), and the adjoint solve backward over them. The compiled core is reached through
 :mod:`amaml_ext.ode` only."""
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -42,12 +43,17 @@ def keeping_rhs(fwd: "Forward", mask: Optional[torch.Tensor], times: torch.Tenso
 
 
 def adjoint_rhs(fns: TaskFunctions, mask: Optional[torch.Tensor], lr: Optional[torch.Tensor] = None,
-                on_vjp: Optional[Callable] = None):
+                on_vjp: Optional[Callable] = None, monitor: Optional[accuracy.ErrorMonitor] = None):
     """``vjp(row, u, v) = (df/du)^T v = -H(u) (lr * v)``, one linearisation per grid row (frozen
     tasks: 0). ``on_vjp(row, u, v)``, if given, is called after each, with the linearisation at
-    ``u`` kept (the exact sums of an exact adjoint's parameter gradients)."""
+    ``u`` kept (the exact sums of an exact adjoint's parameter gradients); ``monitor`` sees each
+    product (:meth:`~amaml_ext.metagrad.accuracy.ErrorMonitor.observe`)."""
     def vjp(row: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        hv = fns.hvp(u, v if lr is None else v * lr, row=row).neg_()
+        x = v if lr is None else v * lr
+        hv = fns.hvp(u, x, row=row)
+        if monitor is not None:          # frozen rows: weight 0, no quotient
+            monitor.observe(x, hv, None if lr is None else v, mask)
+        hv.neg_()
         if on_vjp is not None:
             on_vjp(row, u, v)
         return hv if mask is None else hv.mul_(mask)
@@ -257,7 +263,7 @@ def backward(fns: TaskFunctions, fwd: Forward, lam: torch.Tensor, u_T: torch.Ten
                 monitor.set_mask(mask, lam, b)
             if sens is not None and b < p.n:     # below the top phase: a horizon T_b ends here
                 sens.new_phase(b, lam, mask)
-            rhs = adjoint_rhs(fns, mask, lr, on_vjp)
+            rhs = adjoint_rhs(fns, mask, lr, on_vjp, monitor)
             for c, e in fwd.pieces(a, b):
                 seg = fwd.rows(phase, c, e)
                 lam, st, coarse = ode.adjoint_rows(rhs, seg, p.shape, p.times[c:e + 1], lam, scheme.name, coarse, c,
@@ -289,11 +295,14 @@ def accuracy_stats(fns: TaskFunctions, out: AdjointOut, u0, u_T, plan: Plan, sch
     (power iterations at u(0), whose linearisation the adjoint made last, and at u(T))."""
     rich = None if out.coarse is None else accuracy.richardson(out.lam, out.coarse, scheme.name)
     stats = accuracy.summary(rich, out.monitor.relative_drift())
+    h_lambda_seen = plan.h * out.monitor.lambda_seen()       # the adjoint's own products: a lower bound
+    if h_lambda_seen > accuracy.STABILITY_BOUNDS["adjoint"].get(scheme.name, math.inf):
+        stats["adjoint_error_estimate"] = math.inf           # a step past the bound: no error bound at all
     if stats["adjoint_error_estimate"] > tol:
         stats["nonsmooth_modules"] = accuracy.nonsmooth_modules(fns.model)
         lam_max = 0.0
         for row, u in ((0, u0), (plan.n, u_T)):
             lam_max = max(lam_max, accuracy.lambda_max(
                 lambda v: fns.hvp(u, v.reshape(u.shape), row=row).reshape(plan.rows, -1), out.lam))
-        stats["h_lambda_max"] = plan.h * lam_max
+        stats["h_lambda_max"] = max(plan.h * lam_max, h_lambda_seen)
     return stats
