@@ -52,7 +52,7 @@ import torch
 # schemes (amaml_ext.ode.schemes); re-exported here.
 from ..ode.schemes import ADJOINT_SCHEMES, ORDERS, STABILITY_BOUNDS, richardson  # noqa: F401
 
-__all__ = ["AdjointAccuracyWarning", "AdjointAccuracyError", "ORDERS", "STABILITY_BOUNDS", "richardson",
+__all__ = ["AdjointAccuracyWarning", "AdjointAccuracyError", "AdjointUnstable", "ORDERS", "STABILITY_BOUNDS", "richardson",
            "ErrorMonitor", "lambda_max", "advice", "stability_bound"]
 
 
@@ -92,6 +92,31 @@ class AdjointAccuracyError(ValueError):
     """
 
 
+class AdjointUnstable(FloatingPointError):
+    """The continuous adjoint overflowed because a step met ``h * lambda`` past its scheme's
+    stability bound (seen by the adjoint's own Hessian products); the inner flow itself was
+    finite. ``refine=True`` solves again on a grid within the bound instead of raising.
+    ``h_lambda`` and ``bound`` hold the numbers, ``h_within`` a grid step within the bound.
+
+    Example:
+        >>> from amaml_ext import accuracy
+        >>> e = accuracy.AdjointUnstable("adjoint_meta_grad", h=0.01, T=2.0, h_lambda=3.3, bound=2.0, adjoint="heun")
+        >>> round(e.h_within, 5), isinstance(e, FloatingPointError)      # h * lambda 3.3 -> 1, half the bound
+        (0.00303, True)
+    """
+
+    def __init__(self, caller: str, *, h: float, T: float, h_lambda: float, bound: float, adjoint: str):
+        self.h_lambda, self.bound = h_lambda, bound
+        self.numbers = dict(h=h, T=T, h_lambda=h_lambda, bound=bound, adjoint=adjoint)
+        self.h_within = T / max(1, math.ceil(T / (0.5 * bound * h / h_lambda) - 1e-9))
+        super().__init__(
+            f"{caller}: the {adjoint} adjoint (h={h:g}, T={T:g}) overflowed: a step met h * lambda of the "
+            f"training-loss Hessian of at least {h_lambda:.3g}, past the scheme's stability bound {bound:.4g}, where "
+            f"the adjoint solve grows without limit (the inner flow itself is finite). Use refine=True (solves again "
+            f"on a grid within the bound), a grid step of about h={self.h_within:.3g}, or solver='euler', "
+            f"adjoint='discrete' for the exact gradient of T/h GD steps")
+
+
 class ErrorMonitor:
     """Collects the invariant ``I_j = lam_j . g_j`` at the adjoint's nodes (per task row).
 
@@ -114,6 +139,7 @@ class ErrorMonitor:
         self.scale: Optional[torch.Tensor] = None
         self.mask: Optional[torch.Tensor] = None
         self.curvature: Optional[torch.Tensor] = None
+        self.overflow: Optional[torch.Tensor] = None
 
     def observe(self, x: torch.Tensor, hx: torch.Tensor, v: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> None:
@@ -130,12 +156,19 @@ class ErrorMonitor:
             w = w * mask
         num, den = (x64 * hx.double()).reshape(rows, -1).sum(-1), w.reshape(rows, -1).sum(-1)
         q = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
-        q = torch.nan_to_num(q, nan=math.inf)                              # inf * 0: no bound
+        bad = ~torch.isfinite(q)                                           # an overflowed product: no bound
+        q = torch.where(bad, torch.zeros_like(q), q)
         self.curvature = q if self.curvature is None else torch.maximum(self.curvature, q)
+        self.overflow = bad if self.overflow is None else self.overflow | bad
 
-    def lambda_seen(self) -> float:
-        """The largest Rayleigh quotient :meth:`observe` saw, over the rows (0 before any)."""
-        return 0.0 if self.curvature is None else float(self.curvature.max())
+    def lambda_seen(self, finite_only: bool = False) -> float:
+        """The largest Rayleigh quotient :meth:`observe` saw, over the rows (0 before any); inf if
+        a product overflowed, unless ``finite_only``."""
+        if self.curvature is None:
+            return 0.0
+        if not finite_only and bool(self.overflow.any()):
+            return math.inf
+        return float(self.curvature.max())
 
     def add(self, lam: torch.Tensor, g: torch.Tensor) -> None:
         """One node: the adjoint ``lam`` and the training gradient ``g`` there (``[rows, d]``)."""

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 from torch import nn
 
+from .accuracy import AdjointUnstable
 from .core import MAX_REFINEMENTS, InnerSolve
 from .options import MetaGradOptions
 
@@ -91,8 +92,9 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
         error_tol: relative error above which :class:`amaml_ext.AdjointAccuracyWarning` is
             issued, naming the estimate, ``h * lambda_max`` and what to do.
         strict: raise :class:`amaml_ext.AdjointAccuracyError` instead of warning.
-        refine: when the estimate exceeds ``error_tol`` on a smooth flow, solve again on the
-            finer grid the estimate suggests (up to 3 times); ``stats["h"]`` is the grid used.
+        refine: when the estimate exceeds ``error_tol`` on a smooth flow, or the adjoint
+            overflows past its stability bound, solve again on the finer grid the estimate
+            suggests (up to 3 times); ``stats["h"]`` is the grid used.
         options: a :class:`~amaml_ext.metagrad.MetaGradOptions` holding any of the above.
 
     Returns:
@@ -104,6 +106,8 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
             ``discrete`` adjoint after another solver, ...), each naming the argument; a model the
             solvers cannot use (dropout in training mode, a graph cut); an inner run that diverged.
         AdjointAccuracyError: with ``strict=True``, the error estimate exceeds ``error_tol``.
+        AdjointUnstable: (a FloatingPointError) the adjoint overflowed where its own Hessian
+            products saw ``h * lambda`` past its scheme's stability bound, without ``refine``.
 
     Example:
         >>> import torch, amaml_ext
@@ -119,7 +123,13 @@ def adjoint_meta_grad(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tens
     opts = MetaGradOptions.build(options, caller="adjoint_meta_grad", **option_kwargs)
     for refinements in range(MAX_REFINEMENTS + 1):
         solve = InnerSolve.start(model, loss, theta, T, support, query, opts, caller="adjoint_meta_grad")
-        result = _solve(solve)
+        try:
+            result = _solve(solve)
+        except AdjointUnstable as e:      # the adjoint overflowed past its stability bound
+            if not opts.accuracy.refine or refinements >= MAX_REFINEMENTS:
+                raise
+            opts = opts.replace(h=e.h_within)
+            continue
         if solve.within_tolerance(result.stats):
             return result
         h_new = solve.refined_h(result.stats, refinements)

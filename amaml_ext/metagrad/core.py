@@ -58,6 +58,8 @@ class InnerSolve:
             out = self.flow.backward(lam_T, want_lr=want_lr, params=params, want_T=want_T)
             checks = (accuracy_stats(self.fns, out, self.flow.u0, self.flow.u_T, self.plan, o.adjoint_scheme,
                                      o.accuracy.error_tol) if o.estimate else {})
+        except accuracy.AdjointUnstable as e:          # named by the user's call
+            raise accuracy.AdjointUnstable(self.caller, **e.numbers) from e.__cause__
         finally:
             self.fns.release()
         return out, checks

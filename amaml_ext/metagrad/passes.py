@@ -5,6 +5,7 @@ from), and the adjoint solve backward over them. The compiled core is reached th
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -256,7 +257,7 @@ def backward(fns: TaskFunctions, fwd: Forward, lam: torch.Tensor, u_T: torch.Ten
     nodes = [h for h in (monitor and monitor.node, sens and sens.node) if h]
     on_vjp = sens.vjp if sens is not None and scheme.exact_for is not None else None
     steps = 0
-    with torch.no_grad():
+    with torch.no_grad(), _unstable(monitor, p, scheme):
         for phase in reversed(p.phases):
             a, b, mask = phase
             if monitor is not None:
@@ -271,6 +272,24 @@ def backward(fns: TaskFunctions, fwd: Forward, lam: torch.Tensor, u_T: torch.Ten
                 steps += st["steps"]
                 del seg
     return AdjointOut(lam=lam, steps=steps, coarse=coarse, monitor=monitor, grad_T=grad_T)
+
+
+@contextmanager
+def _unstable(monitor: Optional[accuracy.ErrorMonitor], plan: Plan, scheme: ode.Scheme):
+    """A non-finite adjoint after its own Hessian products saw ``h * lambda`` past the scheme's
+    stability bound: :class:`~amaml_ext.metagrad.accuracy.AdjointUnstable` (refine can act on it),
+    not a diverged inner run."""
+    try:
+        yield
+    except ValueError as e:
+        if monitor is None or "non-finite" not in str(e):
+            raise
+        bound = accuracy.STABILITY_BOUNDS["adjoint"].get(scheme.name, math.inf)
+        h_lambda = plan.h * monitor.lambda_seen(finite_only=True)
+        if not h_lambda > bound:
+            raise
+        raise accuracy.AdjointUnstable("the adjoint solve", h=plan.h, T=plan.T, h_lambda=h_lambda, bound=bound,
+                                       adjoint=scheme.name) from e
 
 
 def _scaled(g: Optional[torch.Tensor], lr: torch.Tensor) -> Optional[torch.Tensor]:

@@ -314,17 +314,17 @@ def test_rk4_adjoint_message_says_beyond_the_bound():
                           solver="rk4", adjoint="rk4")
 
 
-def _stiff_direction_unseen(a2, h=0.01, T=0.5, **kw):
+def _stiff_direction_unseen(a2, h=0.01, T=0.5, dtype=F64, **kw):
     """Gradient flow of ((a w1 - y1)^2 + (w2 - y2)^2) / 2 (Hessian diag(a2, 1)) from w1 = y1 / a, so
     the training gradient has no w1 component anywhere: the invariant cannot see the w1 component
     of the adjoint (as on Alpine, where a Heun adjoint past its bound reached 1e20 unflagged). The
     result and the closed form ``e^{-AT} dV/du(T)``."""
     a = math.sqrt(a2)
-    net = nn.Linear(2, 1, bias=False).double()
-    xs = torch.tensor([[a, 0.0], [0.0, 1.0]], dtype=F64)
-    ys = torch.tensor([[a * 0.3], [1.0]], dtype=F64)
-    xq, yq = torch.tensor([[1.0, 1.0]], dtype=F64), torch.zeros(1, 1, dtype=F64)
-    theta = torch.tensor([0.3, -0.5], dtype=F64)
+    net = nn.Linear(2, 1, bias=False).to(dtype)
+    xs = torch.tensor([[a, 0.0], [0.0, 1.0]], dtype=dtype)
+    ys = torch.tensor([[a * 0.3], [1.0]], dtype=dtype)
+    xq, yq = torch.tensor([[1.0, 1.0]], dtype=dtype), torch.zeros(1, 1, dtype=dtype)
+    theta = torch.tensor([0.3, -0.5], dtype=dtype)
     r = adjoint_meta_grad(net, F.mse_loss, theta, T, support=(xs, ys), query=(xq, yq), h=h, **kw)
     w2 = 1.0 + (-0.5 - 1.0) * math.exp(-T)                 # w1 stays at 0.3
     dv = 2 * (0.3 + w2)                                    # d/dw of (w1 + w2)^2, both components
@@ -364,3 +364,18 @@ def test_rayleigh_quotients_are_kept_in_float64():
     assert m.curvature.tolist() == [4.0, 9.0]
     m.observe(x, torch.full_like(x, math.inf))                       # an overflowed product: no bound
     assert m.lambda_seen() == math.inf
+
+
+def test_an_adjoint_that_overflows_past_its_bound_says_so_and_refine_recovers():
+    """h * lambda = 6 past Heun's 2: the w1 component of the adjoint grows by 13x a step and
+    overflows float32 over 50 steps; the flow is finite. Not 'the inner loop diverged'."""
+    kw = dict(h=0.01, T=0.5)
+    with pytest.raises(accuracy.AdjointUnstable, match=r"adjoint_meta_grad: the heun adjoint \(h=0.01, T=0.5\) "
+                                                       r"overflowed: .* at least 6, past .*bound 2,") as e:
+        _stiff_direction_unseen(600.0, dtype=torch.float32, **kw)
+    assert isinstance(e.value, FloatingPointError) and e.value.h_within <= 0.01 * 2 / 6 / 2 * 1.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdjointAccuracyWarning)
+        r, exact = _stiff_direction_unseen(600.0, dtype=torch.float32, refine=True, **kw)
+    assert r.stats["h"] < 0.01 / 3 and rel(r.grad.double(), exact) < 1e-2
+
