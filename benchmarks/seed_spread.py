@@ -30,9 +30,9 @@ def spread_table(runs: List[Dict], ref: str = "amaml") -> List[str]:
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for m in methods:
         means = [statistics.fmean(r["curves"][m]["final"]) for r in runs]
-        sd = statistics.stdev(means) if len(means) > 1 else float("nan")
+        spread = f" ± {fmt(statistics.stdev(means))}" if len(means) > 1 else " (one seed: no sd)"
         row = f"| {LABELS.get(m, m)} | " + " | ".join(fmt(v) for v in means)
-        row += f" | {fmt(statistics.fmean(means))} ± {fmt(sd)} |"
+        row += f" | {fmt(statistics.fmean(means))}{spread} |"
         if ref in methods:
             cells = []
             for r in runs:
