@@ -88,13 +88,13 @@ def check_methods(args, fresh: Dict[str, bool]) -> None:
 
 
 def first_step(args, method: str, cfg: Dict, prob: RunProblem, model) -> None:
-    """The meta-gradient of meta-step 0's tasks at the initial theta (eager, without the accuracy
-    stops, warnings silenced; under torchrun in groups of --tasks-per-call, as a rank takes them):
+    """The meta-gradient of meta-step 0's tasks at the initial theta (eager, without the strict
+    stop, with --refine as given, warnings silenced; under torchrun in groups of --tasks-per-call, as a rank takes them):
     what the run's first step meets. One that fails, is not finite or is too large for Adam (as
     ``meta_train`` checks it) is refused before any file is written, naming --inner-lr where the
     step size is past its stability bound there."""
     acc = accuracy_options(args, method)
-    learner = make_run_learner(cfg, model, prob.loss, acc and dict(acc, strict=False, refine=False, compile=False))
+    learner = make_run_learner(cfg, model, prob.loss, acc and dict(acc, strict=False, compile=False))
     pool = prob.train_pool
     idx = task_indices(args.seed, 0, len(pool), args.meta_batch)
     draw = getattr(pool, "draw", None)

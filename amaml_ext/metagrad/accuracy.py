@@ -112,8 +112,9 @@ class AdjointUnstable(FloatingPointError):
         super().__init__(
             f"{caller}: the {adjoint} adjoint (h={h:g}, T={T:g}) overflowed: a step met h * lambda of the "
             f"training-loss Hessian of at least {h_lambda:.3g}, past the scheme's stability bound {bound:.4g}, where "
-            f"the adjoint solve grows without limit (the inner flow itself is finite). Use refine=True (solves again "
-            f"on a grid within the bound), a grid step of about h={self.h_within:.3g}, or solver='euler', "
+            f"the adjoint solve grows without limit (the inner flow itself is finite). Use refine=True where it is "
+            f"offered (solves again on a grid within the bound), a grid step of about h={self.h_within:.3g}, or "
+            f"solver='euler', "
             f"adjoint='discrete' for the exact gradient of T/h GD steps")
 
 
@@ -132,14 +133,14 @@ class ErrorMonitor:
         tensor([0.0643], dtype=torch.float64)
     """
 
-    def __init__(self, grad_at: Callable[[int], Optional[torch.Tensor]]):
+    def __init__(self, grad_at: Callable[[int], Optional[torch.Tensor]], rows: Optional[int] = None):
         self.grad_at = grad_at
         self.prev: Optional[torch.Tensor] = None
         self.drift: Optional[torch.Tensor] = None
         self.scale: Optional[torch.Tensor] = None
         self.mask: Optional[torch.Tensor] = None
         self.curvature: Optional[torch.Tensor] = None
-        self.overflow: Optional[torch.Tensor] = None
+        self.rows = rows
 
     def observe(self, x: torch.Tensor, hx: torch.Tensor, v: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> None:
@@ -149,26 +150,19 @@ class ErrorMonitor:
         where ``mask`` is 0 are frozen and skipped), in float64: a lower bound of lambda_max along
         the path, which the adjoint reaches when a step is past its stability bound (its unstable
         direction then dominates; the solve blows up in directions the invariant does not see)."""
-        rows = x.shape[0] if self.prev is None else self.prev.shape[0]
+        rows = self.rows or (x.shape[0] if self.prev is None else self.prev.shape[0])
         x64 = x.double()
         w = x64 * (x64 if v is None else v.double())
         if mask is not None:
             w = w * mask
         num, den = (x64 * hx.double()).reshape(rows, -1).sum(-1), w.reshape(rows, -1).sum(-1)
         q = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
-        bad = ~torch.isfinite(q)                                           # an overflowed product: no bound
-        q = torch.where(bad, torch.zeros_like(q), q)
+        q = torch.where(torch.isfinite(q), q, torch.zeros_like(q))        # an overflowed product: no quotient
         self.curvature = q if self.curvature is None else torch.maximum(self.curvature, q)
-        self.overflow = bad if self.overflow is None else self.overflow | bad
 
-    def lambda_seen(self, finite_only: bool = False) -> float:
-        """The largest Rayleigh quotient :meth:`observe` saw, over the rows (0 before any); inf if
-        a product overflowed, unless ``finite_only``."""
-        if self.curvature is None:
-            return 0.0
-        if not finite_only and bool(self.overflow.any()):
-            return math.inf
-        return float(self.curvature.max())
+    def lambda_seen(self) -> float:
+        """The largest finite Rayleigh quotient :meth:`observe` saw, over the rows (0 before any)."""
+        return 0.0 if self.curvature is None else float(self.curvature.max())
 
     def add(self, lam: torch.Tensor, g: torch.Tensor) -> None:
         """One node: the adjoint ``lam`` and the training gradient ``g`` there (``[rows, d]``)."""
@@ -284,7 +278,7 @@ def suggested_h(*, estimate: float, tol: float, h: float, T: float, adjoint: str
     p = ORDERS[adjoint]
     h_new = h * (0.5 * tol / estimate) ** (1.0 / p) if math.isfinite(estimate) and estimate > 0 else 0.1 * h
     h_new = max(h_new, 1e-3 * h)
-    if h_lambda is not None and h_lambda > 0:
+    if h_lambda is not None and math.isfinite(h_lambda) and h_lambda > 0:
         h_new = min(h_new, 0.5 * bound * h / h_lambda)
     return T / max(1, math.ceil(T / h_new - 1e-9))
 
@@ -325,10 +319,13 @@ def advice(stats: Dict[str, Any], *, tol: float, h: float, T: float, solver: str
     bound = stability_bound(solver, adjoint)
     scheme = f"solver={solver!r}, adjoint={adjoint!r}"
     how = f"invariant drift {drift:.3g}" + ("" if rich is None else f", step-doubling estimate {rich:.3g}")
-    if math.isinf(estimate):
+    if math.isinf(estimate) and h_lambda is not None and h_lambda > bound:
         parts = [f"the continuous adjoint meta-gradient ({scheme}, h={h:g}, T={T:g}) has no error bound: a "
                  f"step of its adjoint met curvature past the scheme's stability bound, where the solve grows "
                  f"without limit in directions the estimate ({how}) does not see."]
+    elif not math.isfinite(estimate):
+        parts = [f"the continuous adjoint meta-gradient ({scheme}, h={h:g}, T={T:g}) has no error estimate: "
+                 f"a solve behind it overflowed ({how})."]
     else:
         parts = [f"the continuous adjoint meta-gradient ({scheme}, h={h:g}, T={T:g}) has an estimated "
                  f"relative error of {estimate:.3g} > error_tol={tol:g} ({how})."]

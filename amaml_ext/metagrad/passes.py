@@ -250,21 +250,25 @@ def backward(fns: TaskFunctions, fwd: Forward, lam: torch.Tensor, u_T: torch.Ten
         grad_T = fns.grad(u_T).reshape(p.rows, -1)
     if error_estimate:
         coarse = lam.clone() if error_estimate == "richardson" else None
-        monitor = accuracy.ErrorMonitor(fns.grad_at if lr is None else lambda row: _scaled(fns.grad_at(row), lr))
+        monitor = accuracy.ErrorMonitor(fns.grad_at if lr is None else lambda row: _scaled(fns.grad_at(row), lr),
+                                        rows=p.rows)
         monitor.mask = p.phases[-1][2]
         with torch.no_grad():
             monitor.add(lam, grad_T if lr is None else grad_T * lr)
     nodes = [h for h in (monitor and monitor.node, sens and sens.node) if h]
+    watch = monitor                  # the stability check runs without the estimate too (it is nearly free)
+    if watch is None and scheme.stability_bound is not None and scheme.exact_for is None:    # continuous
+        watch = accuracy.ErrorMonitor(lambda row: None, rows=p.rows)
     on_vjp = sens.vjp if sens is not None and scheme.exact_for is not None else None
     steps = 0
-    with torch.no_grad(), _unstable(monitor, p, scheme):
+    with torch.no_grad(), _unstable(watch, p, scheme):
         for phase in reversed(p.phases):
             a, b, mask = phase
             if monitor is not None:
                 monitor.set_mask(mask, lam, b)
             if sens is not None and b < p.n:     # below the top phase: a horizon T_b ends here
                 sens.new_phase(b, lam, mask)
-            rhs = adjoint_rhs(fns, mask, lr, on_vjp, monitor)
+            rhs = adjoint_rhs(fns, mask, lr, on_vjp, watch)
             for c, e in fwd.pieces(a, b):
                 seg = fwd.rows(phase, c, e)
                 lam, st, coarse = ode.adjoint_rows(rhs, seg, p.shape, p.times[c:e + 1], lam, scheme.name, coarse, c,
@@ -285,7 +289,7 @@ def _unstable(monitor: Optional[accuracy.ErrorMonitor], plan: Plan, scheme: ode.
         if monitor is None or "non-finite" not in str(e):
             raise
         bound = accuracy.STABILITY_BOUNDS["adjoint"].get(scheme.name, math.inf)
-        h_lambda = plan.h * monitor.lambda_seen(finite_only=True)
+        h_lambda = plan.h * monitor.lambda_seen()
         if not h_lambda > bound:
             raise
         raise accuracy.AdjointUnstable("the adjoint solve", h=plan.h, T=plan.T, h_lambda=h_lambda, bound=bound,

@@ -307,11 +307,11 @@ class _RunState:
         theta = self.theta.detach()
         try:
             out = learner.meta_grad(theta, batch) if self.group is None else self.group.meta_grad(learner, theta, batch)
-        except FloatingPointError as e:              # the learner's own stop on a diverged inner loop
+        except FloatingPointError as e:              # the learner's own stop (a diverged inner loop, ...)
             self.save(len(self.rows))
-            raise type(e)(f"meta_train stopped at meta-step {step + 1} (method {learner.name}, tasks {idx.tolist()}): "
-                          f"{e}. The checkpoint in {self.out_dir!r} holds the {len(self.rows)} meta-steps before "
-                          f"it.") from None
+            e.args = (f"meta_train stopped at meta-step {step + 1} (method {learner.name}, tasks {idx.tolist()}): "
+                      f"{e}. The checkpoint in {self.out_dir!r} holds the {len(self.rows)} meta-steps before it.",)
+            raise e.with_traceback(None) from None   # its type and attributes kept
         grad = out.grad.detach().reshape(self.theta.shape)
         grad_norm = float(grad.double().norm())     # float64: a finite float32 gradient has a finite norm
         bad = [what for what, ok in (("meta-gradient", math.isfinite(grad_norm)),

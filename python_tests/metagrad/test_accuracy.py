@@ -362,8 +362,8 @@ def test_rayleigh_quotients_are_kept_in_float64():
     m.observe(3 * x, 3 * x, x, mask=torch.tensor([[1.0], [0.0]]))    # lr 3: 9 x.x / 3 x.x = 3 < 4 kept
     m.observe(x, 9.0 * x, mask=torch.tensor([[0.0], [1.0]]))         # a frozen row 0 is skipped
     assert m.curvature.tolist() == [4.0, 9.0]
-    m.observe(x, torch.full_like(x, math.inf))                       # an overflowed product: no bound
-    assert m.lambda_seen() == math.inf
+    m.observe(x, torch.full_like(x, math.inf))        # an overflowed product gives no quotient (its solve is
+    assert m.lambda_seen() == 9.0                     # refused elsewhere), and it hides none of the others
 
 
 def test_an_adjoint_that_overflows_past_its_bound_says_so_and_refine_recovers():
@@ -379,3 +379,13 @@ def test_an_adjoint_that_overflows_past_its_bound_says_so_and_refine_recovers():
         r, exact = _stiff_direction_unseen(600.0, dtype=torch.float32, refine=True, **kw)
     assert r.stats["h"] < 0.01 / 3 and rel(r.grad.double(), exact) < 1e-2
 
+
+
+def test_the_stability_check_runs_without_the_estimate_and_a_companion_overflow_is_not_blamed_on_it():
+    with pytest.raises(accuracy.AdjointUnstable, match="at least 6, past"):     # estimate off: still named
+        _stiff_direction_unseen(600.0, dtype=torch.float32, error_estimate=False)
+    # h * lambda = 1.5 is within Heun's bound 2, but step doubling's 2h companion (3) overflows float32
+    with pytest.warns(AdjointAccuracyWarning, match="has no error estimate: a solve behind it overflowed"):
+        r, exact = _stiff_direction_unseen(150.0, T=2.0, dtype=torch.float32, error_estimate="richardson")
+    assert r.stats["adjoint_error_estimate"] == math.inf and rel(r.grad.double(), exact) < 1e-2
+    assert r.stats["h_lambda_max"] == pytest.approx(1.5, rel=1e-2)

@@ -222,3 +222,22 @@ def test_clip_grad_norm_must_be_a_positive_finite_number(tmp_path, bad):
         meta_train(learner, pool, meta_steps=1, out_dir=str(tmp_path), meta_batch=2, progress=False,
                    clip_grad_norm=bad)
     assert not os.path.exists(tmp_path / "config.json")
+
+
+def test_a_learner_stop_keeps_its_type_and_numbers_through_meta_train(tmp_path, monkeypatch):
+    """AdjointUnstable (keyword-only constructor) came out of meta_train as a TypeError."""
+    from amaml_ext import accuracy
+    _, pool, learner = cosmixture_learner("fomaml")
+    real, calls = learner.meta_grad, []
+
+    def unstable(theta, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise accuracy.AdjointUnstable("adjoint_meta_grad", h=0.01, T=2.0, h_lambda=3.3, bound=2.0, adjoint="heun")
+        return real(theta, batch)
+    monkeypatch.setattr(learner, "meta_grad", unstable)
+    with pytest.raises(accuracy.AdjointUnstable) as e:
+        train.meta_train(learner, pool, meta_steps=4, out_dir=str(tmp_path), meta_batch=2, progress=False)
+    assert str(e.value).startswith("meta_train stopped at meta-step 2 (method fomaml")
+    assert "past the scheme's stability bound 2" in str(e.value) and "1 meta-steps before it" in str(e.value)
+    assert e.value.h_lambda == 3.3 and train.load_checkpoint(str(tmp_path))["step"] == 1
