@@ -17,7 +17,7 @@ from ..metagrad.accuracy import lambda_max, stability_bound
 from ..functional.compile_policy import compile_env
 from ..data.batch import task_indices
 from ..functional import TaskFunctions, flatten_params
-from ..train.loop import too_large_for_adam
+from ..train.loop import clip_scale, too_large_for_adam
 from .runs import RunProblem, accuracy_options, make_run_learner, run_config
 
 
@@ -111,7 +111,8 @@ def first_step(args, method: str, cfg: Dict, prob: RunProblem, model) -> None:
                 out = learner.meta_grad(theta, part)
                 if not (bool(torch.isfinite(out.grad).all()) and bool(torch.isfinite(out.query_loss).all())):
                     why = "its meta-gradient or query loss is not finite"
-                elif (big := too_large_for_adam(out.grad, prob.dtype, getattr(args, "clip_grad_norm", None))):
+                elif (big := too_large_for_adam(out.grad, prob.dtype, clip_scale(
+                        float(out.grad.double().norm()), getattr(args, "clip_grad_norm", None)))):
                     why = (f"its meta-gradient is finite but too large for Adam in {prob.dtype} (largest entry "
                            f"{big:.3g}); clip it (--clip-grad-norm) or train in float64")
             except (ValueError, TypeError, FloatingPointError) as e:

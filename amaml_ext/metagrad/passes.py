@@ -288,7 +288,7 @@ def _unstable(monitor: Optional[accuracy.ErrorMonitor], plan: Plan, scheme: ode.
     except ValueError as e:
         if monitor is None or "non-finite" not in str(e):
             raise
-        bound = accuracy.STABILITY_BOUNDS["adjoint"].get(scheme.name, math.inf)
+        bound = scheme.stability_bound if scheme.stability_bound is not None else math.inf
         h_lambda = plan.h * monitor.lambda_seen()
         if not h_lambda > bound:
             raise
@@ -319,7 +319,7 @@ def accuracy_stats(fns: TaskFunctions, out: AdjointOut, u0, u_T, plan: Plan, sch
     rich = None if out.coarse is None else accuracy.richardson(out.lam, out.coarse, scheme.name)
     stats = accuracy.summary(rich, out.monitor.relative_drift())
     h_lambda_seen = plan.h * out.monitor.lambda_seen()       # the adjoint's own products: a lower bound
-    if h_lambda_seen > accuracy.STABILITY_BOUNDS["adjoint"].get(scheme.name, math.inf):
+    if scheme.stability_bound is not None and h_lambda_seen > scheme.stability_bound:
         stats["adjoint_error_estimate"] = math.inf           # a step past the bound: no error bound at all
     if stats["adjoint_error_estimate"] > tol:
         stats["nonsmooth_modules"] = accuracy.nonsmooth_modules(fns.model)

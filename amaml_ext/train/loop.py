@@ -322,8 +322,8 @@ class _RunState:
                 "the inner training diverged" if "query loss" in bad else
                 "the query loss is finite, so the inner training did not diverge, but the meta-gradient is not")
                 + " (lower the inner step size or the horizon)")
-        scale = 1.0 if self.clip is None or grad_norm <= self.clip else self.clip / grad_norm
-        largest = too_large_for_adam(grad, self.theta.dtype, self.clip)
+        scale = clip_scale(grad_norm, self.clip)
+        largest = too_large_for_adam(grad, self.theta.dtype, scale)
         if largest is not None:
             self._stop(f"the meta-gradient of {who} is finite but too large for Adam in {self.theta.dtype} (its "
                        f"largest entry, {largest:.3g}, squared is past its range: Adam's second moment would overflow "
@@ -350,12 +350,16 @@ class _RunState:
                                  f"{len(self.rows)} meta-steps before it.")
 
 
-def too_large_for_adam(grad: torch.Tensor, dtype: torch.dtype, clip: Optional[float] = None) -> Optional[float]:
-    """The largest entry of the finite meta-gradient ``grad``, scaled down to the 2-norm ``clip``
-    (taken in float64) if given, when its square is past ``dtype``'s range (Adam's second moment
-    would overflow or freeze that entry of theta); else None."""
-    norm = float(grad.double().norm())
-    largest = float(grad.abs().max()) * (1.0 if clip is None or norm <= clip else clip / norm)
+def clip_scale(norm: float, clip: Optional[float]) -> float:
+    """The factor that brings a meta-gradient of 2-norm ``norm`` down to ``clip`` (1: no clipping)."""
+    return 1.0 if clip is None or norm <= clip else clip / norm
+
+
+def too_large_for_adam(grad: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> Optional[float]:
+    """The largest entry of the finite meta-gradient ``grad`` times ``scale`` (:func:`clip_scale`),
+    when its square is past ``dtype``'s range (Adam's second moment would overflow or freeze that
+    entry of theta); else None."""
+    largest = float(grad.abs().max()) * scale
     return largest if largest > math.sqrt(torch.finfo(dtype).max) else None
 
 
